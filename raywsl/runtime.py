@@ -1,0 +1,54 @@
+"""Starting and stopping Ray: the embedded local default, or a cluster.
+
+One place decides how raywsl talks to Ray, so the CLI, the jobs and the tests start it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+# On a 2-core laptop an actor pool or a Train worker can take every CPU and starve Ray Data's read
+# tasks: a silent hang. Declaring more logical CPUs than cores (oversubscription) keeps a free slot.
+LOCAL_CPU_OVERSUBSCRIPTION = 2
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+def local_num_cpus() -> int:
+    return max(4, LOCAL_CPU_OVERSUBSCRIPTION * (os.cpu_count() or 1))
+
+
+@contextmanager
+def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None]:
+    """Use the running Ray if there is one; else connect to `address` / $RAY_ADDRESS; else start a
+    local Ray sized for this machine. Shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local token auth only gets in the way
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or local_num_cpus(),
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            log_to_driver=True,
+        )
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = True
+    try:
+        yield
+    finally:
+        ray.shutdown()
