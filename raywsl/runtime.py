@@ -18,6 +18,9 @@ LOCAL_CPU_OVERSUBSCRIPTION = 2
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 
 
+_started_local = False
+
+
 def local_num_cpus() -> int:
     return max(4, LOCAL_CPU_OVERSUBSCRIPTION * (os.cpu_count() or 1))
 
@@ -32,11 +35,12 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local token auth only gets in the way
+    global _started_local
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth only gets in the way locally
         ray.init(
             address="local",
             num_cpus=num_cpus or local_num_cpus(),
@@ -44,6 +48,7 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             log_to_driver=True,
         )
+        _started_local = True
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
@@ -51,4 +56,11 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
     try:
         yield
     finally:
+        _started_local = False
         ray.shutdown()
+
+
+def task_concurrency() -> int | None:
+    """How many CPU tasks a Ray Data stage may run at once: the real core count on the embedded
+    local Ray (its logical CPUs are oversubscribed on purpose), unbounded on a cluster."""
+    return (os.cpu_count() or 1) if _started_local else None

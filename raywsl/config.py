@@ -1,0 +1,245 @@
+"""Typed configs: dataclasses whose defaults are the laptop setup, loaded from YAML with dotted
+command-line overrides, validated before any work starts.
+
+    cfg = load_config("configs/quickstart.yaml", ["ingest.points=4096", "run.name=try"])
+
+Every field carries its help text and constraints in `metadata`, so `raywsl <verb> --help` can list
+every key with its default. Fields marked `fp=False` (where to run, how to show progress) do not
+decide a stage's output and are left out of its fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message names it and what is allowed."""
+
+
+def opt(default: Any, help: str, *, fp: bool = True, choices: typing.Sequence[Any] | None = None,
+        min: float | None = None, max: float | None = None) -> Any:
+    """A config field with its help text and constraints."""
+    meta = {"help": help, "fp": fp, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Defaults are the laptop setup; configs/*.yaml override them.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    name: str = opt("default", "run name; the run folder is runs/<name> unless run.dir is set", fp=False)
+    dir: str = opt("", "run folder (local path or fsspec URL); empty means runs/<run.name>", fp=False)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("", "meshes to ingest: a folder, a glob, or a manifest (.csv/.jsonl with a "
+                          "'path' column and optional 'id', 'category'); local path or fsspec URL")
+
+
+@dataclass
+class IngestConfig:
+    points: int = opt(200_000, "SDF query points per shape", min=1)
+    surface_points: int = opt(16_384, "surface points (with normals) per shape, for evaluation", min=1)
+    backend: str = opt("igl", "SDF backend: igl (exact distance + winding-number sign) or "
+                              "mesh_to_sdf (slow reference)")
+    near_sigmas: list[float] = opt([0.005, 0.05], "std of the Gaussian noise of the fine and coarse "
+                                                 "near-surface samples (unit-sphere units)")
+    mix: list[float] = opt([0.45, 0.45, 0.1], "fractions of query points: near fine, near coarse, "
+                                              "uniform in the cube [-1,1]^3 (sum to 1)")
+    margin: float = opt(0.03, "normalised mesh fits in a sphere of radius 1/(1+margin)", min=0.0)
+    max_faces: int = opt(2_000_000, "meshes with more faces fail with a clear reason", min=1)
+    shard_size: int = opt(8, "shapes per Zarr shard: the unit of work, of writing and of resume", min=1)
+
+
+@dataclass
+class RayConfig:
+    address: str = opt("", "Ray cluster address; empty uses $RAY_ADDRESS or starts a local Ray", fp=False)
+    num_cpus: int = opt(0, "logical CPUs of the local Ray; 0 picks 2x the cores (see runtime.py)",
+                        fp=False, min=0)
+
+
+@dataclass
+class Config:
+    seed: int = opt(0, "seed of every random choice (sampling is seeded per shape from it)")
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "Config":
+        from raywsl.ingest.sdf import SDF_BACKENDS  # registry lives with its backends
+
+        _check_fields(self)
+        _require("ingest.backend", self.ingest.backend in SDF_BACKENDS, self.ingest.backend,
+                 f"one of {sorted(SDF_BACKENDS)}")
+        _require("ingest.near_sigmas", len(self.ingest.near_sigmas) == 2
+                 and all(s > 0 for s in self.ingest.near_sigmas), self.ingest.near_sigmas,
+                 "two positive numbers [fine, coarse]")
+        mix = self.ingest.mix
+        _require("ingest.mix", len(mix) == 3 and all(f >= 0 for f in mix) and abs(sum(mix) - 1) < 1e-6,
+                 mix, "three non-negative fractions [near_fine, near_coarse, uniform] summing to 1")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or f"runs/{self.run.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML), then validated."""
+    raw: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    return build(Config, raw).validate()
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping: unknown keys and wrong types are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (mapping), got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; "
+                              f"allowed here: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise TypeError(f"config type {tp} of '{key}' is not supported")
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Range and choice constraints declared in each field's metadata."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        m = f.metadata
+        if m.get("choices") is not None:
+            _require(key, value in m["choices"], value, f"one of {list(m['choices'])}")
+        if m.get("min") is not None:
+            _require(key, value >= m["min"], value, f">= {m['min']}")
+        if m.get("max") is not None:
+            _require(key, value <= m["max"], value, f"<= {m['max']}")
+
+
+def _require(key: str, ok: bool, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': bad value {value!r}; allowed: {allowed}")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, help, fingerprints
+# --------------------------------------------------------------------------------------------
+
+def to_dict(obj: Any, fingerprint_only: bool = False) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value, fingerprint_only)
+        elif f.metadata.get("fp", True) or not fingerprint_only:
+            out[f.name] = value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field, for `--help`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return rows
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable short hash of plain data (dicts, lists, numbers, strings), order-independent in dicts."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

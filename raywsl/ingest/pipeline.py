@@ -1,0 +1,140 @@
+"""`raywsl ingest`: meshes -> SDF samples in `samples.zarr`, as a Ray Data job.
+
+    manifest (data.source) --driver--> samples.zarr created, one row per mesh, all shards pending
+    pending shard ids --Ray Data--> ingest_shards (one task per shard: load, normalise, sample,
+                                    write the shard, then its done marker) --> per-shard summaries
+
+The driver only creates the store and prints progress; the workers write their own shards, so
+nothing large flows back through Ray. Re-running the same command resumes: shards with a done
+marker are skipped, the others are recomputed from scratch. Sampling is seeded per shape (from
+`seed` and the shape id), so a resumed store equals an uninterrupted one, whatever the scheduling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from raywsl import layout as L
+from raywsl.config import Config, fingerprint, to_dict
+from raywsl.data.meshes import MeshError, load_mesh, normalise
+from raywsl.data.sources import resolve_source
+from raywsl.ingest.sampling import sample_shape
+from raywsl.progress import Progress
+from raywsl.runtime import ray_session, task_concurrency
+from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS = 4096  # one shard per block up to here; beyond, blocks hold several shards
+
+
+def sample_arrays(cfg: Config) -> list[ArraySpec]:
+    m, s = cfg.ingest.points, cfg.ingest.surface_points
+    return [ArraySpec(L.POINTS, (m, 3)), ArraySpec(L.SDF, (m,)), ArraySpec(L.SURFACE, (s, 3)),
+            ArraySpec(L.NORMALS, (s, 3)), ArraySpec(L.CENTER, (3,), "float64"), ArraySpec(L.SCALE, (), "float64")]
+
+
+def shape_rng(seed: int, shape_id: str) -> np.random.Generator:
+    """The generator of one shape's samples: depends on the seed and the shape alone."""
+    digest = hashlib.sha256(shape_id.encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
+    """Run (or resume) ingest for `cfg`; returns the store summary (as `raywsl inspect --json`)."""
+    run = L.RunLayout(cfg.run_dir)
+    refs = resolve_source(cfg.data.source)
+    fp = fingerprint("samples", cfg.seed, to_dict(cfg.ingest, fingerprint_only=True),
+                     [(r.shape_id, r.uri, r.category) for r in refs])
+    store = RowStore.open_or_create(
+        run.samples, kind="samples", fingerprint=fp, restart=restart,
+        ids=[r.shape_id for r in refs], sources=[r.uri for r in refs],
+        categories=[r.category for r in refs], shard_size=cfg.ingest.shard_size,
+        arrays=sample_arrays(cfg),
+        attrs={"data_source": cfg.data.source, "seed": cfg.seed, "ingest": to_dict(cfg.ingest),
+               "normalisation": "normalised = (v - center) * scale; sdf < 0 inside"})
+    pending = store.pending_shards()
+    log.info("ingest: %d meshes in %d shards -> %s (%d shards already done)",
+             store.n_rows, store.n_shards, store.path, store.n_shards - len(pending))
+    if pending:
+        with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
+            _run_shards(store, pending, cfg)
+    summary = store.summary()
+    for f in summary["failures"]:
+        log.warning("failed: %s (%s): %s", f["shape_id"], f["source"], f["reason"])
+    log.info("%d done, %d failed%s", summary["done"], summary["failed"],
+             f", {summary['pending']} pending (shards that did not finish; rerun to retry)"
+             if summary["pending"] else "")
+    return summary
+
+
+def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    # A shard whose task dies (a crashing worker) must not stop the others: its marker stays
+    # unset, the summary reports it pending, and a rerun retries it.
+    ctx.max_errored_blocks = len(pending)
+    ds = ray.data.from_items([{"shard": k} for k in pending],
+                             override_num_blocks=min(len(pending), MAX_BLOCKS))
+    ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1, concurrency=task_concurrency(),
+                        fn_kwargs={"path": store.path, "cfg": cfg})
+    progress = Progress("ingest", total=len(pending) * store.shard_size, unit="shapes")
+    for row in ds.iter_rows():
+        progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
+        log.debug("shard %d: %d done, %d failed in %.1fs", row["shard"], row["done"], row["failed"],
+                  row["seconds"])
+    progress.close()
+
+
+def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config) -> dict[str, np.ndarray]:
+    """Ray Data task: compute and write each shard of `batch`; return one summary row per shard."""
+    store = RowStore.open(path, mode="r+", kind="samples")
+    out: dict[str, list] = {"shard": [], "done": [], "failed": [], "seconds": []}
+    for k in batch["shard"].tolist():
+        t0 = time.perf_counter()
+        if store.shards_done()[k]:  # a retried task may find its shard already committed
+            status = store.read_shard(k, [L.STATUS])[L.STATUS]
+        else:
+            status = _ingest_shard(store, k, cfg)
+        out["shard"].append(k)
+        out["done"].append(int((status == DONE).sum()))
+        out["failed"].append(int((status == FAILED).sum()))
+        out["seconds"].append(time.perf_counter() - t0)
+    return {key: np.asarray(v) for key, v in out.items()}
+
+
+def _ingest_shard(store: RowStore, k: int, cfg: Config) -> np.ndarray:
+    rows = store.shard_rows(k)
+    meta = store.row_meta(rows)
+    n = rows.stop - rows.start
+    arrays = {spec.name: np.zeros((n, *spec.row_shape), spec.dtype) for spec in sample_arrays(cfg)}
+    status = np.full(n, FAILED, dtype="int8")
+    reason = [""] * n
+    ic = cfg.ingest
+    for i, (shape_id, uri) in enumerate(zip(meta[L.SHAPE_ID].tolist(), meta[L.SOURCE].tolist())):
+        try:
+            mesh, center, scale = normalise(load_mesh(uri, ic.max_faces), ic.margin)
+        except MeshError as e:
+            reason[i] = str(e)
+            continue
+        try:
+            s = sample_shape(mesh, points=ic.points, surface_points=ic.surface_points,
+                             near_sigmas=tuple(ic.near_sigmas), mix=tuple(ic.mix), backend=ic.backend,
+                             rng=shape_rng(cfg.seed, shape_id))
+            if not (np.isfinite(s.sdf).all() and np.isfinite(s.points).all()):
+                raise ValueError("non-finite signed distances")
+        except Exception as e:  # one shape's failure must not take the shard down
+            reason[i] = f"{uri}: SDF sampling failed ({type(e).__name__}: {e})"
+            continue
+        arrays[L.POINTS][i], arrays[L.SDF][i] = s.points, s.sdf
+        arrays[L.SURFACE][i], arrays[L.NORMALS][i] = s.surface, s.normals
+        arrays[L.CENTER][i], arrays[L.SCALE][i] = center, scale
+        status[i] = DONE
+    store.write_shard(k, arrays, status, reason)
+    return status

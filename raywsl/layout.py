@@ -1,0 +1,75 @@
+"""Every on-disk name raywsl uses lives here (as DeepSDF's ws.py does): the run folder, its stores,
+and the arrays inside them. Other modules ask this one for paths instead of spelling names.
+
+    runs/<run.name>/
+      config.yaml      the resolved config of the last command
+      samples.zarr     ingest: SDF query points, surface clouds, per-row status
+      weights.zarr     fit: one weight row per shape
+      checkpoints/     base field, DeepSDF and diffusion checkpoints (safe formats)
+      recon/           meshes decoded from fitted fields
+      generated/       meshes decoded from sampled weights
+      eval/            evaluation clouds and figures
+      metrics.json     every figure of the run, with its convention
+      report.html      the self-contained run report
+      logs/            one log file per command
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONFIG = "config.yaml"
+SAMPLES = "samples.zarr"
+WEIGHTS = "weights.zarr"
+CHECKPOINTS = "checkpoints"
+RECON = "recon"
+GENERATED = "generated"
+EVAL = "eval"
+METRICS = "metrics.json"
+REPORT = "report.html"
+LOGS = "logs"
+
+# Stores found in a run folder, by kind (the `kind` attribute of each store).
+STORES = {"samples": SAMPLES, "weights": WEIGHTS}
+
+# Arrays every row store has: one entry per row, chunked per shard.
+SHAPE_ID = "shape_id"
+SOURCE = "source"
+CATEGORY = "category"
+STATUS = "status"
+REASON = "reason"
+SHARD_DONE = "shard_done"  # one chunk per shard; written last, it is the shard's commit marker
+
+# Arrays of the sample store (written by ingest).
+POINTS = "points"  # (N, M, 3) float32 query points in the normalised frame
+SDF = "sdf"  # (N, M) float32 signed distance, negative inside
+SURFACE = "surface"  # (N, S, 3) float32 surface points
+NORMALS = "normals"  # (N, S, 3) float32 unit outward normals at the surface points
+CENTER = "center"  # (N, 3) normalised = (v - center) * scale
+SCALE = "scale"  # (N,)
+
+
+def join(root: str, *names: str) -> str:
+    """Join path parts for local paths and fsspec URLs alike."""
+    return "/".join([root.rstrip("/"), *names])
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths inside one run folder."""
+
+    root: str
+
+    config = property(lambda self: join(self.root, CONFIG))
+    samples = property(lambda self: join(self.root, SAMPLES))
+    weights = property(lambda self: join(self.root, WEIGHTS))
+    checkpoints = property(lambda self: join(self.root, CHECKPOINTS))
+    recon = property(lambda self: join(self.root, RECON))
+    generated = property(lambda self: join(self.root, GENERATED))
+    eval = property(lambda self: join(self.root, EVAL))
+    metrics = property(lambda self: join(self.root, METRICS))
+    report = property(lambda self: join(self.root, REPORT))
+    logs = property(lambda self: join(self.root, LOGS))
+
+    def log_file(self, verb: str) -> str:
+        return join(self.root, LOGS, f"{verb}.log")

@@ -1,0 +1,80 @@
+import subprocess
+import sys
+
+import pytest
+
+from raywsl.cli import main
+from raywsl.config import Config, ConfigError, describe, fingerprint, load_config, to_dict
+
+
+def test_defaults_are_the_laptop_setup_and_valid():
+    cfg = load_config()
+    assert cfg.ingest.points == 200_000 and cfg.ingest.surface_points == 16_384
+    assert cfg.ingest.backend == "igl" and cfg.seed == 0
+    assert cfg.run_dir == "runs/default"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {name: a}\ningest: {points: 1000, mix: [0.5, 0.3, 0.2]}\n")
+    cfg = load_config(path, ["ingest.points=4096", "run.dir=/tmp/x", "seed=3", "ingest.near_sigmas=[0.01, 0.1]"])
+    assert cfg.ingest.points == 4096 and cfg.ingest.mix == [0.5, 0.3, 0.2]
+    assert cfg.run_dir == "/tmp/x" and cfg.seed == 3 and cfg.ingest.near_sigmas == [0.01, 0.1]
+    assert isinstance(cfg.ingest.margin, float)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("ingest.pionts=5", ["unknown config key 'ingest.pionts'", "did you mean 'ingest.points'"]),
+    ("nosuch.key=1", ["unknown config key 'nosuch'"]),
+    ("ingest.points=many", ["'ingest.points'", "expected int", "'many'"]),
+    ("ingest.points=1.5", ["'ingest.points'", "expected int"]),
+    ("ingest.points=0", ["'ingest.points'", "bad value 0", ">= 1"]),
+    ("ingest.mix=[0.5, 0.5, 0.5]", ["'ingest.mix'", "summing to 1"]),
+    ("ingest.backend=magic", ["'ingest.backend'", "'magic'", "igl", "mesh_to_sdf"]),
+    ("ingest.near_sigmas=0.1", ["'ingest.near_sigmas'", "expected a list"]),
+    ("ingest=3", ["'ingest'", "must be a section"]),
+    ("ingest.points", ["not of the form key.sub=value"]),
+])
+def test_bad_keys_and_values_name_key_value_and_allowed(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_fingerprint_covers_exactly_the_deciding_fields():
+    base = to_dict(load_config(), fingerprint_only=True)
+    assert "ray" in base and "address" not in base["ray"] and "name" not in base["run"]
+    assert fingerprint(base) == fingerprint(to_dict(load_config(None, ["ray.address=x:1", "run.name=b"]), True))
+    assert fingerprint(base) != fingerprint(to_dict(load_config(None, ["ingest.points=7"]), True))
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+
+
+def test_every_field_documented():
+    rows = describe(Config)
+    keys = {k for k, _, _ in rows}
+    assert {"run.name", "run.dir", "data.source", "ingest.points", "ingest.surface_points",
+            "ingest.backend", "seed"} <= keys
+    assert all(h for _, _, h in rows)
+
+
+def test_cli_config_error_fails_before_work(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["ingest", f"run.dir={run_dir}", "ingest.pionts=3"])
+    assert code == 2
+    assert "did you mean 'ingest.points'" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_help_lists_config_keys_with_defaults():
+    out = subprocess.run([sys.executable, "-m", "raywsl.cli", "ingest", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "ingest.points" in out and "200000" in out and "data.source" in out
