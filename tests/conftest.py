@@ -17,3 +17,47 @@ def ray_local():
 
     with ray_session(num_cpus=4):
         yield ray
+
+
+# One file per kind of bad input ingest must record as failed (and one open mesh it must accept).
+BROKEN_KINDS = {
+    "missing": "file not found",
+    "garbage": "cannot read",
+    "truncated": "cannot read",
+    "empty": "empty mesh",
+    "nan": "NaN/Inf",
+    "degenerate": "degenerate geometry",
+    "huge": "above the limit ingest.max_faces",
+}
+HUGE_FACES = 5120  # icosphere(subdivisions=4); tests set ingest.max_faces below it
+
+
+def write_bad_meshes(folder):
+    """Write one mesh of each kind in BROKEN_KINDS (the missing one is only named) plus an open
+    mesh (a sphere with its cap cut off) that is valid input. Returns {kind: path}."""
+    import numpy as np
+    import trimesh
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {kind: folder / f"{kind}.ply" for kind in BROKEN_KINDS}
+    paths["garbage"].write_bytes(b"this is not a mesh \x00\x01\x02" * 10)
+    good = trimesh.creation.icosphere(subdivisions=3).export(file_type="ply")
+    paths["truncated"].write_bytes(good[: len(good) // 2])
+    paths["empty"] = folder / "empty.obj"
+    paths["empty"].write_text("# a mesh with vertices and no faces\nv 0 0 0\nv 1 0 0\nv 0 1 0\n")
+    paths["nan"] = folder / "nan.obj"
+    paths["nan"].write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nv 0 0 1\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\n")
+    paths["degenerate"] = folder / "degenerate.obj"
+    paths["degenerate"].write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nv 3 0 0\nf 1 2 3\nf 2 3 4\n")
+    trimesh.creation.icosphere(subdivisions=4).export(paths["huge"])
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    keep = sphere.triangles_center[:, 2] < 0.7
+    paths["open"] = folder / "open.ply"
+    trimesh.Trimesh(sphere.vertices, sphere.faces[keep]).export(paths["open"])
+    assert np.isfinite(trimesh.load(paths["open"]).vertices).all()
+    return paths
+
+
+@pytest.fixture
+def bad_meshes(tmp_path):
+    return write_bad_meshes(tmp_path / "bad")

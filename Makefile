@@ -1,0 +1,31 @@
+# The two set-up commands of the README. Each installs what it needs first (idempotent).
+#   make quickstart   the main job on the embedded default (local Ray, local Zarr folder)
+#   make test         the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORPUS := runs/quickstart-corpus
+
+.PHONY: install quickstart test bench
+
+install: $(VENV)/.installed
+
+# torch first, pinned: here it resolves to a local CPU wheel; a looser spec would pull a multi-GB
+# CUDA build. The package itself accepts any newer torch (a cluster keeps its CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+quickstart: install
+	$(BIN)/raywsl corpus $(CORPUS) --n 32
+	$(BIN)/raywsl ingest -c configs/quickstart.yaml data.source=$(CORPUS)/manifest.csv
+	$(BIN)/raywsl inspect runs/quickstart
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/ingest/bench_sdf.py
