@@ -1,0 +1,133 @@
+"""The procedural shape corpus: determinism, watertightness, documented topology, class separation,
+and the manifest written in-process and by Ray Data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import trimesh
+
+from raywsl.data.corpus import CATEGORIES, generate_shape, write_corpus
+
+NAMES = list(CATEGORIES)
+K = len(NAMES)
+
+
+def _genus(mesh: trimesh.Trimesh) -> int:
+    return (2 * mesh.body_count - mesh.euler_number) // 2
+
+
+def _read_manifest(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_registry_covers_topologies():
+    assert K >= 8
+    assert {c.genus for c in CATEGORIES.values()} >= {0, 1, 2}
+    assert any(c.components > 1 for c in CATEGORIES.values())
+
+
+def test_shape_is_a_function_of_seed_and_index():
+    a, b = generate_shape(4), generate_shape(4)
+    assert a.shape_id == f"{NAMES[4]}-0000004"
+    assert np.array_equal(a.mesh.vertices, b.mesh.vertices) and np.array_equal(a.mesh.faces, b.mesh.faces)
+    assert a.params == b.params
+    # The categories are a set: listing order and unrelated categories don't change shape 0.
+    c = generate_shape(0, categories=[NAMES[1], NAMES[0]])
+    assert c.category == NAMES[0]
+    assert np.array_equal(c.mesh.vertices, generate_shape(0).mesh.vertices)
+    other = generate_shape(4, seed=1)
+    assert other.category == a.category and other.params != a.params
+    assert not np.array_equal(other.mesh.vertices[:100], a.mesh.vertices[:100])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_category_is_watertight_with_documented_topology(name):
+    expected = CATEGORIES[name]
+    for index in (NAMES.index(name), NAMES.index(name) + K):
+        shape = generate_shape(index)
+        mesh = shape.mesh
+        assert shape.category == name
+        assert len(mesh.faces) > 1000 and mesh.is_watertight and mesh.volume > 0
+        assert np.linalg.norm(mesh.vertices, axis=1).max() <= 1.0
+        assert mesh.body_count == expected.components
+        assert _genus(mesh) == expected.genus
+
+
+def _features(mesh: trimesh.Trimesh) -> np.ndarray:
+    ext = mesh.extents
+    horizontal = np.sort(ext[[0, 2]])
+    return np.array(
+        [
+            _genus(mesh),
+            mesh.body_count,
+            mesh.volume / mesh.convex_hull.volume,  # solidity: legs, holes and cavities lower it
+            36 * np.pi * mesh.volume**2 / mesh.area**3,  # sphericity: 1 for a ball
+            (mesh.center_mass[1] - mesh.bounds[0, 1]) / ext[1],  # where the mass sits, bottom to top
+            ext[1] / horizontal[1],  # height / width
+            horizontal[0] / horizontal[1],
+        ]
+    )
+
+
+def test_categories_are_separable_but_vary_within():
+    shapes = [generate_shape(i) for i in range(6 * K)]  # 6 per category, round-robin
+    feats = np.stack([_features(s.mesh) for s in shapes])
+    labels = np.array([NAMES.index(s.category) for s in shapes])
+    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-9)
+    train, test = np.arange(len(shapes)) < 3 * K, np.arange(len(shapes)) >= 3 * K
+    centroids = np.stack([feats[train & (labels == c)].mean(0) for c in range(K)])
+    predicted = np.linalg.norm(feats[test][:, None] - centroids[None], axis=2).argmin(1)
+    assert (predicted == labels[test]).mean() >= 0.8
+    for c in range(K):
+        members = [s for s in shapes if s.category == NAMES[c]]
+        assert len({json.dumps(s.params) for s in members}) == len(members)
+        assert len({round(s.mesh.volume, 4) for s in members}) == len(members)
+
+
+def test_write_corpus_manifest_and_rerun(tmp_path, capsys):
+    manifest = write_corpus(tmp_path, n=K + 1, progress=True)
+    assert "corpus:" in capsys.readouterr().err
+    assert manifest == (tmp_path / "manifest.csv").resolve()
+    with open(manifest) as f:
+        assert f.readline().strip() == "id,path,category,params"
+    rows = _read_manifest(manifest)
+    assert [r["id"] for r in rows] == [generate_shape(i).shape_id for i in range(K + 1)]
+    assert [r["category"] for r in rows] == NAMES + NAMES[:1]
+    for i, row in enumerate(rows[:3]):
+        mesh = trimesh.load(manifest.parent / row["path"], process=False)
+        assert mesh.is_watertight
+        assert np.allclose(mesh.vertices, generate_shape(i).mesh.vertices, atol=1e-6)
+        assert json.loads(row["params"]).keys() == generate_shape(i).params.keys()
+    first = (manifest.parent / rows[0]["path"]).read_bytes()
+
+    # A smaller re-run replaces the corpus: same leading shapes, no leftovers.
+    write_corpus(tmp_path, n=3, progress=False)
+    rerun = _read_manifest(manifest)
+    assert rerun == rows[:3]
+    assert (manifest.parent / rerun[0]["path"]).read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / "meshes").iterdir()) == sorted(f"{r['id']}.ply" for r in rerun)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="nope") as err:
+        generate_shape(0, categories=["torus", "nope"])
+    assert "torus" in str(err.value) and "airplane" in str(err.value)
+    with pytest.raises(ValueError, match="nope"):
+        write_corpus(tmp_path, n=2, categories=["nope"])
+    with pytest.raises(ValueError, match="n must be"):
+        write_corpus(tmp_path, n=0)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_corpus_matches_in_process(tmp_path, ray_local):
+    local = write_corpus(tmp_path / "local", n=10, seed=3, categories=["mug", "pebbles"], progress=False)
+    remote = write_corpus(tmp_path / "ray", n=10, seed=3, categories=["mug", "pebbles"], use_ray=True)
+    assert remote.read_text() == local.read_text()
+    for row in _read_manifest(local):
+        assert (remote.parent / row["path"]).read_bytes() == (local.parent / row["path"]).read_bytes()
