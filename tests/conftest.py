@@ -29,7 +29,7 @@ BROKEN_KINDS = {
     "degenerate": "degenerate geometry",
     "huge": "above the limit ingest.max_faces",
 }
-HUGE_FACES = 5120  # icosphere(subdivisions=4); tests set ingest.max_faces below it
+HUGE_FACES = 81920  # icosphere(subdivisions=6); tests set ingest.max_faces below it (corpus meshes have <25k)
 
 
 def write_bad_meshes(folder):
@@ -49,7 +49,7 @@ def write_bad_meshes(folder):
     paths["nan"].write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nv 0 0 1\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\n")
     paths["degenerate"] = folder / "degenerate.obj"
     paths["degenerate"].write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nv 3 0 0\nf 1 2 3\nf 2 3 4\n")
-    trimesh.creation.icosphere(subdivisions=4).export(paths["huge"])
+    trimesh.creation.icosphere(subdivisions=6).export(paths["huge"])
     sphere = trimesh.creation.icosphere(subdivisions=3)
     keep = sphere.triangles_center[:, 2] < 0.7
     paths["open"] = folder / "open.ply"

@@ -146,3 +146,34 @@ def test_kill9_then_resume_equals_uninterrupted(ray_local, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sdf_failure_is_one_rows_failure(tmp_path, monkeypatch):
+    """A backend that raises on one shape fails that row with the reason; the shard still commits."""
+    import raywsl.ingest.pipeline as pipeline
+
+    source = write_corpus(tmp_path / "corpus", 4, seed=2)
+    cfg = load_config(None, [f"data.source={source}", f"run.dir={tmp_path / 'run'}", "ingest.points=512",
+                             "ingest.surface_points=64", "ingest.shard_size=4"])
+    store = RowStore.create(str(tmp_path / "run" / L.SAMPLES), kind="samples", fingerprint="x",
+                            ids=[f"s{i}" for i in range(4)], categories=[""] * 4, shard_size=4,
+                            sources=sorted(str(p) for p in (tmp_path / "corpus" / "meshes").glob("*.ply")),
+                            arrays=pipeline.sample_arrays(cfg))
+    real = pipeline.sample_shape
+
+    def flaky(mesh, **kw):
+        if len(flaky.calls) == 2:
+            flaky.calls.append(1)
+            raise RuntimeError("winding number exploded")
+        flaky.calls.append(1)
+        return real(mesh, **kw)
+
+    flaky.calls = []
+    monkeypatch.setattr(pipeline, "sample_shape", flaky)
+    out = pipeline.ingest_shards({"shard": np.array([0])}, path=store.path, cfg=cfg)
+    assert out["done"].tolist() == [3] and out["failed"].tolist() == [1]
+    s = RowStore.open(store.path).summary()
+    assert s["pending"] == 0 and len(s["failures"]) == 1
+    f = s["failures"][0]
+    assert f["row"] == 2 and "SDF sampling failed (RuntimeError: winding number exploded)" in f["reason"]
+    assert f["source"] in f["reason"]

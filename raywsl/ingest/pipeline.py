@@ -66,7 +66,7 @@ def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
             _run_shards(store, pending, cfg)
     summary = store.summary()
     for f in summary["failures"]:
-        log.warning("failed: %s (%s): %s", f["shape_id"], f["source"], f["reason"])
+        log.warning("failed: %s: %s", f["shape_id"], f["reason"])
     log.info("%d done, %d failed%s", summary["done"], summary["failed"],
              f", {summary['pending']} pending (shards that did not finish; rerun to retry)"
              if summary["pending"] else "")
