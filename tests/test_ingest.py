@@ -177,3 +177,19 @@ def test_sdf_failure_is_one_rows_failure(tmp_path, monkeypatch):
     f = s["failures"][0]
     assert f["row"] == 2 and "SDF sampling failed (RuntimeError: winding number exploded)" in f["reason"]
     assert f["source"] in f["reason"]
+
+
+def test_mesh_that_kills_its_worker_fails_alone(tmp_path):
+    """A mesh whose sampling kills the worker process (as a segfault in a native library would) is
+    found and recorded as failed; its shard-mates and every other shard are done, and the job ends."""
+    source = write_corpus(tmp_path / "corpus", 8, seed=3)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAYWSL_CRASH_SHAPE": "capsule-0000003"}
+    proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "ingest", f"data.source={source}",
+                           f"run.dir={run_dir}", "ingest.points=512", "ingest.surface_points=64",
+                           "ingest.shard_size=4"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "7 done, 1 failed" in proc.stdout
+    s = RowStore.open(str(run_dir / L.SAMPLES)).summary()
+    assert s["pending"] == 0 and [f["shape_id"] for f in s["failures"]] == ["capsule-0000003"]
+    assert "worker process died while sampling this mesh" in s["failures"][0]["reason"]

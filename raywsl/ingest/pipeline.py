@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 4096  # one shard per block up to here; beyond, blocks hold several shards
+TASK_RETRIES = 2  # retries of a shard task whose worker process died
 
 
 def sample_arrays(cfg: Config) -> list[ArraySpec]:
@@ -74,17 +77,30 @@ def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
 
 
 def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> None:
+    """Run the pending shards; then, if some lost their worker (a native crash on one mesh), find
+    the meshes that crash it, fail just those rows, and run those shards again."""
+    _shard_pass(store, pending, cfg, skip={})
+    crashed = [k for k in pending if not store.shards_done()[k]]
+    if crashed:
+        log.warning("%d shard(s) lost their worker process; probing their meshes one by one", len(crashed))
+        skip = _find_crashing_rows(store, crashed, cfg)
+        _shard_pass(store, crashed, cfg, skip)
+
+
+def _shard_pass(store: RowStore, shards: list[int], cfg: Config, skip: dict[int, str]) -> None:
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    # A shard whose task dies (a crashing worker) must not stop the others: its marker stays
-    # unset, the summary reports it pending, and a rerun retries it.
-    ctx.max_errored_blocks = len(pending)
-    ds = ray.data.from_items([{"shard": k} for k in pending],
-                             override_num_blocks=min(len(pending), MAX_BLOCKS))
-    ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1, concurrency=task_concurrency(),
-                        fn_kwargs={"path": store.path, "cfg": cfg})
-    progress = Progress("ingest", total=len(pending) * store.shard_size, unit="shapes")
+    # Ray Data retries a task whose worker died without limit: one mesh that crashes a native
+    # library would hang the job. Bound the retries and let such blocks fail; their shards keep
+    # no marker and are handled by the caller.
+    ray.data.DataContext.get_current().max_errored_blocks = len(shards)
+    ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=min(len(shards), MAX_BLOCKS))
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_retries yet
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1, concurrency=task_concurrency(),
+                            max_retries=TASK_RETRIES,
+                            fn_kwargs={"path": store.path, "cfg": cfg, "skip": skip})
+    progress = Progress("ingest", total=len(shards) * store.shard_size, unit="shapes")
     for row in ds.iter_rows():
         progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
         log.debug("shard %d: %d done, %d failed in %.1fs", row["shard"], row["done"], row["failed"],
@@ -92,8 +108,32 @@ def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> None:
     progress.close()
 
 
-def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config) -> dict[str, np.ndarray]:
-    """Ray Data task: compute and write each shard of `batch`; return one summary row per shard."""
+def _find_crashing_rows(store: RowStore, shards: list[int], cfg: Config) -> dict[int, str]:
+    """Sample every row of `shards` in its own task, without retries: the rows whose task dies are
+    the culprits. Returns {row: reason}."""
+    import ray
+
+    probe = ray.remote(num_cpus=1, max_retries=0)(_sample_row)
+    refs = {}
+    for k in shards:
+        rows = store.shard_rows(k)
+        meta = store.row_meta(rows)
+        for row, shape_id, uri in zip(range(rows.start, rows.stop), meta[L.SHAPE_ID], meta[L.SOURCE]):
+            refs[row] = (str(uri), probe.remote(str(shape_id), str(uri), cfg))
+    crashing = {}
+    for row, (uri, ref) in refs.items():
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            crashing[row] = f"{uri}: the worker process died while sampling this mesh ({type(e).__name__})"
+            log.warning("row %d crashes its worker: %s", row, uri)
+    return crashing
+
+
+def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config,
+                  skip: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task: compute and write each shard of `batch`; return one summary row per shard.
+    Rows in `skip` are recorded as failed with the given reason, without sampling."""
     store = RowStore.open(path, mode="r+", kind="samples")
     out: dict[str, list] = {"shard": [], "done": [], "failed": [], "seconds": []}
     for k in batch["shard"].tolist():
@@ -101,7 +141,7 @@ def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config) -> dict[
         if store.shards_done()[k]:  # a retried task may find its shard already committed
             status = store.read_shard(k, [L.STATUS])[L.STATUS]
         else:
-            status = _ingest_shard(store, k, cfg)
+            status = _ingest_shard(store, k, cfg, skip or {})
         out["shard"].append(k)
         out["done"].append(int((status == DONE).sum()))
         out["failed"].append(int((status == FAILED).sum()))
@@ -109,32 +149,42 @@ def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config) -> dict[
     return {key: np.asarray(v) for key, v in out.items()}
 
 
-def _ingest_shard(store: RowStore, k: int, cfg: Config) -> np.ndarray:
+def _ingest_shard(store: RowStore, k: int, cfg: Config, skip: dict[int, str]) -> np.ndarray:
     rows = store.shard_rows(k)
     meta = store.row_meta(rows)
     n = rows.stop - rows.start
     arrays = {spec.name: np.zeros((n, *spec.row_shape), spec.dtype) for spec in sample_arrays(cfg)}
     status = np.full(n, FAILED, dtype="int8")
     reason = [""] * n
-    ic = cfg.ingest
     for i, (shape_id, uri) in enumerate(zip(meta[L.SHAPE_ID].tolist(), meta[L.SOURCE].tolist())):
-        try:
-            mesh, center, scale = normalise(load_mesh(uri, ic.max_faces), ic.margin)
-        except MeshError as e:
-            reason[i] = str(e)
+        if rows.start + i in skip:
+            reason[i] = skip[rows.start + i]
             continue
-        try:
-            s = sample_shape(mesh, points=ic.points, surface_points=ic.surface_points,
-                             near_sigmas=tuple(ic.near_sigmas), mix=tuple(ic.mix), backend=ic.backend,
-                             rng=shape_rng(cfg.seed, shape_id))
-            if not (np.isfinite(s.sdf).all() and np.isfinite(s.points).all()):
-                raise ValueError("non-finite signed distances")
-        except Exception as e:  # one shape's failure must not take the shard down
-            reason[i] = f"{uri}: SDF sampling failed ({type(e).__name__}: {e})"
-            continue
-        arrays[L.POINTS][i], arrays[L.SDF][i] = s.points, s.sdf
-        arrays[L.SURFACE][i], arrays[L.NORMALS][i] = s.surface, s.normals
-        arrays[L.CENTER][i], arrays[L.SCALE][i] = center, scale
-        status[i] = DONE
+        values, reason[i] = _sample_row(shape_id, uri, cfg)
+        if values:
+            for name, value in values.items():
+                arrays[name][i] = value
+            status[i] = DONE
     store.write_shard(k, arrays, status, reason)
     return status
+
+
+def _sample_row(shape_id: str, uri: str, cfg: Config) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Load, normalise and sample one mesh: (arrays, "") or (None, the reason it failed)."""
+    ic = cfg.ingest
+    if os.environ.get("RAYWSL_CRASH_SHAPE") == shape_id:  # fault injection for the crash test
+        os._exit(139)
+    try:
+        mesh, center, scale = normalise(load_mesh(uri, ic.max_faces), ic.margin)
+    except MeshError as e:
+        return None, str(e)
+    try:
+        s = sample_shape(mesh, points=ic.points, surface_points=ic.surface_points,
+                         near_sigmas=tuple(ic.near_sigmas), mix=tuple(ic.mix), backend=ic.backend,
+                         rng=shape_rng(cfg.seed, shape_id))
+        if not (np.isfinite(s.sdf).all() and np.isfinite(s.points).all()):
+            raise ValueError("non-finite signed distances")
+    except Exception as e:  # one shape's failure must not take the shard down
+        return None, f"{uri}: SDF sampling failed ({type(e).__name__}: {e})"
+    return {L.POINTS: s.points, L.SDF: s.sdf, L.SURFACE: s.surface, L.NORMALS: s.normals,
+            L.CENTER: center, L.SCALE: scale}, ""
