@@ -78,7 +78,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     cfg, _ = _setup(args, "ingest")
     summary = ingest(cfg, restart=args.restart)
-    print(f"{summary['done']} done, {summary['failed']} failed")
+    pending = f", {summary['pending']} pending" if summary["pending"] else ""
+    print(f"{summary['done']} done, {summary['failed']} failed{pending}")
     return 0 if summary["done"] > 0 else 1
 
 

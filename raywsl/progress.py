@@ -11,7 +11,7 @@ log = logging.getLogger("raywsl.progress")
 class Progress:
     def __init__(self, name: str, total: int, unit: str = "items", every_s: float = 5.0):
         self.name, self.total, self.unit, self.every_s = name, total, unit, every_s
-        self.count = self.failed = 0
+        self.count = self.failed = self.last_count = 0
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int, failed: int = 0) -> None:
@@ -23,9 +23,11 @@ class Progress:
             self._line(now)
 
     def close(self) -> None:
-        self._line(time.perf_counter())
+        if self.last_count != self.count:  # the final line, unless update() just printed it
+            self._line(time.perf_counter())
 
     def _line(self, now: float) -> None:
+        self.last_count = self.count
         elapsed = max(now - self.start, 1e-9)
         rate = self.count / elapsed
         eta = (self.total - self.count) / rate if rate > 0 else float("inf")

@@ -33,6 +33,7 @@ from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 4096  # one shard per block up to here; beyond, blocks hold several shards
+MAX_LOGGED_FAILURES = 20
 TASK_RETRIES = 2  # retries of a shard task whose worker process died
 
 
@@ -68,11 +69,14 @@ def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
             _run_shards(store, pending, cfg)
     summary = store.summary()
-    for f in summary["failures"]:
+    for f in summary["failures"][:MAX_LOGGED_FAILURES]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
-    log.info("%d done, %d failed%s", summary["done"], summary["failed"],
-             f", {summary['pending']} pending (shards that did not finish; rerun to retry)"
-             if summary["pending"] else "")
+    if summary["failed"] > MAX_LOGGED_FAILURES:
+        log.warning("... and %d more failures: `raywsl inspect %s` lists them all",
+                    summary["failed"] - MAX_LOGGED_FAILURES, store.path)
+    if summary["pending"]:
+        log.warning("%d rows are pending (shards that did not finish): rerun the same command to "
+                    "retry them", summary["pending"])
     return summary
 
 

@@ -1,0 +1,118 @@
+"""What ingest stores per shape: SDF query points with their signed distances, and a surface cloud.
+
+Meshes arrive normalised into the unit sphere (the caller does that). Query points are a mix of
+three components, stored in this order:
+
+1. near-surface, fine:   area-weighted surface samples + isotropic Gaussian noise, std sigma_fine
+2. near-surface, coarse: the same with std sigma_coarse
+3. uniform in the bounding cube [-1, 1]^3
+
+Near-surface points are not clipped to the cube: the coarse ones may stick out of it slightly.
+
+Defaults and where they come from:
+- `DEFAULT_NEAR_SIGMAS = (sqrt(0.0005), sqrt(0.005)) ~= (0.0224, 0.0707)`: DeepSDF's reference
+  preprocessing (facebookresearch/DeepSDF, src/PreprocessMesh.cpp: `variance = 0.005`,
+  `second_variance = variance / 10`, noise `N(0, sqrt(variance))` per axis, meshes in the unit
+  sphere). HyperDiffusion perturbs surface samples by 0.01 in a half-unit box, i.e. ~0.02 at our
+  scale, which matches the fine scale. (mesh-to-sdf's port uses 0.0025 / 0.00025 as the *std*, the
+  DeepSDF variances misread as standard deviations; we follow DeepSDF.)
+- `DEFAULT_MIX = (0.25, 0.25, 0.5)`: half near-surface, half uniform in the cube, as in the
+  small-data study we reproduce (papers/002: 200,000 points per shape, 50 % near-surface, 50 %
+  uniform in the unit cube) and in HyperDiffusion (equal numbers of near-surface and uniform
+  points); the near half is split evenly between the two scales, as DeepSDF does. DeepSDF itself
+  uses only 6 % uniform points, which leaves the far field of a per-shape MLP unconstrained.
+
+Everything is deterministic given the `numpy.random.Generator` passed in (no global RNG).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import trimesh
+
+from raywsl.ingest.sdf import signed_distance
+
+DEFAULT_NEAR_SIGMAS: tuple[float, float] = (math.sqrt(0.0005), math.sqrt(0.005))
+DEFAULT_MIX: tuple[float, float, float] = (0.25, 0.25, 0.5)
+DEFAULT_BACKEND = "igl"
+
+
+@dataclass
+class ShapeSamples:
+    points: np.ndarray  # (M, 3) float32 query points, components in the order of the module doc
+    sdf: np.ndarray  # (M,) float32 signed distance at `points`, negative inside
+    surface: np.ndarray  # (S, 3) float32 points on the surface
+    normals: np.ndarray  # (S, 3) float32 unit face normals at `surface`
+
+
+def sample_surface(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`n` points uniformly distributed over the surface area, with the unit normal of the face
+    each lies on: ((n, 3) float32, (n, 3) float32)."""
+    tri = np.asarray(mesh.triangles, dtype=np.float64)
+    if len(tri) == 0:
+        raise ValueError("cannot sample the surface of a mesh without faces")
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area2 = np.linalg.norm(cross, axis=1)  # twice the face areas
+    total = area2.sum()
+    if not (np.isfinite(total) and total > 0):
+        raise ValueError(f"cannot sample the surface of a mesh with total area {total / 2}")
+    # choice(p=...) never returns a zero-probability index, so degenerate faces are never picked.
+    face = rng.choice(len(tri), size=n, p=area2 / total)
+    u, v = rng.random((2, n))
+    flip = u + v > 1  # fold the unit square onto the triangle: uniform barycentric coordinates
+    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+    a, ab, ac = tri[face, 0], tri[face, 1] - tri[face, 0], tri[face, 2] - tri[face, 0]
+    points = a + u[:, None] * ab + v[:, None] * ac
+    normals = cross[face] / area2[face, None]
+    return points.astype(np.float32), normals.astype(np.float32)
+
+
+def split_counts(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Non-negative counts proportional to `fractions` that add up to exactly `n`, each within one
+    of its exact share (rounded cumulative boundaries)."""
+    cumulative = np.cumsum(fractions, dtype=np.float64)
+    bounds = np.rint(cumulative / cumulative[-1] * n).astype(int)
+    bounds[-1] = n
+    return np.diff(bounds, prepend=0).tolist()
+
+
+def _check_mix(near_sigmas: tuple[float, float], mix: tuple[float, float, float]) -> None:
+    if len(near_sigmas) != 2 or not all(math.isfinite(s) and s > 0 for s in near_sigmas):
+        raise ValueError(f"near_sigmas must be two positive noise scales (fine, coarse), got {near_sigmas}")
+    if len(mix) != 3 or not all(math.isfinite(f) and f >= 0 for f in mix):
+        raise ValueError(f"mix must be three non-negative fractions (near_fine, near_coarse, uniform), got {mix}")
+    if abs(sum(mix) - 1.0) > 1e-6:
+        raise ValueError(f"mix fractions (near_fine, near_coarse, uniform) must sum to 1, got {mix} (sum {sum(mix)})")
+
+
+def sample_query_points(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator,
+                        near_sigmas: tuple[float, float] = DEFAULT_NEAR_SIGMAS,
+                        mix: tuple[float, float, float] = DEFAULT_MIX) -> np.ndarray:
+    """(n, 3) float32 query points: fine near-surface, coarse near-surface, uniform in [-1, 1]^3,
+    in that order, with counts `split_counts(n, mix)`."""
+    _check_mix(near_sigmas, mix)
+    if n < 0:
+        raise ValueError(f"number of query points must be >= 0, got {n}")
+    n_fine, n_coarse, n_uniform = split_counts(n, mix)
+    surface, _ = sample_surface(mesh, n_fine + n_coarse, rng)
+    sigma = np.repeat(np.asarray(near_sigmas), [n_fine, n_coarse])[:, None]
+    near = surface + sigma * rng.standard_normal((n_fine + n_coarse, 3))
+    uniform = rng.uniform(-1.0, 1.0, (n_uniform, 3))
+    return np.concatenate([near, uniform]).astype(np.float32)
+
+
+def sample_shape(mesh: trimesh.Trimesh, *, points: int, surface_points: int, rng: np.random.Generator,
+                 near_sigmas: tuple[float, float] = DEFAULT_NEAR_SIGMAS,
+                 mix: tuple[float, float, float] = DEFAULT_MIX,
+                 backend: str = DEFAULT_BACKEND) -> ShapeSamples:
+    """Query points with their signed distances, and a surface cloud with normals, for one shape."""
+    if points < 1 or surface_points < 1:
+        raise ValueError(f"points and surface_points must be >= 1, got {points} and {surface_points}")
+    query = sample_query_points(mesh, points, rng, near_sigmas, mix)
+    # Distances of the float32 points as stored, so every stored (point, sdf) pair is exact.
+    sdf = signed_distance(mesh, query.astype(np.float64), backend)
+    surface, normals = sample_surface(mesh, surface_points, rng)
+    return ShapeSamples(query, sdf.astype(np.float32), surface, normals)
