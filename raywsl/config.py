@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from raywsl.ingest.sampling import DEFAULT_MIX, DEFAULT_NEAR_SIGMAS
+
 
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it and what is allowed."""
@@ -58,9 +60,9 @@ class IngestConfig:
     surface_points: int = opt(16_384, "surface points (with normals) per shape, for evaluation", min=1)
     backend: str = opt("igl", "SDF backend: igl (exact distance + winding-number sign) or "
                               "mesh_to_sdf (slow reference)")
-    near_sigmas: list[float] = opt([0.005, 0.05], "std of the Gaussian noise of the fine and coarse "
-                                                 "near-surface samples (unit-sphere units)")
-    mix: list[float] = opt([0.45, 0.45, 0.1], "fractions of query points: near fine, near coarse, "
+    near_sigmas: list[float] = opt(list(DEFAULT_NEAR_SIGMAS), "std of the Gaussian noise of the fine "
+                                   "and coarse near-surface samples (DeepSDF's; see ingest/sampling.py)")
+    mix: list[float] = opt(list(DEFAULT_MIX), "fractions of query points: near fine, near coarse, "
                                               "uniform in the cube [-1,1]^3 (sum to 1)")
     margin: float = opt(0.03, "normalised mesh fits in a sphere of radius 1/(1+margin)", min=0.0)
     max_faces: int = opt(2_000_000, "meshes with more faces fail with a clear reason", min=1)

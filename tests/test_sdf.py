@@ -11,7 +11,7 @@ import trimesh
 
 from raywsl.ingest.sampling import (DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, ShapeSamples, sample_query_points,
                                     sample_shape, sample_surface, split_counts)
-from raywsl.ingest.sdf import SDF_BACKENDS, signed_distance
+from raywsl.ingest.sdf import SDF_BACKENDS, _is_closed, signed_distance
 
 # --- exact references ------------------------------------------------------------------------------
 
@@ -76,7 +76,8 @@ def rng():
 def test_brute_force_reference_is_exact_on_a_box(rng):
     p = rng.uniform(-1.5, 1.5, (500, 3))
     box = trimesh.creation.box(extents=(1.2, 0.8, 1.6))
-    np.testing.assert_allclose(brute_force_distance(p, box), np.abs(box_sdf(p, np.array([0.6, 0.4, 0.8]))), atol=1e-12)
+    ref = np.abs(box_sdf(p, np.array([0.6, 0.4, 0.8])))
+    np.testing.assert_allclose(brute_force_distance(p, box), ref, rtol=0, atol=1e-12)
 
 
 def test_igl_is_exact_on_a_box(rng):
@@ -95,13 +96,15 @@ def test_igl_magnitude_matches_brute_force(name, rng):
     mesh = (trimesh.creation.icosphere(subdivisions=5) if name == "sphere"
             else trimesh.creation.torus(0.6, 0.25, major_sections=96, minor_sections=48))
     p = _query_points(mesh, 600, rng)
-    np.testing.assert_allclose(np.abs(signed_distance(mesh, p)), brute_force_distance(p, mesh), rtol=0, atol=1e-9)
+    ref = brute_force_distance(p, mesh)
+    np.testing.assert_allclose(np.abs(signed_distance(mesh, p)), ref, rtol=0, atol=1e-9)
 
 
 def test_igl_sign_matches_analytic_sphere_and_torus(rng):
     sphere = trimesh.creation.icosphere(subdivisions=5)
     torus = trimesh.creation.torus(0.6, 0.25, major_sections=96, minor_sections=48)
-    for mesh, analytic in ((sphere, lambda p: np.linalg.norm(p, axis=1) - 1), (torus, lambda p: torus_sdf(p, 0.6, 0.25))):
+    cases = ((sphere, lambda p: np.linalg.norm(p, axis=1) - 1), (torus, lambda p: torus_sdf(p, 0.6, 0.25)))
+    for mesh, analytic in cases:
         # The mesh deviates from the analytic surface by at most the tessellation error `band`;
         # outside that band the sign is fixed by the analytic shape.
         band = 1.5 * np.abs(analytic(mesh.sample(100_000, seed=0))).max()
@@ -145,9 +148,12 @@ def test_sign_is_winding_number_on_hard_closed_and_open_meshes(case, rng):
         mesh = trimesh.Trimesh(a.vertices, a.faces[:, ::-1], process=False)
     elif case == "hollow":  # a shell: the cavity (w = 0) is outside
         inner = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
-        mesh = trimesh.util.concatenate([a, trimesh.Trimesh(inner.vertices, inner.faces[:, ::-1], process=False)])
+        inner = trimesh.Trimesh(inner.vertices, inner.faces[:, ::-1], process=False)
+        mesh = trimesh.util.concatenate([a, inner])
     else:  # half of one sphere: an open bowl
         mesh = trimesh.Trimesh(a.vertices, a.faces[a.triangles_center[:, 2] < 0], process=False)
+    # Closed meshes take the clustered path (one winding number per cluster), open ones do not.
+    assert _is_closed(np.asarray(mesh.faces), len(mesh.vertices)) == (case != "open_sheet")
     p = _query_points(mesh, 8000, rng, sigma=0.03)
     sdf, w = _assert_sign_is_winding_number(mesh, p)
     if case == "overlapping":
@@ -212,7 +218,8 @@ def test_sample_shape_counts_dtypes_and_determinism():
     other = sample_shape(sphere, rng=np.random.default_rng(8), **kw)
     assert not np.array_equal(s.points, other.points)
     # The stored SDF is that of the stored float32 points.
-    np.testing.assert_array_equal(s.sdf, signed_distance(sphere, s.points.astype(np.float64)).astype(np.float32))
+    stored = signed_distance(sphere, s.points.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(s.sdf, stored)
 
 
 def test_query_mix_is_respected(rng):

@@ -138,6 +138,9 @@ def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config,
                   skip: dict[int, str] | None = None) -> dict[str, np.ndarray]:
     """Ray Data task: compute and write each shard of `batch`; return one summary row per shard.
     Rows in `skip` are recorded as failed with the given reason, without sampling."""
+    # One SDF thread per task: Ray runs one task per core, and libigl would otherwise start a
+    # thread per core in each of them (read when libigl first runs in this worker process).
+    os.environ.setdefault("IGL_NUM_THREADS", "1")
     store = RowStore.open(path, mode="r+", kind="samples")
     out: dict[str, list] = {"shard": [], "done": [], "failed": [], "seconds": []}
     for k in batch["shard"].tolist():

@@ -13,14 +13,14 @@ Defaults and where they come from:
 - `DEFAULT_NEAR_SIGMAS = (sqrt(0.0005), sqrt(0.005)) ~= (0.0224, 0.0707)`: DeepSDF's reference
   preprocessing (facebookresearch/DeepSDF, src/PreprocessMesh.cpp: `variance = 0.005`,
   `second_variance = variance / 10`, noise `N(0, sqrt(variance))` per axis, meshes in the unit
-  sphere). HyperDiffusion perturbs surface samples by 0.01 in a half-unit box, i.e. ~0.02 at our
-  scale, which matches the fine scale. (mesh-to-sdf's port uses 0.0025 / 0.00025 as the *std*, the
-  DeepSDF variances misread as standard deviations; we follow DeepSDF.)
+  sphere). HyperDiffusion (siren/dataio.py) adds noise of std 0.01 to surface samples of shapes
+  scaled into [-0.5, 0.5]^3, i.e. ~0.02 at our scale: the fine scale. (mesh-to-sdf's
+  `sample_sdf_near_surface` uses stds of 0.0025 and 0.00025, 30-90x thinner; we follow DeepSDF.)
 - `DEFAULT_MIX = (0.25, 0.25, 0.5)`: half near-surface, half uniform in the cube, as in the
   small-data study we reproduce (papers/002: 200,000 points per shape, 50 % near-surface, 50 %
   uniform in the unit cube) and in HyperDiffusion (equal numbers of near-surface and uniform
   points); the near half is split evenly between the two scales, as DeepSDF does. DeepSDF itself
-  uses only 6 % uniform points, which leaves the far field of a per-shape MLP unconstrained.
+  uses only 6 % uniform points (47 / 47 / 6), which constrains a per-shape MLP's far field weakly.
 
 Everything is deterministic given the `numpy.random.Generator` passed in (no global RNG).
 """
@@ -83,9 +83,11 @@ def _check_mix(near_sigmas: tuple[float, float], mix: tuple[float, float, float]
     if len(near_sigmas) != 2 or not all(math.isfinite(s) and s > 0 for s in near_sigmas):
         raise ValueError(f"near_sigmas must be two positive noise scales (fine, coarse), got {near_sigmas}")
     if len(mix) != 3 or not all(math.isfinite(f) and f >= 0 for f in mix):
-        raise ValueError(f"mix must be three non-negative fractions (near_fine, near_coarse, uniform), got {mix}")
+        raise ValueError(f"mix must be three non-negative fractions (near_fine, near_coarse, uniform), "
+                         f"got {mix}")
     if abs(sum(mix) - 1.0) > 1e-6:
-        raise ValueError(f"mix fractions (near_fine, near_coarse, uniform) must sum to 1, got {mix} (sum {sum(mix)})")
+        raise ValueError(f"mix fractions (near_fine, near_coarse, uniform) must sum to 1, got {mix} "
+                         f"(sum {sum(mix)})")
 
 
 def sample_query_points(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator,

@@ -89,8 +89,8 @@ def _winding_clusters(points: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray,
         rows.append(i)
         cols.append(i + k)
     rows, cols = np.concatenate(rows), np.concatenate(cols)
-    n_clusters, label = connected_components(coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n)),
-                                             directed=False)
+    links = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    n_clusters, label = connected_components(links, directed=False)
     farthest_first = np.argsort(-dist)
     rank = np.empty_like(farthest_first)
     rank[farthest_first] = np.arange(n)
