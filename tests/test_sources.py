@@ -71,3 +71,12 @@ def test_source_errors(tmp_path):
     (tmp_path / "n.csv").write_text("id,path\nx,\n")
     with pytest.raises(SourceError, match="row 1: no 'path'"):
         resolve_source(str(tmp_path / "n.csv"))
+
+
+def test_scene_files_are_merged_into_one_mesh(tmp_path):
+    scene = trimesh.Scene([trimesh.creation.box(), trimesh.creation.icosphere(subdivisions=1).apply_translation((3, 0, 0))])
+    path = tmp_path / "scene.glb"
+    scene.export(path)
+    mesh = load_mesh(str(path), max_faces=10**6)
+    assert len(mesh.faces) == 12 + 80
+    assert mesh.bounds[1][0] == pytest.approx(4.0, abs=1e-3)
