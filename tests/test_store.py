@@ -32,6 +32,7 @@ def test_layout_and_shards(tmp_path):
     s = store.summary()
     assert (s["rows"], s["done"], s["failed"], s["pending"]) == (10, 0, 0, 10)
     assert s["arrays"]["x"] == {"shape": [10, 50, 3], "dtype": "float32"}
+    assert s["arrays"][L.SHAPE_ID] == {"shape": [10], "dtype": "str"}
 
 
 def test_write_shard_commits_with_marker(tmp_path):

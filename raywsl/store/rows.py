@@ -186,7 +186,7 @@ class RowStore:
             **{name: int((status == code).sum()) for code, name in STATUS_NAMES.items()},
             "shards": {"size": self.shard_size, "total": self.n_shards, "done": done_shards},
             "fingerprint": self.fingerprint,
-            "arrays": {name: {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+            "arrays": {name: {"shape": list(arr.shape), "dtype": "str" if arr.dtype.kind == "T" else str(arr.dtype)}
                        for name, arr in sorted(self.group.arrays())},
             "failures": [{"row": int(i), "shape_id": str(meta[L.SHAPE_ID][i]),
                           "source": str(meta[L.SOURCE][i]), "reason": str(reason[i])} for i in failed],
