@@ -25,6 +25,9 @@ import yaml
 from raywsl.ingest.sampling import DEFAULT_MIX, DEFAULT_NEAR_SIGMAS
 
 
+SET_DISTANCES = ("cd", "emd")
+
+
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it and what is allowed."""
 
@@ -70,6 +73,21 @@ class IngestConfig:
 
 
 @dataclass
+class EvalConfig:
+    generated: str = opt("", "meshes to evaluate (folder, glob or manifest); empty: <run.dir>/generated")
+    reference: str = opt("", "reference meshes (folder, glob or manifest) for MMD / COV / 1-NNA")
+    training: str = opt("", "training meshes for novelty and memorisation (optional)")
+    points: int = opt(2048, "surface points per shape for Chamfer / EMD (area-weighted, seeded)", min=16)
+    distances: list[str] = opt(["cd", "emd"], "set-metric distances: cd (Chamfer), emd (Earth mover's)")
+    normalise: bool = opt(True, "normalise every mesh into the unit sphere (as ingest does) first")
+    memorisation_threshold: float = opt(1e-3, "a generated shape closer than this (Chamfer) to a "
+                                              "training shape counts as memorised", min=0.0)
+    render: int = opt(16, "meshes of each set rendered into PNG grids", min=0)
+    device: str = opt("auto", "torch device for distance matrices: auto (cuda if present), cpu, cuda",
+                      fp=False)
+
+
+@dataclass
 class RayConfig:
     address: str = opt("", "Ray cluster address; empty uses $RAY_ADDRESS or starts a local Ray", fp=False)
     num_cpus: int = opt(0, "logical CPUs of the local Ray; 0 picks 2x the cores (see runtime.py)",
@@ -82,6 +100,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":
@@ -96,6 +115,9 @@ class Config:
         mix = self.ingest.mix
         _require("ingest.mix", len(mix) == 3 and all(f >= 0 for f in mix) and abs(sum(mix) - 1) < 1e-6,
                  mix, "three non-negative fractions [near_fine, near_coarse, uniform] summing to 1")
+        bad = sorted(set(self.eval.distances) - set(SET_DISTANCES))
+        _require("eval.distances", self.eval.distances and not bad, self.eval.distances,
+                 f"a non-empty list from {list(SET_DISTANCES)}")
         return self
 
     @property

@@ -12,7 +12,6 @@ marker are skipped, the others are recomputed from scratch. Sampling is seeded p
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from raywsl import layout as L
 from raywsl.config import Config, fingerprint, to_dict
 from raywsl.data.meshes import MeshError, load_mesh, normalise
 from raywsl.data.sources import resolve_source
-from raywsl.ingest.sampling import sample_shape
+from raywsl.ingest.sampling import sample_shape, shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session, task_concurrency
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
@@ -41,12 +40,6 @@ def sample_arrays(cfg: Config) -> list[ArraySpec]:
     m, s = cfg.ingest.points, cfg.ingest.surface_points
     return [ArraySpec(L.POINTS, (m, 3)), ArraySpec(L.SDF, (m,)), ArraySpec(L.SURFACE, (s, 3)),
             ArraySpec(L.NORMALS, (s, 3)), ArraySpec(L.CENTER, (3,), "float64"), ArraySpec(L.SCALE, (), "float64")]
-
-
-def shape_rng(seed: int, shape_id: str) -> np.random.Generator:
-    """The generator of one shape's samples: depends on the seed and the shape alone."""
-    digest = hashlib.sha256(shape_id.encode()).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
 
 
 def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:

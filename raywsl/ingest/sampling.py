@@ -27,6 +27,7 @@ Everything is deterministic given the `numpy.random.Generator` passed in (no glo
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,13 @@ from raywsl.ingest.sdf import signed_distance
 DEFAULT_NEAR_SIGMAS: tuple[float, float] = (math.sqrt(0.0005), math.sqrt(0.005))
 DEFAULT_MIX: tuple[float, float, float] = (0.25, 0.25, 0.5)
 DEFAULT_BACKEND = "igl"
+
+
+def shape_rng(seed: int, shape_id: str) -> np.random.Generator:
+    """The generator of one shape's samples: depends on the seed and the shape alone, so results do
+    not depend on scheduling, sharding or which other shapes are in the set."""
+    digest = hashlib.sha256(shape_id.encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
 
 
 @dataclass
