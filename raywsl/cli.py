@@ -83,6 +83,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if summary["done"] > 0 else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raywsl.eval.run import EvalError, evaluate
+
+    cfg, run = _setup(args, "eval")
+    try:
+        result = evaluate(cfg)
+    except EvalError as e:
+        print(f"raywsl eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
+    print(f"wrote {run.metrics} and {run.eval}/")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from raywsl.store.inspect import format_summary, inspect_path
 
@@ -111,6 +125,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "corpus": ("generate a procedural, categorised mesh corpus", _corpus_args, cmd_corpus, False),
     "ingest": ("meshes -> SDF samples in samples.zarr (Ray Data, resumable)", _add_config_args, cmd_ingest, True),
+    "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
+             _add_config_args, cmd_eval, True),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),
 }
 

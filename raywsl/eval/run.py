@@ -1,0 +1,181 @@
+"""`raywsl eval`: evaluate a set of meshes against a reference set.
+
+    generated meshes --load, normalise, sample 2,048 surface points--> clouds --+
+    reference meshes --------------------- the same ------------------> clouds --+--> MMD / COV / 1-NNA
+    training meshes (optional) ----------- the same ------------------> clouds ----> novelty, memorisation
+    generated meshes -----------------------------------------------------------> topology validity
+
+Writes into the run folder: `eval/points_generated.npy` and `eval/points_reference.npy` (the exact
+clouds used, (n, points, 3)), `eval/ids_*.json` (which shape each cloud is), PNG figures in `eval/`,
+and every figure with its convention into `metrics.json` (merged with what other stages wrote).
+A mesh that cannot be loaded (or has no surface) is left out of the set metrics and counted in
+`valid_share`, so a generator that produces garbage is never rewarded by silently shrinking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import trimesh
+
+from raywsl import layout as L
+from raywsl.config import Config
+from raywsl.data.meshes import MeshError, load_mesh, normalise
+from raywsl.data.sources import resolve_source
+from raywsl.ingest.sampling import sample_surface, shape_rng
+
+log = logging.getLogger(__name__)
+
+CONVENTIONS = {
+    "chamfer": "CD(X,Y) = mean_x min_y |x-y|^2 + mean_y min_x |x-y|^2 (squared, both directions summed)",
+    "emd": "EMD(X,Y) = min over bijections phi of mean_x |x - phi(x)| (Euclidean, not squared)",
+    "clouds": "{points} area-weighted surface points per shape, seeded per shape id; shapes "
+              "{normalised}",
+    "mmd": "MMD = mean over reference y of min over generated x of D(x, y)",
+    "cov": "COV = share of reference shapes that are the nearest reference of some generated shape",
+    "1nna": "1-NNA = leave-one-out 1-NN accuracy over generated + reference (0.5 is ideal)",
+    "validity": "valid_share: generated meshes that load with a surface; single_component_share and "
+                "watertight_share over all generated meshes",
+    "memorisation": "share of generated shapes whose Chamfer distance to the nearest training shape is "
+                    "below eval.memorisation_threshold",
+}
+
+
+class EvalError(ValueError):
+    """The sets to evaluate cannot be evaluated at all (e.g. no valid mesh)."""
+
+
+@dataclass
+class ShapeSet:
+    """The meshes of one set and the clouds sampled from the valid ones."""
+
+    name: str
+    ids: list[str]
+    meshes: list[trimesh.Trimesh | None]
+    reasons: list[str]  # "" for a valid mesh, else why it is not
+    clouds: np.ndarray = field(repr=False)  # (n_valid, points, 3) float32
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.array([not r for r in self.reasons], dtype=bool)
+
+    @property
+    def valid_ids(self) -> list[str]:
+        return [i for i, r in zip(self.ids, self.reasons) if not r]
+
+
+def load_set(source: str, name: str, cfg: Config) -> ShapeSet:
+    """Load every mesh of `source`; sample a seeded surface cloud from each valid one."""
+    refs = resolve_source(source)
+    meshes, reasons, clouds = [], [], []
+    for ref in refs:
+        try:
+            mesh = load_mesh(ref.uri, cfg.ingest.max_faces)
+            if cfg.eval.normalise:
+                mesh, _, _ = normalise(mesh, cfg.ingest.margin)
+        except MeshError as e:
+            meshes.append(None)
+            reasons.append(str(e))
+            continue
+        meshes.append(mesh)
+        reasons.append("")
+        clouds.append(sample_surface(mesh, cfg.eval.points, shape_rng(cfg.seed, ref.shape_id))[0])
+    n_bad = sum(bool(r) for r in reasons)
+    log.info("eval: %s set %s: %d meshes, %d invalid", name, source, len(refs), n_bad)
+    empty = np.zeros((0, cfg.eval.points, 3), np.float32)
+    return ShapeSet(name, [r.shape_id for r in refs], meshes, reasons, np.stack(clouds) if clouds else empty)
+
+
+def update_metrics_file(path: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Merge `values` into the run's metrics.json (other stages write their own keys there)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    current = json.loads(fs.cat_file(fs_path)) if fs.exists(fs_path) else {}
+    current.update(values)
+    with fs.open(fs_path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True, default=_jsonable)
+    return current
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """Evaluate `eval.generated` (default: <run.dir>/generated) against `eval.reference`; returns the
+    figures written to metrics.json."""
+    from raywsl.eval import figures, tracking
+    from raywsl.eval.generation import generation_metrics, novelty
+    from raywsl.eval.topology import topology
+
+    ec, run = cfg.eval, L.RunLayout(cfg.run_dir)
+    if not ec.reference:
+        raise EvalError("eval.reference is empty: set it to the reference meshes (folder, glob or manifest)")
+    t0 = time.perf_counter()
+    gen = load_set(ec.generated or run.generated, "generated", cfg)
+    ref = load_set(ec.reference, "reference", cfg)
+    for s in (gen, ref):
+        if len(s.clouds) == 0:
+            raise EvalError(f"the {s.name} set has no valid mesh; first failure: {s.reasons[0]}")
+    fs, out = fsspec.core.url_to_fs(run.eval)
+    fs.makedirs(out, exist_ok=True)
+    for s in (gen, ref):
+        with fs.open(L.join(out, f"points_{s.name}.npy"), "wb") as f:
+            np.save(f, s.clouds)
+        with fs.open(L.join(out, f"ids_{s.name}.json"), "w") as f:
+            json.dump(s.valid_ids, f)
+
+    matrices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    result: dict[str, Any] = generation_metrics(gen.clouds, ref.clouds, distances=ec.distances,
+                                                device=ec.device, cache=L.join(out, "cache"),
+                                                matrices=matrices)
+    topo = [topology(m) for m in gen.meshes]
+    result.update({
+        "n_generated": len(gen.ids), "n_reference": len(ref.ids),
+        "valid_share": float(gen.valid.mean()),
+        "single_component_share": float(np.mean([t["components"] == 1 for t in topo])),
+        "watertight_share": float(np.mean([t["watertight"] for t in topo])),
+    })
+    if ec.training:
+        train = load_set(ec.training, "training", cfg)
+        nov = novelty(gen.clouds, train.clouds, ec.memorisation_threshold, ec.device)
+        result.update({"memorisation_rate": nov.memorisation_rate,
+                       "novelty_cd_median": float(np.median(nov.nearest_cd)),
+                       "novelty_distinct_nearest": int(len(np.unique(nov.nearest_index)))})
+
+    # Pictures: the shapes themselves, and how far each shape is from its nearest reference
+    # (generated vs the reference set's own leave-one-out spread, the scale to read them against).
+    n = ec.render
+    if n:
+        figures.render_meshes(gen.meshes[:n], L.join(out, "generated.png"), titles=gen.ids[:n])
+        figures.render_meshes(ref.meshes[:n], L.join(out, "reference.png"), titles=ref.ids[:n])
+    d_gr, _, d_rr = matrices["cd"] if "cd" in matrices else matrices[ec.distances[0]]
+    loo = np.where(np.eye(len(d_rr), dtype=bool), np.inf, d_rr).min(axis=1) if len(d_rr) > 1 else d_rr[:, 0]
+    figures.plot_histogram({"generated -> nearest reference": d_gr.min(axis=1),
+                            "reference -> nearest other reference": loo},
+                           L.join(out, "nearest_reference.png"), xlabel="Chamfer distance" if "cd" in matrices else ec.distances[0])
+
+    result["eval_seconds"] = time.perf_counter() - t0
+    conventions = {k: v.format(points=ec.points, normalised="normalised into the unit sphere"
+                               if ec.normalise else "in their own frame") for k, v in CONVENTIONS.items()}
+    details = {"generated": ec.generated or run.generated, "reference": ec.reference, "training": ec.training,
+               "conventions": conventions,
+               "invalid_generated": [{"shape_id": i, "reason": r} for i, r in zip(gen.ids, gen.reasons) if r],
+               "invalid_reference": [{"shape_id": i, "reason": r} for i, r in zip(ref.ids, ref.reasons) if r],
+               "topology_generated": topo}
+    update_metrics_file(run.metrics, {**result, "eval": details})
+    tracking.log_metrics(result)
+    for name in ("generated.png", "reference.png", "nearest_reference.png"):
+        if fs.exists(L.join(out, name)):
+            tracking.log_figure(L.join(out, name))
+    log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    return result
