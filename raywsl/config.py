@@ -79,6 +79,8 @@ class EvalConfig:
     training: str = opt("", "training meshes for novelty and memorisation (optional)")
     points: int = opt(2048, "surface points per shape for Chamfer / EMD (area-weighted, seeded)", min=16)
     distances: list[str] = opt(["cd", "emd"], "set-metric distances: cd (Chamfer), emd (Earth mover's)")
+    emd_eps: float = opt(1e-3, "EMD auction accuracy: exact <= approx <= exact + emd_eps (smaller is "
+                               "slower); 0 computes the exact assignment (slow)", min=0.0)
     normalise: bool = opt(True, "normalise every mesh into the unit sphere (as ingest does) first")
     memorisation_threshold: float = opt(1e-3, "a generated shape closer than this (Chamfer) to a "
                                               "training shape counts as memorised", min=0.0)

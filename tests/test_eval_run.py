@@ -23,7 +23,7 @@ def sets(tmp_path_factory):
 def run_eval(tmp_path, generated, reference, *extra):
     run_dir = tmp_path / "run"
     code = main(["eval", f"run.dir={run_dir}", f"eval.generated={generated}", f"eval.reference={reference}",
-                 f"eval.points={POINTS}", "eval.render=4", "eval.device=cpu", *extra])
+                 f"eval.points={POINTS}", "eval.render=4", "eval.device=cpu", "eval.emd_eps=0.01", *extra])
     return code, run_dir
 
 

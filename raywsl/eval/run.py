@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 CONVENTIONS = {
     "chamfer": "CD(X,Y) = mean_x min_y |x-y|^2 + mean_y min_x |x-y|^2 (squared, both directions summed)",
-    "emd": "EMD(X,Y) = min over bijections phi of mean_x |x - phi(x)| (Euclidean, not squared)",
+    "emd": "EMD(X,Y) = min over bijections phi of mean_x |x - phi(x)| (Euclidean, not squared); "
+           "auction algorithm, exact <= value <= exact + {emd_eps} (0: exact assignment)",
     "clouds": "{points} area-weighted surface points per shape, seeded per shape id; shapes "
               "{normalised}",
     "mmd": "MMD = mean over reference y of min over generated x of D(x, y)",
@@ -114,6 +115,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate `eval.generated` (default: <run.dir>/generated) against `eval.reference`; returns the
     figures written to metrics.json."""
     from raywsl.eval import figures, tracking
+    from raywsl.eval.distances import DEFAULT_EPS
     from raywsl.eval.generation import generation_metrics, novelty
     from raywsl.eval.topology import topology
 
@@ -137,6 +139,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     matrices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     result: dict[str, Any] = generation_metrics(gen.clouds, ref.clouds, distances=ec.distances,
                                                 device=ec.device, cache=L.join(out, "cache"),
+                                                emd_eps=ec.emd_eps or DEFAULT_EPS, emd_exact=ec.emd_eps == 0,
                                                 matrices=matrices)
     topo = [topology(m) for m in gen.meshes]
     result.update({
@@ -165,7 +168,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                            L.join(out, "nearest_reference.png"), xlabel="Chamfer distance" if "cd" in matrices else ec.distances[0])
 
     result["eval_seconds"] = time.perf_counter() - t0
-    conventions = {k: v.format(points=ec.points, normalised="normalised into the unit sphere"
+    conventions = {k: v.format(points=ec.points, emd_eps=ec.emd_eps, normalised="normalised into the unit sphere"
                                if ec.normalise else "in their own frame") for k, v in CONVENTIONS.items()}
     details = {"generated": ec.generated or run.generated, "reference": ec.reference, "training": ec.training,
                "conventions": conventions,
