@@ -217,6 +217,10 @@ def test_set_metrics_match_brute_force_with_ties(seed):
     assert one_nna(d_gg, d_rr, d_gr) == pytest.approx(bf_1nna(d_gg, d_rr, d_gr))
     assert set_metrics(d_gr, d_gg, d_rr) == pytest.approx(
         {"mmd": bf_mmd(d_gr), "cov": bf_cov(d_gr), "1nna": bf_1nna(d_gg, d_rr, d_gr)})
+    # P = Q: the generated set is the reference set (d_gr = d_gg = d_rr, zero diagonal)
+    assert set_metrics(d_rr, d_rr, d_rr) == pytest.approx(
+        {"mmd": bf_mmd(d_rr), "cov": bf_cov(d_rr), "1nna": bf_1nna(d_rr, d_rr, d_rr)})
+    assert mmd(d_rr) == 0.0 and coverage(d_rr) == 1.0
 
 
 def test_set_metrics_on_real_valued_matrices_match_brute_force():
@@ -284,6 +288,11 @@ def test_reference_matrix_is_cached(tmp_path, monkeypatch):
         generation_metrics(gen_b, ref, distances=("cd",), device="cpu", cache=cache)
         assert first == again and sum(calls) == 1  # D_rr computed once for three evaluations
     assert (tmp_path / "cache" / f"{reference_key(ref, 'cd')}.npy").exists()
+    matrices = {}  # the folder as an fsspec URL finds the same file; the matrices come back
+    generation_metrics(gen_a, ref, distances=("cd",), device="cpu", cache=f"file://{tmp_path}/cache",
+                       matrices=matrices)
+    d_gr, d_gg, d_rr = matrices["cd"]
+    assert d_gr.shape == (4, 5) and d_gg.shape == (4, 4) and d_rr.shape == (5, 5) and sum(calls) == 1
     assert reference_key(ref, "cd") != reference_key(ref[::-1], "cd") != reference_key(ref, "emd-eps0.001")
 
 

@@ -8,10 +8,10 @@ Chamfer: `chamfer_matrix` (tiled torch, on --device) over --clouds clouds agains
 (symmetric: each pair once) and against a second set of as many (full), side by side with the plain
 per-pair loop over scipy k-d trees (`chamfer_matrix_kdtree`, 1 and --threads query workers) on the
 first --kdtree-clouds clouds (its per-pair cost does not depend on the set size); the largest
-difference between the two on those pairs. Chamfer times are the best of --repeats runs (the
-cores may be shared: the load average is printed before and after). The time of a 2,048 x 2,048 matrix (4.2 M pairs) and of
-a whole generation evaluation at that size (D_gr full + D_gg and D_rr symmetric: 8.4 M pairs) are
-extrapolated from the measured pairs/s, not measured.
+difference between the two on those pairs. Chamfer times are the best of --repeats runs (the cores
+may be shared: the load average is printed before and after). The time of a 2,048 x 2,048 matrix
+(4.2 M pairs) and of a whole generation evaluation at that size (D_gr full + D_gg and D_rr
+symmetric: 8.4 M pairs) are extrapolated from the measured pairs/s, not measured.
 
 EMD: the batched auction (`emd_matrix`, eps 1e-3) against the exact linear assignment on --emd-pairs
 pairs of distinct shapes and as many pairs of two independent samples of one shape (the smallest
@@ -22,7 +22,7 @@ between two samples of one shape at 2,048 and 100,000 points (the numbers quoted
 of generation.py and shape.py).
 
 Clouds: corpus shapes (raywsl.data.corpus, seed 0) normalised into the unit sphere as ingest does,
-2,048 points each with the evaluation's per-shape RNG.
+2,048 points each, seeded per shape with `shape_rng` as evaluation does.
 """
 
 from __future__ import annotations

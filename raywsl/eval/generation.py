@@ -29,7 +29,7 @@ builds them from point clouds with `raywsl.eval.distances` (CD and EMD, conventi
 
 The reference set's internal matrix D_rr is the costliest part of repeated evaluations against one
 reference (it does not change): `generation_metrics(cache=...)` keeps it in a dict or as .npy files
-in a folder, keyed by a hash of the reference clouds and the distance settings.
+in a folder (local or fsspec URL), keyed by a hash of the reference clouds and the distance settings.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import hashlib
 import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+import fsspec
 import numpy as np
 
 from raywsl.eval.distances import DEFAULT_EPS, chamfer_matrix, emd_matrix
@@ -100,14 +100,17 @@ def _cached(cache: Cache | None, key: str, compute: Callable[[], np.ndarray]) ->
         if key not in cache:
             cache[key] = compute()
         return cache[key]
-    path = Path(cache) / f"{key}.npy"
-    if path.exists():
-        return np.load(path)
+    fs, folder = fsspec.core.url_to_fs(os.fspath(cache))
+    path = f"{folder.rstrip('/')}/{key}.npy"
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            return np.load(f)
     d = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, d)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    fs.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with fs.open(tmp, "wb") as f:
+        np.save(f, d)
+    fs.mv(tmp, path)  # a concurrent reader never sees half a file
     return d
 
 
@@ -124,8 +127,8 @@ def generation_metrics(generated, reference, distances=("cd", "emd"), device: st
     """MMD, COV and 1-NNA of the generated clouds (ng, n, 3) against the reference clouds (nr, n, 3)
     for each distance in `distances` ("cd": Chamfer, "emd": Earth mover's), as
     {"mmd_cd", "cov_cd", "1nna_cd", "mmd_emd", ...}. D_rr is taken from / stored in `cache` (a
-    dict, or a folder for .npy files) when given. A `matrices` dict, if given, receives
-    {distance: (D_gr, D_gg, D_rr)} so callers can reuse them (histograms, novelty)."""
+    dict, or a folder, local or fsspec URL, for .npy files) when given. A `matrices` dict, if
+    given, receives {distance: (D_gr, D_gg, D_rr)} so callers can reuse them (histograms, novelty)."""
     fns = {"cd": (lambda a, b=None: chamfer_matrix(a, b, device=device), "cd"),
            "emd": (lambda a, b=None: emd_matrix(a, b, device=device, exact=emd_exact, eps=emd_eps),
                    "emd-exact" if emd_exact else f"emd-eps{emd_eps:g}")}
