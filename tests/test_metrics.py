@@ -274,13 +274,13 @@ def test_reference_matrix_is_cached(tmp_path, monkeypatch):
     rng = np.random.default_rng(10)
     gen_a, gen_b, ref = blobs(4, 32, rng), blobs(4, 32, rng), blobs(5, 32, rng)
     calls = []
-    real = gen.chamfer_matrix
+    real = gen.fastest_chamfer_matrix
 
     def counting(a, b=None, **kw):
         calls.append(b is None and len(a) == len(ref))  # True: the reference's own matrix
         return real(a, b, **kw)
 
-    monkeypatch.setattr(gen, "chamfer_matrix", counting)
+    monkeypatch.setattr(gen, "fastest_chamfer_matrix", counting)
     for cache in ({}, tmp_path / "cache"):
         calls.clear()
         first = generation_metrics(gen_a, ref, distances=("cd",), device="cpu", cache=cache)
@@ -354,3 +354,10 @@ def test_iou_from_sdf_known_cases():
     assert iou_from_sdf(r - 0.1, r + 3) == 0.0  # the second is empty: nothing in common
     assert iou_from_sdf(np.ones(5), np.ones(5)) == 1.0  # both empty agree
     assert iou_from_sdf(np.array([0.0, -1.0]), np.array([-1.0, -1.0])) == 0.5  # sdf = 0 is outside
+
+
+def test_fastest_chamfer_matrix_equals_the_tiled_torch_path():
+    rng = np.random.default_rng(11)
+    A, B = blobs(5, 64, rng), blobs(3, 64, rng)
+    assert np.allclose(gen.fastest_chamfer_matrix(A, B, device="cpu"), chamfer_matrix(A, B, device="cpu"), **F32)
+    assert np.allclose(gen.fastest_chamfer_matrix(A, device="cpu"), chamfer_matrix(A, device="cpu"), **F32)

@@ -44,8 +44,9 @@ once (Chamfer steps never wait for the device). Chamfer computes squared distanc
 form |x|^2 + |y|^2 - 2 x.y as one batched product of augmented points, [x, |x|^2, 1] . [-2y, 1, |y|^2],
 on (tile, rows, m) blocks, min-reduced both ways. `BLOCK` bounds a step's temporary: on CPU 4 pairs
 x 256 rows of 2,048-point clouds (cache-sized, fastest), on a GPU 64 whole pairs (2 GiB).
-Measured on 2 CPU cores: ~730 pairs/s, against ~180 (1 worker) to ~280 (2 workers) for a k-d tree
-per pair, so a 2,048 x 2,048 matrix (4.2 M pairs) takes hours on CPU. On a GPU it is memory-bound
+Measured on 2 CPU cores at 2,048 points (benchmarks/RESULTS.md): 19-36 pairs/s, against 170-350
+for a k-d tree per pair, so on a CPU `generation.fastest_chamfer_matrix` uses the k-d trees; either
+way a 2,048 x 2,048 matrix (4.2 M pairs) takes hours on CPU. On a GPU it is memory-bound
 at ~100 MB of traffic per pair (float64): an estimated few minutes on an H100, not measured here.
 
 Precision: each pair is first centred on the centroid of its first cloud (distances unchanged; the
