@@ -28,6 +28,7 @@ from raywsl import layout as L
 from raywsl.config import Config
 from raywsl.data.meshes import MeshError, load_mesh, normalise
 from raywsl.data.sources import resolve_source
+from raywsl.eval.tracking import jsonable
 from raywsl.ingest.sampling import sample_surface, shape_rng
 
 log = logging.getLogger(__name__)
@@ -99,16 +100,8 @@ def update_metrics_file(path: str, values: dict[str, Any]) -> dict[str, Any]:
     current = json.loads(fs.cat_file(fs_path)) if fs.exists(fs_path) else {}
     current.update(values)
     with fs.open(fs_path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True, default=_jsonable)
+        json.dump(current, f, indent=2, sort_keys=True, default=jsonable)
     return current
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def log_meshes(paths: Iterable, artifact_dir: str = "meshes") -> None:
             mlflow.log_artifact(str(path), artifact_path=artifact_dir)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """json.dumps fallback for numpy values and paths."""
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -83,4 +83,4 @@ def log_json(obj: Any, name: str) -> None:
     """Store `obj` as the JSON artifact `name` (e.g. "eval/metrics.json"); numpy arrays and
     scalars are converted, NaN / inf are written as Python's json writes them (NaN, Infinity)."""
     if _active():
-        mlflow.log_text(json.dumps(obj, default=_jsonable, indent=2), name)
+        mlflow.log_text(json.dumps(obj, default=jsonable, indent=2), name)
