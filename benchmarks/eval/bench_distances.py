@@ -4,11 +4,12 @@
                                                         [--kdtree-clouds 32] [--emd-pairs 8] [--threads 2]
                                                         [--repeats 3]
 
-Chamfer: `chamfer_matrix` (tiled torch, on --device) over --clouds clouds against themselves
-(symmetric: each pair once) and against a second set of as many (full), side by side with the plain
-per-pair loop over scipy k-d trees (`chamfer_matrix_kdtree`, 1 and --threads query workers) on the
-first --kdtree-clouds clouds (its per-pair cost does not depend on the set size); the largest
-difference between the two on those pairs. Chamfer times are the best of --repeats runs (the cores
+Chamfer: `chamfer_matrix` (tiled torch, on --device; on CPU with --threads threads, and again with
+one) over --clouds clouds against themselves (symmetric: each pair once) and against a second set
+of as many (full), side by side with the plain per-pair loop over scipy k-d trees
+(`chamfer_matrix_kdtree`, 1 and --threads query workers) on the first --kdtree-clouds clouds (its
+per-pair cost does not depend on the set size); the largest difference between the two on those
+pairs. Chamfer times are the best of --repeats runs (the cores
 may be shared: the load average is printed before and after). The time of a 2,048 x 2,048 matrix
 (4.2 M pairs) and of a whole generation evaluation at that size (D_gr full + D_gg and D_rr
 symmetric: 8.4 M pairs) are extrapolated from the measured pairs/s, not measured.
@@ -88,14 +89,21 @@ def chamfer_section(args, a: np.ndarray, b: np.ndarray) -> None:
     r = args.repeats
     t_sym, d_sym = timed(lambda: chamfer_matrix(a, device=args.device), r)
     t_full, _ = timed(lambda: chamfer_matrix(a, b, device=args.device), r)
+    if args.device == "cpu":  # one thread: the per-core figure, and robust when the cores are shared
+        torch.set_num_threads(1)
+        t_one, _ = timed(lambda: chamfer_matrix(a, device="cpu"), r)
+        torch.set_num_threads(args.threads)
     k = min(args.kdtree_clouds, n)
     t_kd1, d_kd = timed(lambda: chamfer_matrix_kdtree(a[:k], workers=1), r)
     t_kd2, _ = timed(lambda: chamfer_matrix_kdtree(a[:k], workers=args.threads), r)
     off = ~np.eye(k, dtype=bool)
     rel = np.abs(d_sym[:k, :k][off] / d_kd[off] - 1).max()
+    threads = f"{args.threads} threads, " if args.device == "cpu" else ""
     rows = [
-        (f"torch tiled, {args.device}, symmetric {n} clouds", n * (n - 1) // 2, t_sym),
-        (f"torch tiled, {args.device}, full {n} x {n}", n * n, t_full),
+        (f"torch tiled, {args.device}, {threads}symmetric {n} clouds", n * (n - 1) // 2, t_sym),
+        (f"torch tiled, {args.device}, {threads}full {n} x {n}", n * n, t_full),
+        *([(f"torch tiled, cpu, 1 thread, symmetric {n} clouds", n * (n - 1) // 2, t_one)]
+          if args.device == "cpu" else []),
         (f"k-d tree per pair, 1 worker, symmetric {k} clouds", k * (k - 1) // 2, t_kd1),
         (f"k-d tree per pair, {args.threads} workers, symmetric {k} clouds", k * (k - 1) // 2, t_kd2),
     ]

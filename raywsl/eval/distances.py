@@ -28,14 +28,15 @@ Approximate EMD (the default): the auction algorithm with epsilon scaling (Berts
 pairs in torch. Every pair ends with a true bijection in which every point is matched within `eps`
 of its best choice at the final prices (eps-complementary slackness), which bounds its mean cost:
 exact <= approx <= exact + eps, eps in the units of the clouds (default 1e-3). Measured against exact
-on 2,048-point clouds of corpus shapes in the unit sphere: relative error 0.03 % on average (max
-0.04 %) between distinct shapes (EMD 0.23-0.55), 0.06 % (max 0.12 %) between two samples of one
-shape (EMD 0.03-0.07, the hardest case); `benchmarks/eval/bench_distances.py` measures it, the tests
-check the bound. Cost: ~50 passes over the n x n cost matrices per pair, held in memory (float32,
-16 MiB per pair at 2,048 points), plus the tail of each phase, where displaced points bid one at a
-time: ~20,000 rounds per batch of a dozen small tensor ops and one host sync each, shared by all
-pairs of the batch. Hence batches of up to 1,024 pairs on a GPU; on CPU it runs ~0.6 s per pair
-(2 cores), against 0.4-2 s for the exact assignment.
+on 2,048-point clouds of corpus shapes in the unit sphere (16 + 16 pairs): relative error 0.03 % on
+average (max 0.04 %) between distinct shapes (EMD 0.23-0.55), 0.06 % (max 0.12 %) between two
+samples of one shape (EMD 0.03-0.07, the hardest case); `benchmarks/eval/bench_distances.py
+--emd-pairs 16` measures it, the tests check the bound. Cost: ~50 passes over the n x n cost
+matrices per pair, held in memory (float32, 16 MiB per pair at 2,048 points), plus the tail of each
+phase, where displaced points bid one at a time: ~20,000 rounds per batch of a dozen small tensor
+ops and one host sync each, shared by all pairs of the batch. Hence batches of up to 1,024 pairs on
+a GPU; on CPU it runs ~0.6 s per pair (2 free cores; several seconds when they are shared), against
+0.4-2 s for the exact assignment.
 
 Pairwise matrices (`chamfer_matrix`, `emd_matrix`) enumerate the pairs to compute (i < j only when a
 set is compared with itself: each pair once, zero diagonal, mirrored) and process them `tile` pairs
@@ -44,10 +45,13 @@ once (Chamfer steps never wait for the device). Chamfer computes squared distanc
 form |x|^2 + |y|^2 - 2 x.y as one batched product of augmented points, [x, |x|^2, 1] . [-2y, 1, |y|^2],
 on (tile, rows, m) blocks, min-reduced both ways. `BLOCK` bounds a step's temporary: on CPU 4 pairs
 x 256 rows of 2,048-point clouds (cache-sized, fastest), on a GPU 64 whole pairs (2 GiB).
-Measured on 2 CPU cores at 2,048 points (benchmarks/RESULTS.md): 19-36 pairs/s, against 170-350
-for a k-d tree per pair, so on a CPU `generation.fastest_chamfer_matrix` uses the k-d trees; either
-way a 2,048 x 2,048 matrix (4.2 M pairs) takes hours on CPU. On a GPU it is memory-bound
-at ~100 MB of traffic per pair (float64): an estimated few minutes on an H100, not measured here.
+Measured on 2 CPU cores at 2,048 points: with the cores free, 310-730 pairs/s with 2 threads
+(185-250 with 1) against ~180 for a k-d tree per pair (1 worker); with the cores oversubscribed (two
+other busy processes) the 2-thread path collapses to 19-115 pairs/s, its threads waiting on each
+other, while 1 thread gives 84-177 and the k-d trees 105-121. So on a CPU
+`generation.fastest_chamfer_matrix` uses the k-d trees (robust, never far behind); either way a
+2,048 x 2,048 matrix (4.2 M pairs) takes hours on CPU. On a GPU it is memory-bound at ~100 MB of
+traffic per pair (float64): an estimated few minutes on an H100, not measured here.
 
 Precision: each pair is first centred on the centroid of its first cloud (distances unchanged; the
 expanded form's error grows with |x|^2). On CPU the products are float32: the expanded form loses
