@@ -61,9 +61,30 @@ def test_eval_of_a_copy_and_memorisation(tmp_path, sets):
     assert m["memorisation_rate"] == 1 and m["novelty_distinct_nearest"] == 8
 
 
+def test_memorisation_threshold_is_calibrated_on_resampled_training_shapes(tmp_path, sets):
+    generated, reference = sets
+    # Copies under other names: same surfaces, independently sampled clouds (the seed is per name).
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for mesh in sorted((reference.parent / "meshes").glob("*.ply")):
+        (copies / f"copy-{mesh.name}").write_bytes(mesh.read_bytes())
+    # At 2,048 points (the default): with 256 the sampling noise exceeds the gap between distinct shapes.
+    settings = (f"eval.training={reference}", "eval.distances=[cd]", "eval.points=2048")
+    code, run_dir = run_eval(tmp_path, copies, generated, *settings)
+    assert code == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert 5e-4 < m["memorisation_threshold"] < 5e-3  # the sampling noise, not a fixed guess
+    assert m["memorisation_rate"] >= 7 / 8 and m["novelty_distinct_nearest"] == 8
+    # Distinct shapes from another seed of the corpus are not copies.
+    code, run_dir = run_eval(tmp_path, generated, generated, *settings)
+    assert json.loads((run_dir / "metrics.json").read_text())["memorisation_rate"] == 0
+
+
 def test_eval_errors(tmp_path, sets, capsys):
     generated, _ = sets
     code, _ = run_eval(tmp_path, generated, "")
     assert code == 2 and "eval.reference is empty" in capsys.readouterr().err
     code, _ = run_eval(tmp_path, generated, generated, "eval.distances=[chamfer]")
     assert code == 2 and "'eval.distances'" in capsys.readouterr().err
+    code, _ = run_eval(tmp_path, tmp_path / "nothing-here", generated)
+    assert code == 2 and "eval.generated '" in capsys.readouterr().err

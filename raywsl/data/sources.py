@@ -31,15 +31,16 @@ class MeshRef:
     category: str = ""
 
 
-def resolve_source(source: str) -> list[MeshRef]:
+def resolve_source(source: str, key: str = "data.source") -> list[MeshRef]:
+    """The meshes of `source`; errors name the config `key` it came from."""
     if not source:
-        raise SourceError("data.source is empty: set it to a folder, a glob or a manifest of meshes")
+        raise SourceError(f"{key} is empty: set it to a folder, a glob or a manifest of meshes")
     fs, path = fsspec.core.url_to_fs(source)
     protocol = source.split("://")[0] + "://" if "://" in source else ""
     if any(c in path for c in "*?["):
         refs = _from_paths(sorted(fs.glob(path)), protocol, root=None)
     elif not fs.exists(path):
-        raise SourceError(f"data.source '{source}': no such file or folder")
+        raise SourceError(f"{key} '{source}': no such file or folder")
     elif fs.isdir(path):
         found = sorted(p for p in fs.find(path) if p.lower().endswith(MESH_EXTENSIONS))
         refs = _from_paths(found, protocol, root=path)
@@ -48,11 +49,11 @@ def resolve_source(source: str) -> list[MeshRef]:
     else:
         refs = [MeshRef(posixpath.splitext(posixpath.basename(path))[0], protocol + path)]
     if not refs:
-        raise SourceError(f"data.source '{source}': no meshes found (extensions {', '.join(MESH_EXTENSIONS)})")
+        raise SourceError(f"{key} '{source}': no meshes found (extensions {', '.join(MESH_EXTENSIONS)})")
     ids = [r.shape_id for r in refs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise SourceError(f"data.source '{source}': shape ids must be unique; repeated: {dup}")
+        raise SourceError(f"{key} '{source}': shape ids must be unique; repeated: {dup}")
     return refs
 
 

@@ -24,8 +24,8 @@ builds them from point clouds with `raywsl.eval.distances` (CD and EMD, conventi
   index); the memorisation rate is the share below a threshold. The threshold must be read against
   the sampling noise floor: two independent 2,048-point samples of one corpus shape are at CD
   5e-4 to 3e-3 (median 1.4e-3), while the nearest distinct corpus shapes are at 1.7e-3 and up, so at
-  2,048 points a copy of a training shape is not reliably below 1e-3; use more points (the floor
-  falls ~1/n) or calibrate the threshold on resampled training shapes.
+  2,048 points a copy of a training shape is not reliably below 1e-3. `raywsl eval` therefore
+  calibrates the threshold by default on resampled training shapes (`run.resampling_noise`).
 
 The reference set's internal matrix D_rr is the costliest part of repeated evaluations against one
 reference (it does not change): `generation_metrics(cache=...)` keeps it in a dict or as .npy files
@@ -46,7 +46,7 @@ import numpy as np
 from raywsl.eval.distances import (DEFAULT_EPS, chamfer_matrix, chamfer_matrix_kdtree, emd_matrix,
                                     resolve_device)
 
-DEFAULT_MEMORISATION_THRESHOLD = 1e-3  # the `eval.memorisation_threshold` default; see the module doc
+DEFAULT_MEMORISATION_THRESHOLD = 1e-3  # for library callers; `raywsl eval` calibrates its own (module doc)
 
 
 def _matrix(d, name: str, shape: tuple[int | None, int | None]) -> np.ndarray:
