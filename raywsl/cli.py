@@ -83,6 +83,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if summary["done"] > 0 else 1
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from raywsl.fit.pipeline import fit
+
+    cfg, _ = _setup(args, "fit")
+    summary = fit(cfg, restart=args.restart)
+    pending = f", {summary['pending']} pending" if summary["pending"] else ""
+    recon = summary.get("recon")
+    quality = (f"; recon Chamfer {recon['recon_cd_median']:.3g} (median), IoU {recon['recon_iou_mean']:.3f}"
+               if recon else "")
+    print(f"{summary['done']} done, {summary['failed']} failed{pending}{quality}")
+    return 0 if summary["done"] > 0 else 1
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raywsl.eval.run import EvalError, evaluate
 
@@ -125,6 +138,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "corpus": ("generate a procedural, categorised mesh corpus", _corpus_args, cmd_corpus, False),
     "ingest": ("meshes -> SDF samples in samples.zarr (Ray Data, resumable)", _add_config_args, cmd_ingest, True),
+    "fit": ("SDF samples -> one fitted neural field per shape in weights.zarr (Ray Data actors, resumable)",
+            _add_config_args, cmd_fit, True),
     "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
              _add_config_args, cmd_eval, True),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),

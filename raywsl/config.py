@@ -73,6 +73,46 @@ class IngestConfig:
 
 
 @dataclass
+class FieldConfig:
+    type: str = opt("mlp", "field type: mlp, fourier (see raywsl/fit/fields.py)")
+    preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, tiny; "
+                                    "fourier: shapenet, tiny)")
+
+
+@dataclass
+class FitConfig:
+    # Defaults are sized for a laptop CPU; the papers fit 10,000 steps of 8,192 points at lr 1e-2 -> 1e-5.
+    init: str = opt("shared", "initialisation: warm (every shape starts from one fitted anchor shape), "
+                              "shared (one seeded random init), random (a seeded init per shape)",
+                    choices=["warm", "shared", "random"])
+    warm_shape: str = opt("", "shape id of the warm-start anchor; empty: the first shape ingested")
+    steps: int = opt(2000, "Adam steps per shape (fewer when it stops early)", min=1)
+    batch_size: int = opt(16, "shapes fitted at once per actor (B)", min=1)
+    points_per_step: int = opt(4096, "SDF samples per shape per step", min=1)
+    lr: float = opt(1e-2, "initial learning rate", min=0.0)
+    lr_end: float = opt(1e-5, "final learning rate of the exp / cosine schedules", min=0.0)
+    schedule: str = opt("exp", "learning-rate schedule per shape: exp (lr -> lr_end geometrically), "
+                               "cosine, constant, plateau (x0.1 when the loss stops improving)",
+                        choices=["exp", "cosine", "constant", "plateau"])
+    loss: str = opt("l1", "l1, clamped_l1 (DeepSDF's, with fit.clamp), mse on the SDF; bce on occupancy "
+                          "(inside = 1; the field outputs logits)", choices=["l1", "clamped_l1", "mse", "bce"])
+    clamp: float = opt(0.1, "delta of clamped_l1", min=0.0)
+    target_loss: float = opt(0.0, "stop a shape once its loss is at or below this (0: never)", min=0.0)
+    patience: int = opt(0, "stop a shape (or, with schedule plateau, lower its lr) after this many steps "
+                           "without a 1% improvement (0: never)", min=0)
+    check_every: int = opt(50, "steps between per-shape checks (stop, divergence, slot refill)", min=1)
+    max_restarts: int = opt(2, "restarts of a diverging shape (each at lr x lr_backoff) before it fails", min=0)
+    lr_backoff: float = opt(0.1, "learning-rate factor of each restart", min=0.0, max=1.0)
+    shard_size: int = opt(64, "shapes per weight-store shard: the unit of work, writing and resume", min=1)
+    actors: int = opt(1, "fitting actors (one GPU each on a cluster)", min=1, fp=False)
+    device: str = opt("auto", "torch device: auto (cuda if present), cpu, cuda", fp=False)
+    precision: str = opt("fp32", "fp32, or bf16 autocast (GPU only; fp32 on CPU)", choices=["fp32", "bf16"])
+    compile: bool = opt(False, "torch.compile the training step (GPU)", fp=False)
+    recon_count: int = opt(8, "fitted shapes decoded to meshes in recon/ and compared with the truth", min=0)
+    recon_resolution: int = opt(128, "grid resolution of the reconstructions", min=8, fp=False)
+
+
+@dataclass
 class EvalConfig:
     generated: str = opt("", "meshes to evaluate (folder, glob or manifest); empty: <run.dir>/generated")
     reference: str = opt("", "reference meshes (folder, glob or manifest) for MMD / COV / 1-NNA")
@@ -100,11 +140,13 @@ class RayConfig:
 @dataclass
 class Config:
     seed: int = opt(0, "seed of every random choice (sampling is seeded per shape from it)")
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    fit: FitConfig = dataclasses.field(default_factory=FitConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
 
     def validate(self) -> "Config":
         from raywsl.ingest.sdf import SDF_BACKENDS  # registry lives with its backends
@@ -118,6 +160,12 @@ class Config:
         mix = self.ingest.mix
         _require("ingest.mix", len(mix) == 3 and all(f >= 0 for f in mix) and abs(sum(mix) - 1) < 1e-6,
                  mix, "three non-negative fractions [near_fine, near_coarse, uniform] summing to 1")
+        from raywsl.fit.fields import FIELDS  # registry lives with its field types
+
+        _require("field.type", self.field.type in FIELDS, self.field.type, f"one of {sorted(FIELDS)}")
+        presets = FIELDS[self.field.type].PRESETS
+        _require("field.preset", self.field.preset in presets, self.field.preset,
+                 f"for field.type {self.field.type}: one of {sorted(presets)}")
         bad = sorted(set(self.eval.distances) - set(SET_DISTANCES))
         _require("eval.distances", self.eval.distances and not bad, self.eval.distances,
                  f"a non-empty list from {list(SET_DISTANCES)}")

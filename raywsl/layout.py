@@ -48,6 +48,13 @@ NORMALS = "normals"  # (N, S, 3) float32 unit outward normals at the surface poi
 CENTER = "center"  # (N, 3) normalised = (v - center) * scale
 SCALE = "scale"  # (N,)
 
+# Arrays of the weight store (written by fit).
+ROW_WEIGHTS = "weights"  # (N, P) float32, one flat weight row per shape (the field's layout)
+FIT_LOSS = "loss"  # (N,) float32 training loss over the last check interval
+FIT_STEPS = "steps"  # (N,) int32 steps of the final attempt
+FIT_RESTARTS = "restarts"  # (N,) int32 divergence restarts
+INIT_ROW = "init"  # (P,) float32 the shared start of every shape (warm and shared init); the driver writes it
+
 
 def join(root: str, *names: str) -> str:
     """Join path parts for local paths and fsspec URLs alike."""

@@ -1,0 +1,309 @@
+"""The batched fitter: B shapes' fields trained at once on one device, with continuous batching.
+
+    fitter = BatchedFitter(field, cfg.fit)
+    for result in fitter.fit(shapes):     # shapes: an iterable of ShapeData, results as they finish
+        ...
+
+All B shapes' weights are rows of one (B, P) tensor; the field's batched forward runs every layer as
+one batched matmul, and Adam runs on the whole (B, P) block with per-row step counts and learning
+rates. Nothing mixes rows (the loss is a sum of per-shape means, so each row's gradient is its own
+shape's), so fitting a shape in a batch gives the result of fitting it alone, and a shape that
+diverges (NaN) poisons only its own row.
+
+Every `check_every` steps the per-shape losses come to the host (the one sync) and each slot is
+judged: finished (steps done, target loss reached, or plateaued), diverged (non-finite loss, or
+`BLOWUP` x its best loss: restarted from its init at lr x lr_backoff, up to max_restarts, then
+failed with the reason), or still going. Finished slots take the next shape at once, so one slow
+shape never holds back B-1 finished ones; when the queue runs dry the batch shrinks to the live
+slots.
+
+Points per step: each shape's samples are shuffled once (seeded per shape id) and step t takes the
+window [t K, (t + 1) K) of that order, wrapping around, so the stream a shape sees depends on the
+shape alone, never on which other shapes share its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from raywsl.config import FitConfig
+from raywsl.fit.fields import Field
+from raywsl.ingest.sampling import shape_rng
+
+log = logging.getLogger(__name__)
+
+BLOWUP = 1e3  # a loss this many times above the shape's best so far counts as divergence
+PLATEAU_GAIN = 0.01  # a plateau: no 1 % improvement of the best loss within `patience` steps
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+@dataclass
+class ShapeData:
+    """One shape to fit: its SDF samples and its initial row."""
+
+    key: int  # the caller's handle (the row index in the store)
+    shape_id: str
+    points: np.ndarray  # (M, 3) float32
+    sdf: np.ndarray  # (M,) float32
+    init: Tensor  # (P,) float32 initial weights
+
+
+@dataclass
+class FitResult:
+    key: int
+    shape_id: str
+    row: np.ndarray | None  # (P,) float32 fitted weights; None when the shape failed
+    loss: float  # mean training loss over its last check interval
+    steps: int  # steps of the final attempt
+    reason: str = ""  # why it failed ("" when it did not)
+    restarts: int = 0
+    curve: list[float] = field(default_factory=list)  # loss per check interval, final attempt
+
+    @property
+    def ok(self) -> bool:
+        return self.row is not None
+
+
+# ------------------------------------------------------------------------------------ losses
+
+def _l1(pred: Tensor, sdf: Tensor, clamp: float) -> Tensor:
+    return (pred - sdf).abs()
+
+
+def _clamped_l1(pred: Tensor, sdf: Tensor, clamp: float) -> Tensor:
+    return (pred.clamp(-clamp, clamp) - sdf.clamp(-clamp, clamp)).abs()
+
+
+def _mse(pred: Tensor, sdf: Tensor, clamp: float) -> Tensor:
+    return (pred - sdf).square()
+
+
+def _bce(logits: Tensor, sdf: Tensor, clamp: float) -> Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, (sdf < 0).to(logits.dtype),
+                                                                reduction="none")
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "l1": _l1, "clamped_l1": _clamped_l1, "mse": _mse, "bce": _bce}
+
+
+# ------------------------------------------------------------------------------------ schedules
+# lr factor in [lr_end / lr, 1] as a function of progress u = step / steps in [0, 1].
+
+def _exp(u: Tensor, end: float) -> Tensor:
+    return end ** u
+
+
+def _cosine(u: Tensor, end: float) -> Tensor:
+    return end + (1 - end) * 0.5 * (1 + torch.cos(math.pi * u))
+
+
+def _constant(u: Tensor, end: float) -> Tensor:
+    return torch.ones_like(u)
+
+
+SCHEDULES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "exp": _exp, "cosine": _cosine, "constant": _constant, "plateau": _constant}
+
+
+# ------------------------------------------------------------------------------------ the fitter
+
+def shuffled(shape: ShapeData) -> tuple[np.ndarray, np.ndarray]:
+    """The shape's samples in its own seeded order (by shape id): step windows cover it evenly."""
+    order = shape_rng(0, shape.shape_id).permutation(len(shape.sdf))
+    return (np.ascontiguousarray(shape.points[order], np.float32),
+            np.ascontiguousarray(shape.sdf[order], np.float32))
+
+
+@dataclass
+class _Slot:
+    """Host-side bookkeeping of one batch slot."""
+
+    shape: ShapeData
+    restarts: int = 0
+    lr: float = 0.0  # base learning rate of the current attempt
+    best: float = math.inf
+    since_best: int = 0
+    curve: list[float] = field(default_factory=list)
+
+
+class BatchedFitter:
+    """Fits shapes B at a time on one device; holds the (B, P) weights and Adam state between
+    calls, so an actor keeps one fitter (and its compiled step) for its whole life."""
+
+    def __init__(self, field: Field, cfg: FitConfig, device: str | torch.device = "auto"):
+        self.field, self.cfg = field, cfg
+        self.layout = field.layout
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.autocast = cfg.precision == "bf16" and self.device.type == "cuda"
+        if cfg.precision == "bf16" and not self.autocast:
+            log.info("fit.precision=bf16 needs a GPU: fitting in fp32 on %s", self.device)
+        self.loss_fn = LOSSES[cfg.loss]
+        self.schedule = SCHEDULES[cfg.schedule]
+        self.end = cfg.lr_end / cfg.lr if cfg.lr > 0 else 1.0
+        self._step_fn = self._step
+        if cfg.compile and self.device.type == "cuda":
+            self._step_fn = torch.compile(self._step)
+
+    # ---------------------------------------------------------------- public
+
+    def fit(self, shapes: Iterable[ShapeData]) -> Iterator[FitResult]:
+        """Fit every shape; yields each result as its shape finishes (not in input order)."""
+        queue = iter(shapes)
+        first = next(queue, None)
+        if first is None:
+            return
+        self._allocate(first)
+        slots: list[_Slot | None] = [self._load(0, first)]
+        for b in range(1, self.cfg.batch_size):
+            shape = next(queue, None)
+            slots.append(self._load(b, shape) if shape is not None else None)
+        slots = self._compact(slots)
+        while slots:
+            t0 = time.perf_counter()
+            for _ in range(self.cfg.check_every):
+                self._step_fn()
+            losses = (self.loss_sum / self.loss_count.clamp(min=1)).cpu().numpy()  # the one sync
+            self.seconds_per_step = (time.perf_counter() - t0) / self.cfg.check_every
+            self.loss_sum.zero_()
+            self.loss_count.zero_()
+            steps = self.t.cpu().numpy()
+            for b, slot in enumerate(slots):
+                result = self._judge(b, slot, float(losses[b]), int(steps[b])) if slot else None
+                if result is None:
+                    continue
+                yield result
+                shape = next(queue, None)
+                slots[b] = self._load(b, shape) if shape is not None else None
+                if shape is None:
+                    self.active[b] = False
+            slots = self._compact(slots)
+
+    # ---------------------------------------------------------------- the training step
+
+    def _step(self) -> None:
+        k = self.cfg.points_per_step
+        idx = (self.t.unsqueeze(1) * k + self.window) % self.n_samples  # (B, K): each slot's own window
+        x = torch.gather(self.points, 1, idx.unsqueeze(2).expand(-1, -1, 3))
+        y = torch.gather(self.sdf, 1, idx)
+        rows = self.rows.detach().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            pred = self.field.forward(self.layout.unflatten(rows), x)
+        per_shape = self.loss_fn(pred.float(), y, self.cfg.clamp).mean(1)  # (B,)
+        (grad,) = torch.autograd.grad(per_shape.sum(), rows)
+        live = (self.active & (self.t < self.cfg.steps)).to(per_shape.dtype)  # stop at exactly `steps`
+        self._adam(grad, live)
+        self.loss_sum += per_shape.detach() * live
+        self.loss_count += live
+
+    def _adam(self, grad: Tensor, live: Tensor) -> None:
+        """Adam with a step count and a learning rate per row; inactive rows do not move."""
+        b1, b2 = ADAM_BETAS
+        self.t += live.long()
+        t = self.t.to(grad.dtype).clamp(min=1)
+        u = (t / self.cfg.steps).clamp(max=1)
+        step_size = self.lr * self.schedule(u, self.end) * live / (1 - b1 ** t)
+        self.adam_m.lerp_(grad, 1 - b1)
+        self.adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.adam_v / (1 - b2 ** t).unsqueeze(1)).sqrt_().add_(ADAM_EPS)
+        self.rows.addcdiv_(self.adam_m * step_size.unsqueeze(1), denom, value=-1.0)
+
+    # ---------------------------------------------------------------- slots
+
+    def _allocate(self, first: ShapeData) -> None:
+        b, p = self.cfg.batch_size, self.layout.size
+        self.n_samples = len(first.sdf)
+        if self.n_samples < 1:
+            raise ValueError(f"shape {first.shape_id}: no SDF samples")
+        dev, f32 = self.device, torch.float32
+        self.points = torch.zeros(b, self.n_samples, 3, device=dev, dtype=f32)
+        self.sdf = torch.zeros(b, self.n_samples, device=dev, dtype=f32)
+        self.rows = torch.zeros(b, p, device=dev, dtype=f32)
+        self.adam_m = torch.zeros(b, p, device=dev, dtype=f32)
+        self.adam_v = torch.zeros(b, p, device=dev, dtype=f32)
+        self.t = torch.zeros(b, dtype=torch.long, device=dev)  # steps taken by each slot's shape
+        self.lr = torch.zeros(b, device=dev, dtype=f32)
+        self.active = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.loss_sum = torch.zeros(b, device=dev, dtype=f32)
+        self.loss_count = torch.zeros(b, device=dev, dtype=f32)
+        self.window = torch.arange(self.cfg.points_per_step, device=dev)
+
+    def _load(self, b: int, shape: ShapeData) -> _Slot:
+        if len(shape.sdf) != self.n_samples or shape.points.shape != (self.n_samples, 3):
+            raise ValueError(f"shape {shape.shape_id}: {len(shape.sdf)} SDF samples with points "
+                             f"{shape.points.shape}; every shape of a fit needs ({self.n_samples}, 3)")
+        points, sdf = shuffled(shape)
+        self.points[b] = torch.from_numpy(points)
+        self.sdf[b] = torch.from_numpy(sdf)
+        slot = _Slot(shape)
+        self._restart(b, slot, self.cfg.lr)
+        return slot
+
+    def _restart(self, b: int, slot: _Slot, lr: float) -> None:
+        """(Re)start slot b's shape from its initial weights at learning rate `lr`."""
+        self.rows[b] = slot.shape.init.to(self.device, torch.float32)
+        self.adam_m[b] = 0
+        self.adam_v[b] = 0
+        self.t[b] = 0
+        self.lr[b] = lr
+        self.active[b] = True
+        slot.lr, slot.best, slot.since_best, slot.curve = lr, math.inf, 0, []
+
+    def _compact(self, slots: list[_Slot | None]) -> list[_Slot | None]:
+        """Drop idle slots (the queue is dry) once they are at least half the batch."""
+        keep = [b for b, s in enumerate(slots) if s is not None]
+        if not keep:
+            return []
+        if len(keep) > len(slots) // 2:
+            return slots
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for name in ("points", "sdf", "rows", "adam_m", "adam_v", "t", "lr", "active", "loss_sum", "loss_count"):
+            setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
+        return [slots[b] for b in keep]
+
+    # ---------------------------------------------------------------- judging a slot
+
+    def _judge(self, b: int, slot: _Slot, loss: float, steps: int) -> FitResult | None:
+        """A FitResult when slot b's shape is finished (done or failed), else None."""
+        cfg = self.cfg
+        shape = slot.shape
+        if not math.isfinite(loss) or loss > BLOWUP * slot.best:
+            what = "non-finite" if not math.isfinite(loss) else f"{loss:.3g}, {BLOWUP:g}x its best"
+            if slot.restarts < cfg.max_restarts:
+                slot.restarts += 1
+                log.info("shape %s diverged (loss %s at step %d, lr %.3g): restart %d at lr %.3g",
+                         shape.shape_id, what, steps, slot.lr, slot.restarts, slot.lr * cfg.lr_backoff)
+                self._restart(b, slot, slot.lr * cfg.lr_backoff)
+                return None
+            reason = (f"diverged: loss {what} at step {steps} with lr {slot.lr:.3g}, after "
+                      f"{slot.restarts} restart(s) (lr x{cfg.lr_backoff:g} each)")
+            return FitResult(shape.key, shape.shape_id, None, loss, steps, reason, slot.restarts, slot.curve)
+        slot.curve.append(loss)
+        if loss < slot.best * (1 - PLATEAU_GAIN):
+            slot.best, slot.since_best = loss, 0
+        else:
+            slot.best = min(slot.best, loss)
+            slot.since_best += cfg.check_every
+        finished = steps >= cfg.steps or (cfg.target_loss > 0 and loss <= cfg.target_loss)
+        if cfg.patience and slot.since_best >= cfg.patience:
+            if cfg.schedule == "plateau" and slot.lr * 0.1 >= cfg.lr_end:
+                slot.lr *= 0.1
+                self.lr[b] = slot.lr
+                slot.since_best = 0
+            else:
+                finished = True
+        if not finished:
+            return None
+        row = self.rows[b].detach().cpu().numpy().copy()
+        return FitResult(shape.key, shape.shape_id, row, loss, steps, "", slot.restarts, slot.curve)

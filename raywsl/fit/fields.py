@@ -1,0 +1,213 @@
+"""Field types: what a per-shape neural field computes, and how its weights lie in a row.
+
+Every field type declares a `Layout`: the ordered (name, shape) of its trainable parameters. A weight
+row is their flat concatenation, and the same layout drives fitting, the weight store, decoding and
+the diffusion tokenizers. Fields are batched over shapes: `forward(params, x)` takes parameters with
+a leading shape axis B and points x (B, M, 3), and returns (B, M) values (SDF, or occupancy logits).
+
+    field = make_field("mlp", "decoder54k")           # 39 -> 128x4 -> 1, 54,785 parameters
+    rows = field.init_rows(16, torch.Generator().manual_seed(0))    # (16, 54785)
+    sdf = field.forward(field.layout.unflatten(rows), points)       # points (16, M, 3) -> (16, M)
+
+Registered types (FIELDS) and their presets (`<class>.PRESETS`):
+    mlp      ReLU MLP on a positional encoding [x, sin(2^k x), cos(2^k x)], k < bands (NeRF's
+             encoding, as HyperDiffusion's code). decoder54k: 6 bands, 39 -> 128x4 -> 1 (the
+             small-data study's decoder, 54,785 parameters); hyperdiffusion: 4 bands, 27 -> 128x3 -> 1
+             (HyperDiffusion's MLP, 36,737 parameters).
+    fourier  sin(w0 (W p + b)), then two linear layers with a ReLU between (the LoRA paper's
+             standalone MLP; ShapeNet preset: hidden 99, w0 = 1; 10,396 parameters).
+
+Weights follow torch.nn.Linear's convention (W is (out, in); default init U(-1/sqrt(in), 1/sqrt(in))
+for W and b), so a row maps one to one onto a plain nn.Module's state dict.
+
+A field may own frozen shared parts (a base network, masks: the LoRA fields of the next stage) that
+are not in the row; `frozen()` returns them and they are fingerprinted with the weight store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+
+class FieldError(ValueError):
+    """An unknown field type or preset, or a row that does not fit a layout."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ordered (name, shape) of a field's trainable parameters; a row is their flat concatenation."""
+
+    entries: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        return [math.prod(shape) for _, shape in self.entries]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.entries]
+
+    def unflatten(self, rows: Tensor) -> dict[str, Tensor]:
+        """rows (..., P) -> {name: (..., *shape)}, views of `rows` (gradients flow back into it)."""
+        if rows.shape[-1] != self.size:
+            raise FieldError(f"a row of this layout has {self.size} values, got {rows.shape[-1]}")
+        lead = rows.shape[:-1]
+        parts = torch.split(rows, self.sizes, dim=-1)
+        return {name: p.reshape(*lead, *shape) for (name, shape), p in zip(self.entries, parts)}
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        """{name: (..., *shape)} -> rows (..., P): the inverse of `unflatten`."""
+        missing = set(self.names) - set(params)
+        if missing:
+            raise FieldError(f"parameters missing from the layout: {sorted(missing)}")
+        parts = []
+        for name, shape in self.entries:
+            p = params[name]
+            lead = p.shape[: p.dim() - len(shape)]
+            if tuple(p.shape[len(lead):]) != shape:
+                raise FieldError(f"parameter {name}: expected shape (..., {shape}), got {tuple(p.shape)}")
+            parts.append(p.reshape(*lead, -1))
+        return torch.cat(parts, dim=-1)
+
+    def to_json(self) -> list[list[Any]]:
+        return [[name, list(shape)] for name, shape in self.entries]
+
+    @classmethod
+    def from_json(cls, entries: list[list[Any]]) -> "Layout":
+        return cls(tuple((str(name), tuple(int(s) for s in shape)) for name, shape in entries))
+
+
+class Field:
+    """Base of the field types. Subclasses set PRESETS, build `layout` in __init__ and implement
+    `forward`; `init_rows` defaults to nn.Linear's init of every `*.weight` / `*.bias` entry."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    type_name: ClassVar[str] = ""
+    layout: Layout
+
+    def __init__(self, **config: Any):
+        self.config = config  # the constructor arguments: recorded in the store's attributes
+
+    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def frozen(self) -> dict[str, Tensor]:
+        """Shared parts that are not trained per shape (none for plain fields)."""
+        return {}
+
+    def frozen_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.frozen().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def init_rows(self, n: int, generator: torch.Generator) -> Tensor:
+        """(n, P) float32 rows drawn from the field's initial distribution (nn.Linear's)."""
+        params = {}
+        for name, shape in self.layout.entries:
+            fan_in = shape[-1] if name.endswith(".weight") else self._fan_in(name)
+            bound = 1 / math.sqrt(fan_in)
+            params[name] = (torch.rand((n, *shape), generator=generator) * 2 - 1) * bound
+        return self.layout.flatten(params)
+
+    def _fan_in(self, bias_name: str) -> int:
+        return dict(self.layout.entries)[bias_name.replace(".bias", ".weight")][-1]
+
+    def bind(self, rows: Tensor) -> Callable[[Tensor], Tensor]:
+        """The batch of fields of `rows` (B, P) as a callable (B, M, 3) -> (B, M), for extraction."""
+        params = self.layout.unflatten(rows)
+        return lambda x: self.forward(params, x)
+
+
+FIELDS: dict[str, type[Field]] = {}
+
+
+def register(name: str):
+    def add(cls: type[Field]) -> type[Field]:
+        cls.type_name = name
+        FIELDS[name] = cls
+        return cls
+    return add
+
+
+def make_field(type_name: str, preset: str, **overrides: Any) -> Field:
+    """The field `type_name` with the keyword arguments of `preset`, updated by `overrides`."""
+    if type_name not in FIELDS:
+        raise FieldError(f"unknown field type {type_name!r}; known: {sorted(FIELDS)}")
+    cls = FIELDS[type_name]
+    if preset not in cls.PRESETS:
+        raise FieldError(f"unknown preset {preset!r} of field type {type_name!r}; known: {sorted(cls.PRESETS)}")
+    return cls(**{**cls.PRESETS[preset], **overrides})
+
+
+def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
+    """Batched nn.Linear: h (B, M, in) @ W^T (B, in, out) + b (B, 1, out)."""
+    return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
+
+
+def positional_encoding(x: Tensor, bands: int) -> Tensor:
+    """[x, sin(2^k x), cos(2^k x)] for k < bands: (..., 3) -> (..., 3 + 6 bands)."""
+    if bands == 0:
+        return x
+    freqs = 2.0 ** torch.arange(bands, device=x.device, dtype=x.dtype)
+    xf = (x.unsqueeze(-1) * freqs).flatten(-2)  # (..., 3 * bands), x-major
+    return torch.cat([x, torch.sin(xf), torch.cos(xf)], dim=-1)
+
+
+@register("mlp")
+class MLPField(Field):
+    PRESETS = {
+        "decoder54k": {"bands": 6, "hidden": 128, "layers": 4},
+        "hyperdiffusion": {"bands": 4, "hidden": 128, "layers": 3},
+        "tiny": {"bands": 2, "hidden": 32, "layers": 2},  # for CPU tests
+    }
+
+    def __init__(self, bands: int, hidden: int, layers: int):
+        super().__init__(bands=bands, hidden=hidden, layers=layers)
+        self.bands = bands
+        dims = [3 + 6 * bands] + [hidden] * layers + [1]
+        self.n_linear = len(dims) - 1
+        entries = []
+        for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+            entries += [(f"l{i}.weight", (d_out, d_in)), (f"l{i}.bias", (d_out,))]
+        self.layout = Layout(tuple(entries))
+
+    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        h = positional_encoding(x, self.bands)
+        for i in range(self.n_linear):
+            h = linear(params, f"l{i}", h)
+            if i < self.n_linear - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+
+@register("fourier")
+class FourierField(Field):
+    PRESETS = {
+        "shapenet": {"hidden": 99, "omega": 1.0},
+        "tiny": {"hidden": 24, "omega": 1.0},
+    }
+
+    def __init__(self, hidden: int, omega: float):
+        super().__init__(hidden=hidden, omega=omega)
+        self.omega = omega
+        self.layout = Layout((("l0.weight", (hidden, 3)), ("l0.bias", (hidden,)),
+                              ("l1.weight", (hidden, hidden)), ("l1.bias", (hidden,)),
+                              ("l2.weight", (1, hidden)), ("l2.bias", (1,))))
+
+    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        h = torch.sin(self.omega * linear(params, "l0", x))
+        h = torch.relu(linear(params, "l1", h))
+        return linear(params, "l2", h).squeeze(-1)

@@ -1,0 +1,253 @@
+"""`raywsl fit`: the sample store -> one fitted field per shape in `weights.zarr`, as a Ray Data job.
+
+    samples.zarr --driver--> weights.zarr created (one row per shape, shards of fit.shard_size)
+                 --driver--> the shared start row (shared: a seeded init; warm: the anchor shape,
+                             fitted once in one Ray task and broadcast through the object store)
+    pending weight shards --RowStoreDatasource--> one block of samples per shard
+                 --map_batches(FitActor pool)--> each actor fits its block B shapes at a time
+                             (continuous batching), writes the shard, then its done marker
+    done rows --driver--> recon/: meshes of the first fit.recon_count fields, Chamfer and IoU
+                          against the ground truth, into metrics.json and MLflow
+
+The weight store is a RowStore (store/rows.py), so resuming is the ingest story: shards with a done
+marker are skipped, the others are refitted from scratch. A shard's content depends only on its
+rows, the seed and the config (per-shape init and point order are seeded by shape id, and a block is
+always one whole shard), so a resumed store equals an uninterrupted one. Actor processes that die
+are restarted by Ray and their block is retried (bounded), losing no rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from raywsl import __version__
+from raywsl import layout as L
+from raywsl.config import Config, fingerprint, to_dict
+from raywsl.fit.engine import BatchedFitter, FitResult, ShapeData
+from raywsl.fit.fields import Field, make_field
+from raywsl.ingest.sampling import shape_rng
+from raywsl.progress import Progress
+from raywsl.runtime import ray_session
+from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
+
+log = logging.getLogger(__name__)
+
+# Ray Data restarts a dead actor and retries its block forever by default (-1): one shape that
+# crashes the process would hang the job. Bound both.
+TASK_RETRIES = 2
+ACTOR_RESTARTS = 2
+
+
+def weight_arrays(field: Field) -> list[ArraySpec]:
+    return [ArraySpec(L.ROW_WEIGHTS, (field.layout.size,)), ArraySpec(L.FIT_LOSS, ()),
+            ArraySpec(L.FIT_STEPS, (), "int32"), ArraySpec(L.FIT_RESTARTS, (), "int32")]
+
+
+# ------------------------------------------------------------------------------------ init strategies
+
+def init_generator(seed: int, shape_id: str | None = None) -> torch.Generator:
+    """The generator of a shared init (shape_id None) or of one shape's init."""
+    if shape_id is None:
+        return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(int(shape_rng(seed, shape_id).integers(2**62)))
+
+
+def init_row(field: Field, init: str, seed: int, shape_id: str, shared: torch.Tensor | None) -> torch.Tensor:
+    """The starting weights of one shape: its own seeded draw (random) or the shared start row
+    (shared: one seeded draw for all; warm: the anchor's fitted weights)."""
+    if init == "random":
+        return field.init_rows(1, init_generator(seed, shape_id))[0]
+    assert shared is not None, f"fit.init={init} needs the shared start row"
+    return shared
+
+
+def fit_anchor(field: Field, cfg: Config, anchor: ShapeData) -> FitResult:
+    """Fit the warm-start anchor alone (one Ray task; on a GPU when the cluster has one)."""
+    fitter = BatchedFitter(field, cfg.fit, cfg.fit.device)
+    return next(iter(fitter.fit([anchor])))
+
+
+# ------------------------------------------------------------------------------------ the job
+
+def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
+    """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
+    run = L.RunLayout(cfg.run_dir)
+    try:
+        samples = RowStore.open(run.samples, kind="samples")
+    except StoreError as e:
+        raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first") from e
+    field = make_field(cfg.field.type, cfg.field.preset)
+    meta = samples.row_meta()
+    ids = [str(i) for i in meta[L.SHAPE_ID]]
+    anchor_id = _anchor_id(cfg, samples, ids) if cfg.fit.init == "warm" else ""
+    fp = fingerprint("weights", samples.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
+                     to_dict(cfg.fit, fingerprint_only=True), field.frozen_fingerprint(), anchor_id)
+    store = RowStore.open_or_create(
+        run.weights, kind="weights", fingerprint=fp, restart=restart,
+        ids=ids, sources=[str(s) for s in meta[L.SOURCE]], categories=[str(c) for c in meta[L.CATEGORY]],
+        shard_size=cfg.fit.shard_size, arrays=weight_arrays(field),
+        attrs={"field_type": cfg.field.type, "field_preset": cfg.field.preset, "field_config": field.config,
+               "layout": field.layout.to_json(), "params": field.layout.size, "init": cfg.fit.init,
+               "warm_shape": anchor_id, "seed": cfg.seed, "fit": to_dict(cfg.fit),
+               "samples_fingerprint": samples.fingerprint, "frozen_fingerprint": field.frozen_fingerprint(),
+               "versions": {"raywsl": __version__, "torch": torch.__version__}})
+    pending = store.pending_shards()
+    log.info("fit: %d shapes, %s/%s field (%d parameters), init %s%s, %d shards (%d done) -> %s",
+             store.n_rows, cfg.field.type, cfg.field.preset, field.layout.size, cfg.fit.init,
+             f" from {anchor_id}" if anchor_id else "", store.n_shards, store.n_shards - len(pending), store.path)
+    if pending:
+        with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
+            shared = _shared_start(store, field, cfg, samples, anchor_id)
+            _run_shards(store, samples, pending, cfg, shared)
+    summary = store.summary()
+    for f in summary["failures"][:20]:
+        log.warning("failed: %s: %s", f["shape_id"], f["reason"])
+    if summary["pending"]:
+        log.warning("%d rows are pending (shards that did not finish): rerun the same command", summary["pending"])
+    if cfg.fit.recon_count and summary["done"]:
+        from raywsl.fit.recon import reconstruct
+
+        summary["recon"] = reconstruct(cfg, store, samples, field)
+    return summary
+
+
+def _anchor_id(cfg: Config, samples: RowStore, ids: list[str]) -> str:
+    status = samples.status()
+    if cfg.fit.warm_shape:
+        if cfg.fit.warm_shape not in ids:
+            raise StoreError(f"fit.warm_shape {cfg.fit.warm_shape!r} is not a shape of {samples.path}")
+        if status[ids.index(cfg.fit.warm_shape)] != DONE:
+            raise StoreError(f"fit.warm_shape {cfg.fit.warm_shape!r} has no samples (ingest failed or pending)")
+        return cfg.fit.warm_shape
+    done = np.flatnonzero(status == DONE)
+    if not len(done):
+        raise StoreError(f"{samples.path}: no shape was ingested successfully; nothing to fit")
+    return ids[int(done[0])]
+
+
+def _shared_start(store: RowStore, field: Field, cfg: Config, samples: RowStore,
+                  anchor_id: str) -> torch.Tensor | None:
+    """The start row every shape shares (None for random init), made once and kept in the store so
+    a resumed run never refits the anchor."""
+    if cfg.fit.init == "random":
+        return None
+    if L.INIT_ROW in store.group:
+        return torch.from_numpy(store.group[L.INIT_ROW][:])
+    row = field.init_rows(1, init_generator(cfg.seed))[0]
+    if cfg.fit.init == "warm":
+        import ray
+
+        k = [str(i) for i in samples.row_meta()[L.SHAPE_ID]].index(anchor_id)
+        anchor = ShapeData(k, anchor_id, samples.group[L.POINTS][k], samples.group[L.SDF][k], row)
+        t0 = time.perf_counter()
+        task = ray.remote(num_cpus=1, num_gpus=_gpus_per_actor(cfg))(fit_anchor)
+        result = ray.get(task.remote(field, cfg, anchor))
+        if not result.ok:
+            raise StoreError(f"fit.init=warm: the anchor shape {anchor_id} failed to fit ({result.reason}); "
+                             f"pick another with fit.warm_shape")
+        log.info("fit: warm-start anchor %s fitted in %.1fs (loss %.4g)", anchor_id,
+                 time.perf_counter() - t0, result.loss)
+        row = torch.from_numpy(result.row)
+    arr = store.group.create_array(L.INIT_ROW, shape=(field.layout.size,), dtype="float32", compressors=None)
+    arr[:] = row.numpy()
+    return row
+
+
+def _gpus_per_actor(cfg: Config) -> float:
+    import ray
+
+    return 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _run_shards(store: RowStore, samples: RowStore, pending: list[int], cfg: Config,
+                shared: torch.Tensor | None) -> None:
+    import ray
+
+    from raywsl.store.datasource import read_rows
+
+    ranges = [(store.shard_rows(k).start, store.shard_rows(k).stop) for k in pending]
+    ray.data.DataContext.get_current().max_errored_blocks = len(ranges)
+    ds = read_rows(samples.path, [L.POINTS, L.SDF], row_ranges=ranges)
+    shared_ref = ray.put(shared) if shared is not None else None
+    gpus = _gpus_per_actor(cfg)
+    ds = ds.map_batches(
+        FitActor, batch_size=None, num_cpus=1, num_gpus=gpus or None,
+        compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
+        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
+        fn_constructor_kwargs={"path": store.path, "cfg": cfg, "shared": shared_ref})
+    progress = Progress("fit", total=sum(b - a for a, b in ranges), unit="shapes")
+    for row in ds.iter_rows():
+        progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
+        log.debug("shard %d: %d done, %d failed in %.1fs (%.0f shape-steps/s)", row["shard"], row["done"],
+                  row["failed"], row["seconds"], row["shape_steps"] / max(row["seconds"], 1e-9))
+    progress.close()
+
+
+class FitActor:
+    """A fitting actor: holds the field and a BatchedFitter (its buffers and compiled step) for its
+    whole life, and fits one weight shard per call."""
+
+    def __init__(self, path: str, cfg: Config, shared: Any):
+        import ray
+
+        self.store = RowStore.open(path, mode="r+", kind="weights")
+        self.cfg = cfg
+        self.field = make_field(cfg.field.type, cfg.field.preset)
+        self.fitter = BatchedFitter(self.field, cfg.fit, cfg.fit.device)
+        self.shared = ray.get(shared) if isinstance(shared, ray.ObjectRef) else shared
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        rows = batch["row"]
+        k = int(rows[0]) // self.store.shard_size
+        expected = self.store.shard_rows(k)
+        if list(rows) != list(range(expected.start, expected.stop)):  # the datasource's contract
+            raise RuntimeError(f"fit: a block of rows {rows[0]}..{rows[-1]} is not exactly shard {k}")
+        if self.store.shards_done()[k]:  # a retried block may find its shard already committed
+            status = self.store.read_shard(k, [L.STATUS])[L.STATUS]
+            return _shard_summary(k, status, 0, t0)
+        arrays, status, reason, shape_steps = fit_block(self.fitter, self.field, self.cfg, batch, self.shared)
+        self.store.write_shard(k, arrays, status, reason)
+        return _shard_summary(k, status, shape_steps, t0)
+
+
+def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str, np.ndarray],
+              shared: torch.Tensor | None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str], int]:
+    """Fit the rows of one block of samples: (arrays, status, reason) ready for `write_shard`, and the
+    shape-steps taken. Rows without samples (ingest failed) fail with ingest's reason."""
+    n, first = len(batch["row"]), int(batch["row"][0])
+    status = np.full(n, FAILED, dtype="int8")
+    reason = [""] * n
+    shapes = []
+    for i in range(n):
+        shape_id = str(batch[L.SHAPE_ID][i])
+        if batch[L.STATUS][i] != DONE:
+            why = str(batch[L.REASON][i]) or "ingest did not finish it"
+            reason[i] = f"no samples to fit: {why}"
+            continue
+        shapes.append(ShapeData(first + i, shape_id, batch[L.POINTS][i], batch[L.SDF][i],
+                                init_row(field, cfg.fit.init, cfg.seed, shape_id, shared)))
+    arrays = {L.ROW_WEIGHTS: np.zeros((n, field.layout.size), np.float32),
+              L.FIT_LOSS: np.full(n, np.nan, np.float32),
+              L.FIT_STEPS: np.zeros(n, np.int32), L.FIT_RESTARTS: np.zeros(n, np.int32)}
+    shape_steps = 0
+    for r in fitter.fit(shapes):
+        i = r.key - first
+        arrays[L.FIT_LOSS][i], arrays[L.FIT_STEPS][i], arrays[L.FIT_RESTARTS][i] = r.loss, r.steps, r.restarts
+        shape_steps += r.steps
+        if r.ok:
+            arrays[L.ROW_WEIGHTS][i], status[i] = r.row, DONE
+        else:
+            reason[i] = f"{r.shape_id}: {r.reason}"
+    return arrays, status, reason, shape_steps
+
+
+def _shard_summary(k: int, status: np.ndarray, shape_steps: int, t0: float) -> dict[str, np.ndarray]:
+    return {"shard": np.array([k]), "done": np.array([int((status == DONE).sum())]),
+            "failed": np.array([int((status == FAILED).sum())]), "shape_steps": np.array([shape_steps]),
+            "seconds": np.array([time.perf_counter() - t0])}
