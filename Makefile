@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	$(BIN)/raywsl corpus $(CORPUS) --n 32
 	$(BIN)/raywsl ingest -c configs/quickstart.yaml data.source=$(CORPUS)/manifest.csv
+	$(BIN)/raywsl fit -c configs/quickstart.yaml data.source=$(CORPUS)/manifest.csv
 	$(BIN)/raywsl inspect runs/quickstart
 
 test: install

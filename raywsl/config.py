@@ -75,7 +75,7 @@ class IngestConfig:
 @dataclass
 class FieldConfig:
     type: str = opt("mlp", "field type: mlp, fourier (see raywsl/fit/fields.py)")
-    preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, tiny; "
+    preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, small, tiny; "
                                     "fourier: shapenet, tiny)")
 
 

@@ -171,7 +171,8 @@ class MLPField(Field):
     PRESETS = {
         "decoder54k": {"bands": 6, "hidden": 128, "layers": 4},
         "hyperdiffusion": {"bands": 4, "hidden": 128, "layers": 3},
-        "tiny": {"bands": 2, "hidden": 32, "layers": 2},  # for CPU tests
+        "small": {"bands": 4, "hidden": 64, "layers": 3},  # 10,177 parameters: the CPU quickstart
+        "tiny": {"bands": 2, "hidden": 32, "layers": 2},  # 1,601 parameters: tests
     }
 
     def __init__(self, bands: int, hidden: int, layers: int):

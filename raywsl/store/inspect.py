@@ -20,14 +20,23 @@ def inspect_path(path: str, max_failures: int | None = None) -> dict[str, Any]:
     if not fs.exists(fs_path):
         raise StoreError(f"{path}: no such file or folder")
     if fs.exists(L.join(fs_path, "zarr.json")):
-        return RowStore.open(path).summary(max_failures)
+        return _summary(RowStore.open(path), max_failures)
     config_path = L.join(fs_path, L.CONFIG)
-    stores = {kind: RowStore.open(L.join(path, name)).summary(max_failures)
+    stores = {kind: _summary(RowStore.open(L.join(path, name)), max_failures)
               for kind, name in L.STORES.items() if fs.exists(L.join(fs_path, name))}
     if not stores and not fs.exists(config_path):
         raise StoreError(f"{path}: neither a raywsl store nor a run folder")
     config = yaml.safe_load(fs.cat_file(config_path)) if fs.exists(config_path) else None
     return {"kind": "run", "path": path, "config": config, "stores": stores}
+
+
+def _summary(store: RowStore, max_failures: int | None) -> dict[str, Any]:
+    info = store.summary(max_failures)
+    if store.kind == "weights":
+        from raywsl.store.weights import weights_summary
+
+        info["weights"] = weights_summary(store)
+    return info
 
 
 def format_summary(info: dict[str, Any]) -> str:
@@ -45,6 +54,13 @@ def format_summary(info: dict[str, Any]) -> str:
         "  arrays:",
         *(f"    {name:12s} {str(tuple(a['shape'])):24s} {a['dtype']}" for name, a in info["arrays"].items()),
     ]
+    if "weights" in info:
+        w = info["weights"]
+        loss = (f"{w['loss']} loss median {w['loss_median']:.4g}, p95 {w['loss_p95']:.4g}"
+                if w["loss_median"] is not None else "no fitted rows yet")
+        warm = f" from {w['warm_shape']}" if w["warm_shape"] else ""
+        lines.insert(2, f"  field {w['field_type']}/{w['field_preset']} ({w['params']} parameters), "
+                        f"init {w['init']}{warm}; {loss}")
     if info["failures"]:
         lines.append("  failures:")
         lines += [f"    [{f['row']}] {f['shape_id']}: {f['reason']}" for f in info["failures"]]
