@@ -47,8 +47,13 @@ def _setup(args: argparse.Namespace, verb: str) -> tuple[Config, L.RunLayout]:
     fs.makedirs(L.join(root, L.LOGS), exist_ok=True)
     with fs.open(L.join(root, L.CONFIG), "w") as f:
         f.write(dump_yaml(cfg))
+    root_logger = logging.getLogger()
+    for h in [h for h in root_logger.handlers if getattr(h, "raywsl_log", False)]:
+        root_logger.removeHandler(h)  # one command's log file per process (tests run many)
+        h.close()
     if "://" not in run.root:
         handler = logging.FileHandler(run.log_file(verb))
+        handler.raywsl_log = True
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.DEBUG)
         logging.getLogger().addHandler(handler)

@@ -106,9 +106,12 @@ class FitConfig:
     shard_size: int = opt(64, "shapes per weight-store shard: the unit of work, writing and resume", min=1)
     actors: int = opt(1, "fitting actors (one GPU each on a cluster)", min=1, fp=False)
     device: str = opt("auto", "torch device: auto (cuda if present), cpu, cuda", fp=False)
-    precision: str = opt("fp32", "fp32, or bf16 autocast (GPU only; fp32 on CPU)", choices=["fp32", "bf16"])
+    precision: str = opt("fp32", "fp32; tf32 (fp32 weights, TF32 matmuls) or bf16 autocast on a GPU (fp32 on CPU)",
+                         choices=["fp32", "tf32", "bf16"])
+    cpus_per_actor: int = opt(1, "CPUs (and torch threads) of each fitting actor", min=1, fp=False)
     compile: bool = opt(False, "torch.compile the training step (GPU)", fp=False)
-    recon_count: int = opt(8, "fitted shapes decoded to meshes in recon/ and compared with the truth", min=0)
+    recon_count: int = opt(8, "fitted shapes decoded to meshes in recon/ and compared with the truth", min=0,
+                           fp=False)
     recon_resolution: int = opt(128, "grid resolution of the reconstructions", min=8, fp=False)
 
 
@@ -254,6 +257,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     }.get(tp)
     if ok is None:
         raise TypeError(f"config type {tp} of '{key}' is not supported")
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e4 (no dot, no sign) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r} "
                           f"({type(value).__name__})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from raywsl.fit.fields import Field, make_field
 from raywsl.ingest.sampling import shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session
-from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
+from raywsl.store.rows import DONE, FAILED, PENDING, ArraySpec, RowStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
         samples = RowStore.open(run.samples, kind="samples")
     except StoreError as e:
         raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first") from e
+    unsampled = int((samples.status() == PENDING).sum())
+    if unsampled:  # fitting them now would commit them as failed rows that no rerun would refit
+        raise StoreError(f"{samples.path}: {unsampled} shapes are not ingested yet (ingest was interrupted): "
+                         f"rerun `raywsl ingest` with this run.dir to finish it, then fit")
     field = make_field(cfg.field.type, cfg.field.preset)
     meta = samples.row_meta()
     ids = [str(i) for i in meta[L.SHAPE_ID]]
@@ -137,7 +142,9 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, samples: RowStore,
     if cfg.fit.init == "random":
         return None
     if L.INIT_ROW in store.group:
-        return torch.from_numpy(store.group[L.INIT_ROW][:])
+        stored = store.group[L.INIT_ROW]
+        if stored.nchunks_initialized == stored.nchunks:  # else killed between creating and writing it
+            return torch.from_numpy(stored[:])
     row = field.init_rows(1, init_generator(cfg.seed))[0]
     if cfg.fit.init == "warm":
         import ray
@@ -152,8 +159,9 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, samples: RowStore,
                              f"pick another with fit.warm_shape")
         log.info("fit: warm-start anchor %s fitted in %.1fs (loss %.4g)", anchor_id,
                  time.perf_counter() - t0, result.loss)
-        row = torch.from_numpy(result.row)
-    arr = store.group.create_array(L.INIT_ROW, shape=(field.layout.size,), dtype="float32", compressors=None)
+        row = torch.from_numpy(np.array(result.row))  # ray.get gives a read-only array
+    arr = store.group.create_array(L.INIT_ROW, shape=(field.layout.size,), dtype="float32", compressors=None,
+                                    overwrite=True)
     arr[:] = row.numpy()
     return row
 
@@ -175,11 +183,13 @@ def _run_shards(store: RowStore, samples: RowStore, pending: list[int], cfg: Con
     ds = read_rows(samples.path, [L.POINTS, L.SDF], row_ranges=ranges)
     shared_ref = ray.put(shared) if shared is not None else None
     gpus = _gpus_per_actor(cfg)
-    ds = ds.map_batches(
-        FitActor, batch_size=None, num_cpus=1, num_gpus=gpus or None,
-        compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
-        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-        fn_constructor_kwargs={"path": store.path, "cfg": cfg, "shared": shared_ref})
+    with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these yet (ray < 2.64 pinned)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor, num_gpus=gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
+            fn_constructor_kwargs={"path": store.path, "cfg": cfg, "shared": shared_ref})
     progress = Progress("fit", total=sum(b - a for a, b in ranges), unit="shapes")
     for row in ds.iter_rows():
         progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
@@ -195,6 +205,7 @@ class FitActor:
     def __init__(self, path: str, cfg: Config, shared: Any):
         import ray
 
+        torch.set_num_threads(cfg.fit.cpus_per_actor)  # Ray sets OMP_NUM_THREADS; say it explicitly
         self.store = RowStore.open(path, mode="r+", kind="weights")
         self.cfg = cfg
         self.field = make_field(cfg.field.type, cfg.field.preset)
@@ -243,7 +254,7 @@ def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str,
         if r.ok:
             arrays[L.ROW_WEIGHTS][i], status[i] = r.row, DONE
         else:
-            reason[i] = f"{r.shape_id}: {r.reason}"
+            reason[i] = r.reason
     return arrays, status, reason, shape_steps
 
 

@@ -97,7 +97,8 @@ def _shard_pass(store: RowStore, shards: list[int], cfg: Config, skip: dict[int,
         ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1, concurrency=task_concurrency(),
                             max_retries=TASK_RETRIES,
                             fn_kwargs={"path": store.path, "cfg": cfg, "skip": skip})
-    progress = Progress("ingest", total=len(shards) * store.shard_size, unit="shapes")
+    rows = [store.shard_rows(k) for k in shards]
+    progress = Progress("ingest", total=sum(r.stop - r.start for r in rows), unit="shapes")
     for row in ds.iter_rows():
         progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
         log.debug("shard %d: %d done, %d failed in %.1fs", row["shard"], row["done"], row["failed"],
