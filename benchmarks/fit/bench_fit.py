@@ -56,8 +56,9 @@ torus (odd i) of random radii, offset and axis; --samples points each: 25 % near
 
 On CPU, glibc hands each step's large activation buffers back to the OS and the next step faults
 them in again (~1 GB of page faults per step for decoder54k at B = 16; a third of the CPU time in the
-kernel): MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 in the environment keeps them. It
-affects (b) and (c) alike; the defaults measure the untuned process.
+kernel). The engine turns that off for its process (`engine.keep_freed_memory`, glibc's mallopt);
+being process-wide it would also speed up whichever path runs after the engine, so the benchmark
+applies it once at the start for every path (--no-malloc-tuning measures the untuned process).
 
 On a GPU a batch size that runs out of memory is reported as OOM, and larger batch sizes of that
 path are skipped. Output: a markdown table per field, then one JSON line per row (for RESULTS.md).
@@ -80,7 +81,8 @@ import numpy as np
 import torch
 
 from raywsl.config import FitConfig
-from raywsl.fit.engine import ADAM_BETAS, ADAM_EPS, LOSSES, SCHEDULES, BatchedFitter, ShapeData, shuffled
+from raywsl.fit.engine import (ADAM_BETAS, ADAM_EPS, LOSSES, SCHEDULES, BatchedFitter, ShapeData,
+                               keep_freed_memory, shuffled)
 from raywsl.fit.fields import Field, make_field
 from raywsl.fit.reference import fit_one
 
@@ -95,7 +97,8 @@ def parse_args() -> argparse.Namespace:
                     help="torch device (auto: cuda if present)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     ap.add_argument("--fields", default="decoder54k:8192,hyperdiffusion:2048",
-                    help="mlp presets and points per step, preset:K,... (decoder54k:8192,hyperdiffusion:2048)")
+                    help="fields and points per step, [type/]preset:K,... (type mlp unless given, e.g. "
+                         "fourier/shapenet:2048; default decoder54k:8192,hyperdiffusion:2048)")
     ap.add_argument("--batch-sizes", help=f"B values, comma-separated ({CPU_BATCH_SIZES} on CPU, "
                                           f"{GPU_BATCH_SIZES} on cuda)")
     ap.add_argument("--steps", type=int, help="timed steps per shape (30 on CPU, 200 on cuda)")
@@ -114,6 +117,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each run this many times and keep the fastest (1; 3 on a shared machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shapes and the initial weights (0)")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc's malloc defaults (the engine otherwise tunes them in-process)")
     args = ap.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,6 +299,8 @@ def machine(args) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if not args.no_malloc_tuning:
+        keep_freed_memory()
     if args.device == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -321,8 +328,9 @@ def main() -> None:
     print(f"Shapes: {n_shapes} analytic spheres and tori, {args.samples} samples each "
           f"(made in {time.perf_counter() - t0:.1f} s)")
     json_rows = []
-    for preset, k in args.fields:
-        field = make_field("mlp", preset)
+    for spec, k in args.fields:
+        type_name, _, preset = spec.rpartition("/")
+        field = make_field(type_name or "mlp", preset)
         flop = flops_per_shape_step(field, k)
         cfg = FitConfig(steps=total, points_per_step=k, lr=args.lr, check_every=args.check_every,
                         precision=args.precision, compile=args.compile, device=args.device)
