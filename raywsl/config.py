@@ -82,6 +82,9 @@ class FieldConfig:
 @dataclass
 class FitConfig:
     # Defaults are sized for a laptop CPU; the papers fit 10,000 steps of 8,192 points at lr 1e-2 -> 1e-5.
+    samples: str = opt("store", "where the SDF samples come from: store (samples.zarr from `raywsl ingest`) or "
+                                "stream (data.source sampled inside the fit job, never stored)",
+                       choices=["store", "stream"], fp=False)
     init: str = opt("shared", "initialisation: warm (every shape starts from one fitted anchor shape), "
                               "shared (one seeded random init), random (a seeded init per shape)",
                     choices=["warm", "shared", "random"])

@@ -437,3 +437,23 @@ def test_fit_on_unfinished_ingest_is_refused(fitted, ingested, tmp_path, capsys)
     marker[2] = 1  # ingest finished
     assert main(["fit", f"run.dir={run}", *FIT]) == 0
     _assert_stores_equal(run, fitted())
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+def test_streaming_from_the_meshes_equals_fitting_the_stored_samples(fitted, ingested, tmp_path):
+    """fit.samples=stream samples data.source inside the fit job (no samples.zarr is written) with
+    ingest's sampler and seeds, so the weight store is bitwise the one fitted from the sample store."""
+    stored = fitted()
+    samples = RowStore.open(str(ingested / L.SAMPLES))
+    run = tmp_path / "stream"
+    assert main(["fit", f"run.dir={run}", f"data.source={samples.attrs['data_source']}", "fit.samples=stream",
+                 *INGEST, *FIT]) == 0
+    assert not (run / L.SAMPLES).exists()
+    _assert_stores_equal(run, stored)
+    weights = RowStore.open(str(run / L.WEIGHTS))
+    assert weights.attrs["samples_fingerprint"] == samples.fingerprint  # what ingest would have made
+    reason = str(weights.group[L.REASON][BAD_ROW])
+    assert "cannot read" in reason and "garbage.ply" in reason
+    metrics = json.loads((run / L.METRICS).read_text())
+    assert 0 < metrics["recon_cd_median"] < 0.1  # the truth for the reconstructions is resampled

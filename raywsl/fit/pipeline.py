@@ -1,6 +1,7 @@
 """`raywsl fit`: the sample store -> one fitted field per shape in `weights.zarr`, as a Ray Data job.
 
-    samples.zarr --driver--> weights.zarr created (one row per shape, shards of fit.shard_size)
+    samples.zarr (or data.source sampled on the fly: fit.samples=stream, see inputs.py)
+                 --driver--> weights.zarr created (one row per shape, shards of fit.shard_size)
                  --driver--> the shared start row (shared: a seeded init; warm: the anchor shape,
                              fitted once in one Ray task and broadcast through the object store)
     pending weight shards --RowStoreDatasource--> one block of samples per shard
@@ -34,7 +35,8 @@ from raywsl.fit.fields import Field, make_field
 from raywsl.ingest.sampling import shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session
-from raywsl.store.rows import DONE, FAILED, PENDING, ArraySpec, RowStore, StoreError
+from raywsl.fit.inputs import INPUTS
+from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -78,37 +80,29 @@ def fit_anchor(field: Field, cfg: Config, anchor: ShapeData) -> FitResult:
 def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
     run = L.RunLayout(cfg.run_dir)
-    try:
-        samples = RowStore.open(run.samples, kind="samples")
-    except StoreError as e:
-        raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first") from e
-    unsampled = int((samples.status() == PENDING).sum())
-    if unsampled:  # fitting them now would commit them as failed rows that no rerun would refit
-        raise StoreError(f"{samples.path}: {unsampled} shapes are not ingested yet (ingest was interrupted): "
-                         f"rerun `raywsl ingest` with this run.dir to finish it, then fit")
+    inp = INPUTS[cfg.fit.samples](cfg)
     field = make_field(cfg.field.type, cfg.field.preset)
-    meta = samples.row_meta()
-    ids = [str(i) for i in meta[L.SHAPE_ID]]
-    anchor_id = _anchor_id(cfg, samples, ids) if cfg.fit.init == "warm" else ""
-    fp = fingerprint("weights", samples.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
+    anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
+    fp = fingerprint("weights", inp.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
                      to_dict(cfg.fit, fingerprint_only=True), field.frozen_fingerprint(), anchor_id)
     store = RowStore.open_or_create(
         run.weights, kind="weights", fingerprint=fp, restart=restart,
-        ids=ids, sources=[str(s) for s in meta[L.SOURCE]], categories=[str(c) for c in meta[L.CATEGORY]],
+        ids=inp.ids, sources=inp.sources, categories=inp.categories,
         shard_size=cfg.fit.shard_size, arrays=weight_arrays(field),
         attrs={"field_type": cfg.field.type, "field_preset": cfg.field.preset, "field_config": field.config,
                "layout": field.layout.to_json(), "params": field.layout.size, "init": cfg.fit.init,
                "warm_shape": anchor_id, "seed": cfg.seed, "fit": to_dict(cfg.fit),
-               "samples_fingerprint": samples.fingerprint, "frozen_fingerprint": field.frozen_fingerprint(),
+               "samples_fingerprint": inp.fingerprint, "frozen_fingerprint": field.frozen_fingerprint(),
                "versions": {"raywsl": __version__, "torch": torch.__version__}})
     pending = store.pending_shards()
-    log.info("fit: %d shapes, %s/%s field (%d parameters), init %s%s, %d shards (%d done) -> %s",
-             store.n_rows, cfg.field.type, cfg.field.preset, field.layout.size, cfg.fit.init,
-             f" from {anchor_id}" if anchor_id else "", store.n_shards, store.n_shards - len(pending), store.path)
+    log.info("fit: %d shapes from %s (%s), %s/%s field (%d parameters), init %s%s, %d shards (%d done) -> %s",
+             store.n_rows, inp.where, cfg.fit.samples, cfg.field.type, cfg.field.preset, field.layout.size,
+             cfg.fit.init, f" from {anchor_id}" if anchor_id else "", store.n_shards,
+             store.n_shards - len(pending), store.path)
     if pending:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-            shared = _shared_start(store, field, cfg, samples, anchor_id)
-            _run_shards(store, samples, pending, cfg, shared)
+            shared = _shared_start(store, field, cfg, inp, anchor_id)
+            _run_shards(store, inp, pending, cfg, shared)
     summary = store.summary()
     for f in summary["failures"][:20]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
@@ -117,26 +111,25 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
     if cfg.fit.recon_count and summary["done"]:
         from raywsl.fit.recon import reconstruct
 
-        summary["recon"] = reconstruct(cfg, store, samples, field)
+        summary["recon"] = reconstruct(cfg, store, inp, field)
     return summary
 
 
-def _anchor_id(cfg: Config, samples: RowStore, ids: list[str]) -> str:
-    status = samples.status()
+def _anchor_id(cfg: Config, inp: Any) -> str:
+    usable = inp.usable()
     if cfg.fit.warm_shape:
-        if cfg.fit.warm_shape not in ids:
-            raise StoreError(f"fit.warm_shape {cfg.fit.warm_shape!r} is not a shape of {samples.path}")
-        if status[ids.index(cfg.fit.warm_shape)] != DONE:
+        if cfg.fit.warm_shape not in inp.ids:
+            raise StoreError(f"fit.warm_shape {cfg.fit.warm_shape!r} is not a shape of {inp.where}")
+        if not usable[inp.ids.index(cfg.fit.warm_shape)]:
             raise StoreError(f"fit.warm_shape {cfg.fit.warm_shape!r} has no samples (ingest failed or pending)")
         return cfg.fit.warm_shape
-    done = np.flatnonzero(status == DONE)
+    done = np.flatnonzero(usable)
     if not len(done):
-        raise StoreError(f"{samples.path}: no shape was ingested successfully; nothing to fit")
-    return ids[int(done[0])]
+        raise StoreError(f"{inp.where}: no shape was ingested successfully; nothing to fit")
+    return inp.ids[int(done[0])]
 
 
-def _shared_start(store: RowStore, field: Field, cfg: Config, samples: RowStore,
-                  anchor_id: str) -> torch.Tensor | None:
+def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_id: str) -> torch.Tensor | None:
     """The start row every shape shares (None for random init), made once and kept in the store so
     a resumed run never refits the anchor."""
     if cfg.fit.init == "random":
@@ -149,11 +142,10 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, samples: RowStore,
     if cfg.fit.init == "warm":
         import ray
 
-        k = [str(i) for i in samples.row_meta()[L.SHAPE_ID]].index(anchor_id)
-        anchor = ShapeData(k, anchor_id, samples.group[L.POINTS][k], samples.group[L.SDF][k], row)
+        k = inp.ids.index(anchor_id)
         t0 = time.perf_counter()
         task = ray.remote(num_cpus=1, num_gpus=_gpus_per_actor(cfg))(fit_anchor)
-        result = ray.get(task.remote(field, cfg, anchor))
+        result = ray.get(task.remote(field, cfg, ShapeData(k, anchor_id, *inp.anchor(k), row)))
         if not result.ok:
             raise StoreError(f"fit.init=warm: the anchor shape {anchor_id} failed to fit ({result.reason}); "
                              f"pick another with fit.warm_shape")
@@ -172,15 +164,12 @@ def _gpus_per_actor(cfg: Config) -> float:
     return 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _run_shards(store: RowStore, samples: RowStore, pending: list[int], cfg: Config,
-                shared: torch.Tensor | None) -> None:
+def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, shared: torch.Tensor | None) -> None:
     import ray
-
-    from raywsl.store.datasource import read_rows
 
     ranges = [(store.shard_rows(k).start, store.shard_rows(k).stop) for k in pending]
     ray.data.DataContext.get_current().max_errored_blocks = len(ranges)
-    ds = read_rows(samples.path, [L.POINTS, L.SDF], row_ranges=ranges)
+    ds = inp.dataset(ranges)
     shared_ref = ray.put(shared) if shared is not None else None
     gpus = _gpus_per_actor(cfg)
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these yet (ray < 2.64 pinned)

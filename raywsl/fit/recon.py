@@ -33,7 +33,8 @@ RECON_POINTS = 2048  # surface points per shape for the Chamfer distance (the ev
 DECODE_BATCH = 8  # fields decoded at once
 
 
-def reconstruct(cfg: Config, store: RowStore, samples: RowStore, field: Field) -> dict[str, Any]:
+def reconstruct(cfg: Config, store: RowStore, inp: Any, field: Field) -> dict[str, Any]:
+    """`inp`: the fit's input (fit/inputs.py), which gives the ground truth of the shapes."""
     run = L.RunLayout(cfg.run_dir)
     rows = np.flatnonzero(store.status() == DONE)[: cfg.fit.recon_count]
     fs, out = fsspec.core.url_to_fs(run.recon)
@@ -45,14 +46,11 @@ def reconstruct(cfg: Config, store: RowStore, samples: RowStore, field: Field) -
         chunk = rows[start:start + DECODE_BATCH]
         weights = torch.from_numpy(store.group[L.ROW_WEIGHTS].get_orthogonal_selection((chunk, slice(None))))
         fields = field.bind(weights.to(device))
-        center = samples.group[L.CENTER].get_orthogonal_selection((chunk, slice(None)))
-        scale = samples.group[L.SCALE].get_coordinate_selection(chunk)
+        truth = inp.truth(chunk)
+        center, scale, gt_sdf, gt_surface = truth[L.CENTER], truth[L.SCALE], truth[L.SDF], truth[L.SURFACE]
         with torch.no_grad():
             normalised = extract_meshes(fields, len(chunk), cfg.fit.recon_resolution, device=device)
-            pred_sdf = fields(torch.from_numpy(samples.group[L.POINTS].get_orthogonal_selection(
-                (chunk, slice(None), slice(None)))).to(device)).cpu().numpy()
-        gt_sdf = samples.group[L.SDF].get_orthogonal_selection((chunk, slice(None)))
-        gt_surface = samples.group[L.SURFACE].get_orthogonal_selection((chunk, slice(None), slice(None)))
+            pred_sdf = fields(torch.from_numpy(truth[L.POINTS]).to(device)).cpu().numpy()
         for j, (row, ex) in enumerate(zip(chunk, normalised)):
             shape_id = str(ids[row])
             entry = {"row": int(row), "shape_id": shape_id, "iou": iou_from_sdf(pred_sdf[j], gt_sdf[j]),

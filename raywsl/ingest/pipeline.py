@@ -23,7 +23,7 @@ import numpy as np
 from raywsl import layout as L
 from raywsl.config import Config, fingerprint, to_dict
 from raywsl.data.meshes import MeshError, load_mesh, normalise
-from raywsl.data.sources import resolve_source
+from raywsl.data.sources import MeshRef, resolve_source
 from raywsl.ingest.sampling import sample_shape, shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session, task_concurrency
@@ -42,12 +42,17 @@ def sample_arrays(cfg: Config) -> list[ArraySpec]:
             ArraySpec(L.NORMALS, (s, 3)), ArraySpec(L.CENTER, (3,), "float64"), ArraySpec(L.SCALE, (), "float64")]
 
 
+def samples_fingerprint(cfg: Config, refs: list[MeshRef]) -> str:
+    """What decides the samples: the seed, the ingest settings and the meshes (ids, URIs, labels)."""
+    return fingerprint("samples", cfg.seed, to_dict(cfg.ingest, fingerprint_only=True),
+                       [(r.shape_id, r.uri, r.category) for r in refs])
+
+
 def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) ingest for `cfg`; returns the store summary (as `raywsl inspect --json`)."""
     run = L.RunLayout(cfg.run_dir)
     refs = resolve_source(cfg.data.source)
-    fp = fingerprint("samples", cfg.seed, to_dict(cfg.ingest, fingerprint_only=True),
-                     [(r.shape_id, r.uri, r.category) for r in refs])
+    fp = samples_fingerprint(cfg, refs)
     store = RowStore.open_or_create(
         run.samples, kind="samples", fingerprint=fp, restart=restart,
         ids=[r.shape_id for r in refs], sources=[r.uri for r in refs],
@@ -111,7 +116,7 @@ def _find_crashing_rows(store: RowStore, shards: list[int], cfg: Config) -> dict
     the culprits. Returns {row: reason}."""
     import ray
 
-    probe = ray.remote(num_cpus=1, max_retries=0)(_sample_row)
+    probe = ray.remote(num_cpus=1, max_retries=0)(sample_row)
     refs = {}
     for k in shards:
         rows = store.shard_rows(k)
@@ -161,7 +166,7 @@ def _ingest_shard(store: RowStore, k: int, cfg: Config, skip: dict[int, str]) ->
         if rows.start + i in skip:
             reason[i] = skip[rows.start + i]
             continue
-        values, reason[i] = _sample_row(shape_id, uri, cfg)
+        values, reason[i] = sample_row(shape_id, uri, cfg)
         if values:
             for name, value in values.items():
                 arrays[name][i] = value
@@ -170,7 +175,7 @@ def _ingest_shard(store: RowStore, k: int, cfg: Config, skip: dict[int, str]) ->
     return status
 
 
-def _sample_row(shape_id: str, uri: str, cfg: Config) -> tuple[dict[str, np.ndarray] | None, str]:
+def sample_row(shape_id: str, uri: str, cfg: Config) -> tuple[dict[str, np.ndarray] | None, str]:
     """Load, normalise and sample one mesh: (arrays, "") or (None, the reason it failed)."""
     ic = cfg.ingest
     if os.environ.get("RAYWSL_CRASH_SHAPE") == shape_id:  # fault injection for the crash test
