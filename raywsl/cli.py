@@ -16,6 +16,7 @@ from typing import Callable
 import fsspec
 
 from raywsl import layout as L
+from raywsl import tracking
 from raywsl.config import Config, ConfigError, describe, dump_yaml, load_config
 
 log = logging.getLogger("raywsl")
@@ -82,7 +83,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from raywsl.ingest.pipeline import ingest
 
     cfg, _ = _setup(args, "ingest")
-    summary = ingest(cfg, restart=args.restart)
+    with tracking.run_context(cfg, "ingest", restart=args.restart):
+        summary = ingest(cfg, restart=args.restart)
+        tracking.log_metrics({"ingest_done": summary["done"], "ingest_failed": summary["failed"]})
     pending = f", {summary['pending']} pending" if summary["pending"] else ""
     print(f"{summary['done']} done, {summary['failed']} failed{pending}")
     return 0 if summary["done"] > 0 else 1
@@ -92,7 +95,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from raywsl.fit.pipeline import fit
 
     cfg, _ = _setup(args, "fit")
-    summary = fit(cfg, restart=args.restart)
+    with tracking.run_context(cfg, "fit", restart=args.restart):
+        summary = fit(cfg, restart=args.restart)
+        tracking.log_metrics({"fit_done": summary["done"], "fit_failed": summary["failed"]})
     pending = f", {summary['pending']} pending" if summary["pending"] else ""
     recon = summary.get("recon")
     quality = (f"; recon Chamfer {recon['recon_cd_median']:.3g} (median), IoU {recon['recon_iou_mean']:.3f}"
@@ -106,7 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg, run = _setup(args, "eval")
     try:
-        result = evaluate(cfg)
+        with tracking.run_context(cfg, "eval"):
+            result = evaluate(cfg)
     except EvalError as e:
         print(f"raywsl eval: error: {e}", file=sys.stderr)
         return 2

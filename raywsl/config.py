@@ -137,6 +137,13 @@ class EvalConfig:
 
 
 @dataclass
+class MlflowConfig:
+    enabled: bool = opt(True, "record the run folder in one MLflow run (params, metrics, figures)", fp=False)
+    tracking_uri: str = opt("", "MLflow store; empty: sqlite next to the run folders (runs/mlflow.db)", fp=False)
+    experiment: str = opt("raywsl", "MLflow experiment name", fp=False)
+
+
+@dataclass
 class RayConfig:
     address: str = opt("", "Ray cluster address; empty uses $RAY_ADDRESS or starts a local Ray", fp=False)
     num_cpus: int = opt(0, "logical CPUs of the local Ray; 0 picks 2x the cores (see runtime.py)",
@@ -153,6 +160,7 @@ class Config:
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    mlflow: MlflowConfig = dataclasses.field(default_factory=MlflowConfig)
 
     def validate(self) -> "Config":
         from raywsl.ingest.sdf import SDF_BACKENDS  # registry lives with its backends

@@ -12,6 +12,7 @@ and the arrays inside them. Other modules ask this one for paths instead of spel
       metrics.json     every figure of the run, with its convention
       report.html      the self-contained run report
       logs/            one log file per command
+      mlflow_run_id    the run folder's MLflow run (runs/mlflow.db by default)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ EVAL = "eval"
 METRICS = "metrics.json"
 REPORT = "report.html"
 LOGS = "logs"
+MLFLOW_RUN = "mlflow_run_id"  # the id of the run folder's MLflow run (see raywsl/tracking.py)
 
 # Stores found in a run folder, by kind (the `kind` attribute of each store).
 STORES = {"samples": SAMPLES, "weights": WEIGHTS}
@@ -77,6 +79,7 @@ class RunLayout:
     metrics = property(lambda self: join(self.root, METRICS))
     report = property(lambda self: join(self.root, REPORT))
     logs = property(lambda self: join(self.root, LOGS))
+    mlflow_run = property(lambda self: join(self.root, MLFLOW_RUN))
 
     def log_file(self, verb: str) -> str:
         return join(self.root, LOGS, f"{verb}.log")

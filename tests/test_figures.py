@@ -13,7 +13,8 @@ import trimesh
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
-from raywsl.eval import figures, tracking
+from raywsl import tracking
+from raywsl.eval import figures
 
 
 def png_shape(path):

@@ -457,3 +457,26 @@ def test_streaming_from_the_meshes_equals_fitting_the_stored_samples(fitted, ing
     assert "cannot read" in reason and "garbage.ply" in reason
     metrics = json.loads((run / L.METRICS).read_text())
     assert 0 < metrics["recon_cd_median"] < 0.1  # the truth for the reconstructions is resampled
+
+
+# ------------------------------------------------------------------------------------ MLflow
+
+def test_one_mlflow_run_per_run_folder(fitted, tmp_path):
+    """The CLI records the run folder in one MLflow run (sqlite next to the run folders): fit's
+    params, metrics and figures; a later verb on the same folder resumes that run."""
+    import mlflow
+
+    run = _copy(fitted(), tmp_path)  # its MLflow run is in another store: the first call starts one here
+    assert main(["fit", f"run.dir={run}", *FIT]) == 0  # nothing to refit: reconstructions only
+    run_id = (run / L.MLFLOW_RUN).read_text()
+    assert main(["fit", f"run.dir={run}", *FIT, "fit.recon_count=3"]) == 0
+    assert (run / L.MLFLOW_RUN).read_text() == run_id
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    record = client.get_run(run_id)
+    assert record.data.params["fit.steps"] == "100" and record.data.params["field.preset"] == "tiny"
+    assert record.data.metrics["fit_done"] == N_GOOD and record.data.metrics["recon_count"] == 3
+    assert 0 < record.data.metrics["recon_cd_median"] < 0.1
+    assert record.data.tags["raywsl.fit"] == "finished"
+    assert "param_changed.fit.recon_count" in record.data.tags  # write-once params: the change is a tag
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"figures/recon.png", "figures/fit_loss.png"} <= figures

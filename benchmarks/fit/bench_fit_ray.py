@@ -139,9 +139,9 @@ def bare_fit(cfg, threads: int, path: str) -> tuple[float, int]:
         batch = {"row": np.arange(rows.start, rows.stop), L.SHAPE_ID: g[L.SHAPE_ID][rows].astype(object),
                  L.STATUS: status_all[rows], L.REASON: g[L.REASON][rows].astype(object),
                  L.POINTS: g[L.POINTS][rows], L.SDF: g[L.SDF][rows]}
-        arrays, status, reason, steps = pipeline.fit_block(fitter, field, cfg, batch, shared)
+        arrays, status, reason, stats = pipeline.fit_block(fitter, field, cfg, batch, shared)
         store.write_shard(k, arrays, status, reason)
-        shape_steps += steps
+        shape_steps += stats["shape_steps"]
     return time.perf_counter() - t0, shape_steps
 
 

@@ -7,6 +7,5 @@
     generation.py  MMD / COV / 1-NNA, novelty and memorisation
     weights.py     weight-space diagnostics, probes, linear mode connectivity
     figures.py     PNG renders and plots (headless)
-    tracking.py    logging metrics, figures and meshes to MLflow
     run.py         `raywsl eval`: two sets of meshes -> metrics.json, clouds, figures
 """

@@ -28,7 +28,7 @@ from raywsl import layout as L
 from raywsl.config import Config
 from raywsl.data.meshes import MeshError, load_mesh, normalise
 from raywsl.data.sources import resolve_source
-from raywsl.eval.tracking import jsonable
+from raywsl.tracking import jsonable
 from raywsl.ingest.sampling import sample_surface, shape_rng
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def update_metrics_file(path: str, values: dict[str, Any]) -> dict[str, Any]:
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate `eval.generated` (default: <run.dir>/generated) against `eval.reference`; returns the
     figures written to metrics.json."""
-    from raywsl.eval import figures, tracking
+    from raywsl import tracking
+    from raywsl.eval import figures
     from raywsl.eval.distances import DEFAULT_EPS
     from raywsl.eval.generation import generation_metrics, novelty
     from raywsl.eval.topology import topology

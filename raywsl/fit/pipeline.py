@@ -24,6 +24,7 @@ import time
 import warnings
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
@@ -180,11 +181,37 @@ def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, shar
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
             fn_constructor_kwargs={"path": store.path, "cfg": cfg, "shared": shared_ref})
     progress = Progress("fit", total=sum(b - a for a, b in ranges), unit="shapes")
+    checks = curve_length(cfg)
+    curve_sum, curve_count = np.zeros(checks), np.zeros(checks)
     for row in ds.iter_rows():
         progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
         log.debug("shard %d: %d done, %d failed in %.1fs (%.0f shape-steps/s)", row["shard"], row["done"],
                   row["failed"], row["seconds"], row["shape_steps"] / max(row["seconds"], 1e-9))
+        if len(row["curve_sum"]) == checks:  # a shard committed earlier reports no curve
+            curve_sum += row["curve_sum"]
+            curve_count += row["curve_count"]
     progress.close()
+    _plot_loss_curve(cfg, curve_sum, curve_count)
+
+
+def _plot_loss_curve(cfg: Config, curve_sum: np.ndarray, curve_count: np.ndarray) -> None:
+    """recon/fit_loss_curve.png: the mean training loss over the shapes still fitting at each check."""
+    from raywsl import tracking
+    from raywsl.eval import figures
+
+    if not curve_count.any():
+        return
+    steps = (np.arange(len(curve_sum)) + 1) * cfg.fit.check_every
+    mean = np.where(curve_count > 0, curve_sum / np.maximum(curve_count, 1), np.nan)
+    path = L.join(L.RunLayout(cfg.run_dir).recon, "fit_loss_curve.png")
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+    figures.plot_curves({f"mean {cfg.fit.loss} loss (shapes fitted this run)": (steps.tolist(), mean.tolist())},
+                        path, xlabel="step", ylabel=f"{cfg.fit.loss} loss", title="fitting")
+    tracking.log_figure(path)
+    for step, value in zip(steps, mean):
+        if np.isfinite(value):
+            tracking.log_metrics({"fit_loss_mean": float(value)}, step=int(step))
 
 
 class FitActor:
@@ -210,16 +237,17 @@ class FitActor:
             raise RuntimeError(f"fit: a block of rows {rows[0]}..{rows[-1]} is not exactly shard {k}")
         if self.store.shards_done()[k]:  # a retried block may find its shard already committed
             status = self.store.read_shard(k, [L.STATUS])[L.STATUS]
-            return _shard_summary(k, status, 0, t0)
-        arrays, status, reason, shape_steps = fit_block(self.fitter, self.field, self.cfg, batch, self.shared)
+            return _shard_summary(k, status, t0)
+        arrays, status, reason, stats = fit_block(self.fitter, self.field, self.cfg, batch, self.shared)
         self.store.write_shard(k, arrays, status, reason)
-        return _shard_summary(k, status, shape_steps, t0)
+        return _shard_summary(k, status, t0, **stats)
 
 
 def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str, np.ndarray],
-              shared: torch.Tensor | None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str], int]:
-    """Fit the rows of one block of samples: (arrays, status, reason) ready for `write_shard`, and the
-    shape-steps taken. Rows without samples (ingest failed) fail with ingest's reason."""
+              shared: torch.Tensor | None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str], dict[str, Any]]:
+    """Fit the rows of one block of samples: (arrays, status, reason) ready for `write_shard`, and
+    stats (shape-steps taken; the loss curves summed over the shapes, per check, with their counts).
+    Rows without samples (ingest failed) fail with ingest's reason."""
     n, first = len(batch["row"]), int(batch["row"][0])
     status = np.full(n, FAILED, dtype="int8")
     reason = [""] * n
@@ -235,19 +263,33 @@ def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str,
     arrays = {L.ROW_WEIGHTS: np.zeros((n, field.layout.size), np.float32),
               L.FIT_LOSS: np.full(n, np.nan, np.float32),
               L.FIT_STEPS: np.zeros(n, np.int32), L.FIT_RESTARTS: np.zeros(n, np.int32)}
-    shape_steps = 0
+    checks = curve_length(cfg)
+    stats = {"shape_steps": 0, "curve_sum": np.zeros(checks), "curve_count": np.zeros(checks)}
     for r in fitter.fit(shapes):
         i = r.key - first
         arrays[L.FIT_LOSS][i], arrays[L.FIT_STEPS][i], arrays[L.FIT_RESTARTS][i] = r.loss, r.steps, r.restarts
-        shape_steps += r.steps
+        stats["shape_steps"] += r.steps
         if r.ok:
             arrays[L.ROW_WEIGHTS][i], status[i] = r.row, DONE
+            curve = np.asarray(r.curve[:checks])
+            stats["curve_sum"][: len(curve)] += curve
+            stats["curve_count"][: len(curve)] += 1
         else:
             reason[i] = r.reason
-    return arrays, status, reason, shape_steps
+    return arrays, status, reason, stats
 
 
-def _shard_summary(k: int, status: np.ndarray, shape_steps: int, t0: float) -> dict[str, np.ndarray]:
+def curve_length(cfg: Config) -> int:
+    """Checks in a full fit: the length of a loss curve."""
+    return -(-cfg.fit.steps // cfg.fit.check_every)
+
+
+def _shard_summary(k: int, status: np.ndarray, t0: float, shape_steps: int = 0,
+                   curve_sum: np.ndarray | None = None, curve_count: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One output row per shard: counts, timing and the shard's summed loss curves."""
+    empty = np.zeros(1)
     return {"shard": np.array([k]), "done": np.array([int((status == DONE).sum())]),
             "failed": np.array([int((status == FAILED).sum())]), "shape_steps": np.array([shape_steps]),
-            "seconds": np.array([time.perf_counter() - t0])}
+            "seconds": np.array([time.perf_counter() - t0]),
+            "curve_sum": (curve_sum if curve_sum is not None else empty)[None],
+            "curve_count": (curve_count if curve_count is not None else empty)[None]}

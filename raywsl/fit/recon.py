@@ -18,7 +18,8 @@ import torch
 
 from raywsl import layout as L
 from raywsl.config import Config
-from raywsl.eval import figures, tracking
+from raywsl import tracking
+from raywsl.eval import figures
 from raywsl.eval.distances import chamfer
 from raywsl.eval.extract import extract_meshes
 from raywsl.eval.run import update_metrics_file
