@@ -480,3 +480,20 @@ def test_one_mlflow_run_per_run_folder(fitted, tmp_path):
     assert "param_changed.fit.recon_count" in record.data.tags  # write-once params: the change is a tag
     figures = {a.path for a in client.list_artifacts(run_id, "figures")}
     assert {"figures/recon.png", "figures/fit_loss.png"} <= figures
+
+
+# ------------------------------------------------------------------------------------ actor crash
+
+def test_a_killed_actor_is_restarted_and_loses_no_rows(fitted, ingested, tmp_path):
+    """The fitting actor's process dies (os._exit, as a segfault or an OOM kill would) in the
+    middle of shard 1: Ray restarts the actor and retries the block; the store ends complete and
+    bitwise equal to an undisturbed run."""
+    run = _copy(ingested, tmp_path)
+    marker = tmp_path / "crashed"
+    env = {**os.environ, "RAYWSL_CRASH_FIT_SHARD": "1", "RAYWSL_CRASH_MARKER": str(marker)}
+    proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "fit", f"run.dir={run}", *FIT,
+                           "fit.recon_count=0"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists()  # the actor did die once
+    assert f"{N_GOOD} done, 1 failed" in proc.stdout
+    _assert_stores_equal(run, fitted())

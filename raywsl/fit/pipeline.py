@@ -20,6 +20,7 @@ are restarted by Ray and their block is retried (bounded), losing no rows.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import Any
@@ -238,9 +239,19 @@ class FitActor:
         if self.store.shards_done()[k]:  # a retried block may find its shard already committed
             status = self.store.read_shard(k, [L.STATUS])[L.STATUS]
             return _shard_summary(k, status, t0)
+        _maybe_crash(k)
         arrays, status, reason, stats = fit_block(self.fitter, self.field, self.cfg, batch, self.shared)
         self.store.write_shard(k, arrays, status, reason)
         return _shard_summary(k, status, t0, **stats)
+
+
+def _maybe_crash(k: int) -> None:
+    """Fault injection for the actor-crash test: kill this actor's process the first time it fits
+    shard $RAYWSL_CRASH_FIT_SHARD (the marker file $RAYWSL_CRASH_MARKER records that it did)."""
+    marker = os.environ.get("RAYWSL_CRASH_MARKER", "")
+    if os.environ.get("RAYWSL_CRASH_FIT_SHARD") == str(k) and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(139)
 
 
 def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str, np.ndarray],
