@@ -112,7 +112,8 @@ class FitConfig:
     precision: str = opt("fp32", "fp32; tf32 (fp32 weights, TF32 matmuls) or bf16 autocast on a GPU (fp32 on CPU)",
                          choices=["fp32", "tf32", "bf16"])
     cpus_per_actor: int = opt(1, "CPUs (and torch threads) of each fitting actor", min=1, fp=False)
-    compile: bool = opt(False, "torch.compile the training step (GPU)", fp=False)
+    compile: bool = opt(False, "torch.compile the training step (one graph; costs ~10-60 s of compiling "
+                               "per actor, pays off on long fits and on GPUs)", fp=False)
     recon_count: int = opt(8, "fitted shapes decoded to meshes in recon/ and compared with the truth", min=0,
                            fp=False)
     recon_resolution: int = opt(128, "grid resolution of the reconstructions", min=8, fp=False)

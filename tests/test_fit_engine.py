@@ -132,3 +132,14 @@ def test_every_loss_fits_a_sphere(loss):
 def test_shapes_with_other_sample_counts_are_refused():
     with pytest.raises(ValueError, match="sphere-1: 100 SDF samples"):
         run([sphere(0, 0.4), sphere(1, 0.4, n=100)], settings())
+
+
+def test_compiled_step_equals_eager_through_refills_and_shrinking():
+    """fit.compile: the whole step is one torch.compile graph; it must fit what eager fits, also
+    when slots are refilled and the batch shrinks at the tail (a new batch size)."""
+    shapes = [sphere(i, 0.3 + 0.05 * i) for i in range(7)]
+    eager = run(shapes, settings(batch_size=4, steps=60, check_every=20))
+    compiled = run(shapes, settings(batch_size=4, steps=60, check_every=20, compile=True))
+    for key, result in eager.items():
+        np.testing.assert_allclose(compiled[key].row, result.row, rtol=0, atol=1e-6)
+        assert compiled[key].steps == result.steps == 60

@@ -170,9 +170,9 @@ class BatchedFitter:
         self.loss_fn = LOSSES[cfg.loss]
         self.schedule = SCHEDULES[cfg.schedule]
         self.end = cfg.lr_end / cfg.lr if cfg.lr > 0 else 1.0
-        self._step_fn = self._step
-        if cfg.compile and self.device.type == "cuda":
-            self._step_fn = torch.compile(self._step)
+        # One graph (gather, forward, torch.func.grad, Adam); the batch dimension turns dynamic
+        # after its first change (the tail's shrinking batch), so that costs one recompile.
+        self._step_fn = torch.compile(self._step, fullgraph=True) if cfg.compile else self._step
 
     # ---------------------------------------------------------------- public
 
@@ -219,17 +219,22 @@ class BatchedFitter:
         idx = (self.t.unsqueeze(1) * k + self.window) % self.n_samples  # (B, K): each slot's own window
         x = torch.gather(self.points, 1, idx.unsqueeze(2).expand(-1, -1, 3))
         y = torch.gather(self.sdf, 1, idx)
-        rows = self.rows.detach().requires_grad_(True)
+        # torch.func.grad rather than autograd.grad on a detached leaf: one graph for torch.compile.
+        grad, per_shape = torch.func.grad(self._loss, has_aux=True)(self.rows, x, y)
+        # The loss of the initial weights: the yardstick of divergence until the first check.
+        self.start_loss = torch.where(self.t == 0, per_shape, self.start_loss)
+        live = (self.active & (self.t < self.cfg.steps)).to(per_shape.dtype)  # stop at exactly `steps`
+        self._adam(grad, live)
+        self.loss_sum += per_shape * live
+        self.loss_count += live
+
+    def _loss(self, rows: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Sum over shapes of each shape's mean loss (so each row's gradient is its own shape's),
+        and the per-shape losses."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             pred = self.field.forward(self.layout.unflatten(rows), x)
         per_shape = self.loss_fn(pred.float(), y, self.cfg.clamp).mean(1)  # (B,)
-        (grad,) = torch.autograd.grad(per_shape.sum(), rows)
-        # The loss of the initial weights: the yardstick of divergence until the first check.
-        self.start_loss = torch.where(self.t == 0, per_shape.detach(), self.start_loss)
-        live = (self.active & (self.t < self.cfg.steps)).to(per_shape.dtype)  # stop at exactly `steps`
-        self._adam(grad, live)
-        self.loss_sum += per_shape.detach() * live
-        self.loss_count += live
+        return per_shape.sum(), per_shape.detach()
 
     def _adam(self, grad: Tensor, live: Tensor) -> None:
         """Adam with a step count and a learning rate per row; inactive rows do not move."""
