@@ -110,7 +110,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (1e-2; exp schedule to 1e-5)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="fp32, or bf16 autocast for (b) and (c) on cuda (fp32)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's step (cuda only)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's step (fit.compile)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on cuda, for every path")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak TFLOP/s for '%% of peak' (none)")
     ap.add_argument("--skip", default="", help="paths to leave out, comma-separated: sequential,plain,engine")
@@ -318,7 +318,7 @@ def main() -> None:
     print(f"Settings: device {args.device}, batch sizes {args.batch_sizes}, {args.warmup} warm-up + {args.steps} "
           f"timed steps, engine check_every {args.check_every}, {args.samples} samples per shape, lr {args.lr:g} "
           f"exp -> 1e-05, l1, precision {args.precision}{' (autocast)' if autocast else ''}, "
-          f"compile {args.compile and gpu}, tf32 {args.tf32 and gpu}, sequential on {args.seq_shapes} shape(s)")
+          f"compile {args.compile}, tf32 {args.tf32 and gpu}, sequential on {args.seq_shapes} shape(s)")
     if total % args.check_every:
         print(f"Note: check_every {args.check_every} does not divide {total} steps: the engine runs idle steps")
 
@@ -420,7 +420,7 @@ def main() -> None:
                 "peak_gib": round(r["peak_gib"], 2) if r["peak_gib"] is not None else None,
                 "note": r["note"] or None, "device": args.device,
                 "threads": args.threads if not gpu else None, "precision": args.precision,
-                "compile": bool(args.compile and gpu), "tf32": bool(args.tf32 and gpu),
+                "compile": bool(args.compile), "tf32": bool(args.tf32 and gpu),
                 "warmup": args.warmup, "check_every": args.check_every, "samples": args.samples})
     print("\nJSON rows:\n")
     for j in json_rows:
