@@ -23,7 +23,7 @@ from raywsl.cli import main
 from raywsl.data.corpus import write_corpus
 from raywsl.fit import pipeline
 from raywsl.fit.fields import Layout, make_field
-from raywsl.store.rows import DONE, FAILED, RowStore
+from raywsl.store.rows import DONE, FAILED, RowStore, StoreError
 
 pytestmark = pytest.mark.ray
 
@@ -497,3 +497,29 @@ def test_a_killed_actor_is_restarted_and_loses_no_rows(fitted, ingested, tmp_pat
     assert marker.exists()  # the actor did die once
     assert f"{N_GOOD} done, 1 failed" in proc.stdout
     _assert_stores_equal(run, fitted())
+
+
+# ------------------------------------------------------------------------------------ reading the store back
+
+def test_weight_store_reads_back_as_fields_and_tensors(fitted):
+    """`field_of` rebuilds the field from the store's attributes, `shard_tensors` reads a shard as
+    tensors, and the bound fields give back the stored loss on the stored samples."""
+    from raywsl.store.weights import field_of, open_weights, shard_tensors
+
+    run = fitted()
+    store = open_weights(str(run / L.WEIGHTS))
+    field = field_of(store)
+    assert field.layout == make_field("mlp", "tiny").layout
+    shard = shard_tensors(store, 0)
+    rows = store.shard_rows(0)
+    assert shard[L.ROW_WEIGHTS].shape == (rows.stop - rows.start, field.layout.size)
+    assert shard[L.ROW_WEIGHTS].dtype == torch.float32 and shard[L.STATUS].tolist() == [DONE] * 3
+    assert shard[L.SHAPE_ID] == [str(i) for i in store.row_meta(rows)[L.SHAPE_ID]]
+    samples = RowStore.open(str(run / L.SAMPLES))
+    points = torch.from_numpy(samples.group[L.POINTS][rows])
+    sdf = torch.from_numpy(samples.group[L.SDF][rows])
+    with torch.no_grad():
+        loss = (field.bind(shard[L.ROW_WEIGHTS])(points) - sdf).abs().mean(1)
+    np.testing.assert_allclose(loss.numpy(), shard[L.FIT_LOSS].numpy(), rtol=0.5)  # all points vs the last windows
+    with pytest.raises(StoreError, match="a samples store, expected weights"):
+        open_weights(str(run / L.SAMPLES))
