@@ -79,30 +79,33 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_stage(args: argparse.Namespace, verb: str, run: Callable) -> tuple[dict, str]:
+    """Run a stage that fills a row store (ingest, fit) inside the run folder's MLflow run; returns
+    its summary and the "N done, K failed" line."""
+    cfg, _ = _setup(args, verb)
+    with tracking.run_context(cfg, verb, restart=args.restart):
+        summary = run(cfg, restart=args.restart)
+        tracking.log_metrics({f"{verb}_done": summary["done"], f"{verb}_failed": summary["failed"]})
+    pending = f", {summary['pending']} pending" if summary["pending"] else ""
+    return summary, f"{summary['done']} done, {summary['failed']} failed{pending}"
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from raywsl.ingest.pipeline import ingest
 
-    cfg, _ = _setup(args, "ingest")
-    with tracking.run_context(cfg, "ingest", restart=args.restart):
-        summary = ingest(cfg, restart=args.restart)
-        tracking.log_metrics({"ingest_done": summary["done"], "ingest_failed": summary["failed"]})
-    pending = f", {summary['pending']} pending" if summary["pending"] else ""
-    print(f"{summary['done']} done, {summary['failed']} failed{pending}")
+    summary, counts = _store_stage(args, "ingest", ingest)
+    print(counts)
     return 0 if summary["done"] > 0 else 1
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from raywsl.fit.pipeline import fit
 
-    cfg, _ = _setup(args, "fit")
-    with tracking.run_context(cfg, "fit", restart=args.restart):
-        summary = fit(cfg, restart=args.restart)
-        tracking.log_metrics({"fit_done": summary["done"], "fit_failed": summary["failed"]})
-    pending = f", {summary['pending']} pending" if summary["pending"] else ""
+    summary, counts = _store_stage(args, "fit", fit)
     recon = summary.get("recon")
     quality = (f"; recon Chamfer {recon['recon_cd_median']:.3g} (median), IoU {recon['recon_iou_mean']:.3f}"
                if recon else "")
-    print(f"{summary['done']} done, {summary['failed']} failed{pending}{quality}")
+    print(counts + quality)
     return 0 if summary["done"] > 0 else 1
 
 

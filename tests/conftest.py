@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
 import pytest
 
 
@@ -61,3 +68,24 @@ def write_bad_meshes(folder):
 @pytest.fixture
 def bad_meshes(tmp_path):
     return write_bad_meshes(tmp_path / "bad")
+
+
+def kill9_when(argv: Sequence[str], ready: Callable[[], bool], timeout: float) -> None:
+    """Run `raywsl <argv>` in its own process group; once `ready()` holds, kill -9 the driver (as a
+    user would), then the local Ray it started. Fails if the command ends first or never gets ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, f"{argv[0]} finished before it could be killed: make it slower"
+        assert ready(), f"{argv[0]}: not ready to be killed within {timeout} s"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

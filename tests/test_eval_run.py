@@ -14,7 +14,7 @@ POINTS = 256  # the default is 2,048; fewer keeps the test fast
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
-    gen = write_corpus(root / "gen", 6, seed=0, progress=False)
+    write_corpus(root / "gen", 6, seed=0, progress=False)
     ref = write_corpus(root / "ref", 8, seed=1, progress=False)
     (root / "gen" / "meshes" / "zz-broken.ply").write_bytes(b"not a mesh")
     return root / "gen" / "meshes", ref

@@ -9,7 +9,7 @@ import torch
 from raywsl.config import FitConfig
 from raywsl.fit import engine
 from raywsl.fit.engine import BatchedFitter, ShapeData
-from raywsl.fit.fields import FIELDS, MLPField, make_field
+from raywsl.fit.fields import MLPField, make_field
 from raywsl.fit.reference import fit_one
 
 FIELD = make_field("mlp", "tiny")

@@ -7,16 +7,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import kill9_when
 
 from raywsl import layout as L
 from raywsl.cli import main
@@ -227,31 +226,14 @@ def test_kill9_then_resume_equals_uninterrupted(ingested, tmp_path, caplog):
     # One shape per shard and more steps: shards commit one by one, slowly enough to kill between.
     args = [*FIT, "fit.shard_size=1", "fit.steps=300", "fit.recon_count=0"]
     killed = _copy(ingested, tmp_path, "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", "fit", f"run.dir={killed}", *args],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / L.WEIGHTS / L.SHARD_DONE
-    deadline = time.time() + 150
-    done = 0
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                done = int(zarr.open_group(str(killed / L.WEIGHTS), mode="r")[L.SHARD_DONE][:].sum())
-            except Exception:  # not created yet, or being created
-                done = 0
-            if done >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "fit finished before it could be killed: make it slower"
-        assert done >= 1, "no shard was committed in time"
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, as a user's kill -9 would
-    finally:
-        time.sleep(1)
+
+    def committed() -> int:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # then the local Ray it had started
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert marker.exists()
+            return int(zarr.open_group(str(killed / L.WEIGHTS), mode="r")[L.SHARD_DONE][:].sum())
+        except Exception:  # not created yet, or being created
+            return 0
+
+    kill9_when(["fit", f"run.dir={killed}", *args], lambda: committed() >= 1, timeout=150)
     partial = RowStore.open(str(killed / L.WEIGHTS))
     done_before = np.flatnonzero(partial.shards_done())
     assert 0 < len(done_before) < partial.n_shards == N_ROWS

@@ -3,16 +3,14 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import trimesh
 
-from conftest import BROKEN_KINDS, HUGE_FACES, write_bad_meshes
+from conftest import BROKEN_KINDS, HUGE_FACES, kill9_when, write_bad_meshes
 from raywsl import layout as L
 from raywsl.cli import main
 from raywsl.config import load_config
@@ -116,25 +114,12 @@ def test_kill9_then_resume_equals_uninterrupted(ray_local, tmp_path):
     args = [f"data.source={source}", "ingest.points=60000", "ingest.surface_points=256",
             "ingest.shard_size=2"]
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", "ingest", *args, f"run.dir={killed_dir}"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed_dir / L.SAMPLES / L.SHARD_DONE
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = [p for p in marker.rglob("*") if p.is_file() and p.name != "zarr.json"] if marker.exists() else []
-            if len(done) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "ingest finished before it could be killed: make it slower"
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a user's kill -9 would
-    finally:
-        time.sleep(1)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # then the local Ray it had started
-        except ProcessLookupError:
-            pass
-        proc.wait()
+
+    def committed() -> int:
+        marker = killed_dir / L.SAMPLES / L.SHARD_DONE
+        return len([p for p in marker.rglob("*") if p.is_file() and p.name != "zarr.json"]) if marker.exists() else 0
+
+    kill9_when(["ingest", *args, f"run.dir={killed_dir}"], lambda: committed() >= 2, timeout=120)
     partial = RowStore.open(str(killed_dir / L.SAMPLES))
     n_done_before = partial.n_shards - len(partial.pending_shards())
     assert 0 < n_done_before < partial.n_shards

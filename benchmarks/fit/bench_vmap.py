@@ -47,7 +47,7 @@ def main() -> None:
         loss = (field.forward(field.layout.unflatten(rows), x) - y).abs().mean(1).sum()
         return torch.autograd.grad(loss, rows)[0]
 
-    print(f"| B | baddbmm shape-steps/s | vmap shape-steps/s | vmap / baddbmm | max grad diff |")
+    print("| B | baddbmm shape-steps/s | vmap shape-steps/s | vmap / baddbmm | max grad diff |")
     print("|---:|---:|---:|---:|---:|")
     for b in [int(v) for v in args.batch_sizes.split(",")]:
         gen = torch.Generator().manual_seed(0)

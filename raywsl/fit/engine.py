@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
