@@ -77,6 +77,10 @@ class FieldConfig:
     type: str = opt("mlp", "field type: mlp, fourier (see raywsl/fit/fields.py)")
     preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, small, tiny; "
                                     "fourier: shapenet, tiny)")
+    asym: bool = opt(False, "asymmetric masks: freeze ceil(sqrt(d_out)) entries per weight row at positions "
+                            "shared by all shapes (breaks permutation symmetry; see fit/fields.py)")
+    kappa: float = opt(1.0, "variance of the frozen entries, relative to the trainable entries' init", min=0.0)
+    mask_seed: int = opt(0, "seed of the asymmetric masks' positions and values")
 
 
 @dataclass

@@ -55,6 +55,7 @@ ROW_WEIGHTS = "weights"  # (N, P) float32, one flat weight row per shape (the fi
 FIT_LOSS = "loss"  # (N,) float32 training loss over the last check interval
 FIT_STEPS = "steps"  # (N,) int32 steps of the final attempt
 FIT_RESTARTS = "restarts"  # (N,) int32 divergence restarts
+FROZEN = "frozen"  # group of the field's frozen shared parts (asymmetric masks: <weight>.fixed, <weight>.values)
 INIT_ROW = "init"  # (P,) float32 the shared start of every shape (warm and shared init); the driver writes it
 
 

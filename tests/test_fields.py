@@ -86,3 +86,57 @@ def test_unknown_types_presets_and_bad_rows_are_clear_errors():
         field.layout.unflatten(torch.zeros(2, 10))
     with pytest.raises(FieldError, match="missing"):
         field.layout.flatten({})
+
+
+# ------------------------------------------------------------------------------------ asymmetric masks
+
+@pytest.mark.parametrize("type_name,preset", ALL)
+def test_asym_layout_holds_trainable_entries_only_and_round_trips(type_name, preset):
+    plain, field = make_field(type_name, preset), make_field(type_name, preset, asym=True, kappa=2.0)
+    frozen = sum(m.fixed.numel() for m in field.masks.values())
+    assert field.layout.size == plain.layout.size - frozen > 0
+    for name, shape in plain.layout.entries:
+        if name.endswith(".weight"):
+            d_out, d_in = shape
+            assert field.masks[name].fixed.shape == (d_out, min(math.ceil(math.sqrt(d_out)), d_in - 1))
+            assert dict(field.layout.entries)[f"{name}_free"] == (d_out, d_in - field.masks[name].fixed.shape[1])
+    rows = torch.randn(2, field.layout.size)
+    assert torch.equal(field.layout.flatten(field.layout.unflatten(rows)), rows)
+    full = field.full(field.layout.unflatten(rows))
+    for name, mask in field.masks.items():  # frozen entries at their positions, the row everywhere else
+        assert torch.equal(full[name].gather(2, mask.fixed.expand(2, -1, -1)), mask.values.expand(2, -1, -1))
+        assert torch.equal(full[name].gather(2, mask.free.expand(2, -1, -1)),
+                           field.layout.unflatten(rows)[f"{name}_free"])
+    x = torch.rand(2, 9, 3)
+    torch.testing.assert_close(field.forward(field.layout.unflatten(rows), x), plain.forward(full, x))
+
+
+def test_asym_masks_are_seeded_and_scaled_by_kappa():
+    a = make_field("mlp", "decoder54k", asym=True, kappa=4.0, mask_seed=3)
+    b = make_field("mlp", "decoder54k", asym=True, kappa=4.0, mask_seed=3)
+    c = make_field("mlp", "decoder54k", asym=True, kappa=4.0, mask_seed=4)
+    assert a.frozen_fingerprint() == b.frozen_fingerprint() != c.frozen_fingerprint()
+    assert torch.equal(a.masks["l1.weight"].fixed, b.masks["l1.weight"].fixed)
+    # 128 rows x 12 frozen entries: std sqrt(kappa) x that of U(-1/sqrt(128), 1/sqrt(128))
+    values = a.masks["l1.weight"].values
+    assert values.std().item() == pytest.approx(math.sqrt(4.0 / (3 * 128)), rel=0.1)
+    assert a.frozen_fingerprint() != make_field("mlp", "decoder54k").frozen_fingerprint()
+
+
+def test_fitting_never_moves_frozen_entries():
+    import numpy as np
+
+    from raywsl.config import FitConfig
+    from raywsl.fit.engine import BatchedFitter, ShapeData
+
+    field = make_field("mlp", "tiny", asym=True, kappa=2.0)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-1, 1, (2048, 3)).astype(np.float32)
+    shape = ShapeData(0, "s", points, (np.linalg.norm(points, axis=1) - 0.5).astype(np.float32),
+                      field.init_rows(1, torch.Generator().manual_seed(0))[0])
+    (result,) = BatchedFitter(field, FitConfig(steps=100, batch_size=1, points_per_step=512, check_every=25),
+                              "cpu").fit([shape])
+    assert result.ok and result.curve[-1] < 0.5 * result.curve[0]
+    full = field.full(field.layout.unflatten(torch.from_numpy(result.row)[None]))
+    for name, mask in field.masks.items():
+        assert torch.equal(full[name][0].gather(1, mask.fixed), mask.values)

@@ -505,3 +505,19 @@ def test_weight_store_reads_back_as_fields_and_tensors(fitted):
     np.testing.assert_allclose(loss.numpy(), shard[L.FIT_LOSS].numpy(), rtol=0.5)  # all points vs the last windows
     with pytest.raises(StoreError, match="a samples store, expected weights"):
         open_weights(str(run / L.SAMPLES))
+
+
+def test_asym_field_store_keeps_its_masks(fitted):
+    """field.asym: the rows hold the trainable entries only, the masks are saved in the store
+    (frozen/), and field_of rebuilds the same masked field from the store."""
+    from raywsl.store.weights import field_of, open_weights
+
+    run = fitted("field.asym=true", "field.kappa=2.0")
+    store = open_weights(str(run / L.WEIGHTS))
+    field = field_of(store)
+    assert field.asym and field.layout.size == store.attrs["params"] < make_field("mlp", "tiny").layout.size
+    assert store.group[L.ROW_WEIGHTS].shape[1] == field.layout.size
+    for name, tensor in field.frozen().items():
+        np.testing.assert_array_equal(store.group[L.FROZEN][name][:], tensor.numpy())
+    assert store.attrs["frozen_fingerprint"] == field.frozen_fingerprint() != make_field("mlp", "tiny").frozen_fingerprint()
+    assert (store.status() == DONE).sum() == N_GOOD

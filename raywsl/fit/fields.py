@@ -20,8 +20,9 @@ Registered types (FIELDS) and their presets (`<class>.PRESETS`):
 Weights follow torch.nn.Linear's convention (W is (out, in); default init U(-1/sqrt(in), 1/sqrt(in))
 for W and b), so a row maps one to one onto a plain nn.Module's state dict.
 
-A field may own frozen shared parts (a base network, masks: the LoRA fields of the next stage) that
-are not in the row; `frozen()` returns them and they are fingerprinted with the weight store.
+A field may own frozen shared parts (asymmetric masks, `asym=True`; a base network for the LoRA
+fields of the next stage) that are not in the row; `frozen()` returns them, they are fingerprinted
+with the weight store and saved in it.
 """
 
 from __future__ import annotations
@@ -88,23 +89,90 @@ class Layout:
         return cls(tuple((str(name), tuple(int(s) for s in shape)) for name, shape in entries))
 
 
+@dataclass(frozen=True)
+class Mask:
+    """The frozen entries of one weight matrix (asymmetric mask): in every output row the same k
+    input positions in every shape, with fixed values."""
+
+    fixed: Tensor  # (d_out, k) int64 column of each frozen entry
+    free: Tensor  # (d_out, d_in - k) int64 columns of the trainable entries, ascending
+    values: Tensor  # (d_out, k) float32 the frozen values
+
+    def assemble(self, free_values: Tensor) -> Tensor:
+        """(B, d_out, d_in - k) trainable entries -> (B, d_out, d_in) full weights."""
+        b, d_out, n_free = free_values.shape
+        full = free_values.new_zeros(b, d_out, n_free + self.fixed.shape[1])
+        full = full.scatter(2, self.free.to(full.device).expand(b, -1, -1), free_values)
+        fixed = self.values.to(full.device, full.dtype).expand(b, -1, -1)
+        return full.scatter(2, self.fixed.to(full.device).expand(b, -1, -1), fixed)
+
+
 class Field:
-    """Base of the field types. Subclasses set PRESETS, build `layout` in __init__ and implement
-    `forward`; `init_rows` defaults to nn.Linear's init of every `*.weight` / `*.bias` entry."""
+    """Base of the field types. A subclass sets PRESETS, builds the Layout of the parameters its
+    `_forward` uses and passes it to `_build`; `init_rows` draws nn.Linear's init.
+
+    Common options: asym (asymmetric masks, Lim et al. 2024, as the LoRA paper uses them): in every
+    2-D `*.weight` of the layout, ceil(sqrt(d_out)) entries of each row are frozen at positions shared
+    by every shape (drawn from `mask_seed`). Their values are drawn N(0, kappa x the variance of the
+    trainable entries' init) -- the paper's "N(0, kappa) against N(0, 1)" as a ratio, so the scale fits
+    the layer -- or are zero when `zero_masked` (multiplicative fields). Frozen entries are not in the
+    row: its layout names them `<name>_free`, shape (d_out, d_in - k)."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     type_name: ClassVar[str] = ""
-    layout: Layout
+    zero_masked: ClassVar[bool] = False
+    layout: Layout  # the row: trainable parameters only
+    shapes: Layout  # every parameter `_forward` uses
 
-    def __init__(self, **config: Any):
-        self.config = config  # the constructor arguments: recorded in the store's attributes
+    def __init__(self, *, asym: bool = False, kappa: float = 1.0, mask_seed: int = 0, **config: Any):
+        # the constructor arguments, recorded in the store's attributes (field_of rebuilds from them)
+        self.config = {**config, "asym": asym, "kappa": kappa, "mask_seed": mask_seed}
+        self.asym, self.kappa, self.mask_seed = asym, kappa, mask_seed
+        self.masks: dict[str, Mask] = {}
+
+    def _build(self, shapes: Layout) -> None:
+        self.shapes = shapes
+        if not self.asym:
+            self.layout = shapes
+            return
+        gen = torch.Generator().manual_seed(self.mask_seed)
+        entries = []
+        for name, shape in shapes.entries:
+            if not (name.endswith(".weight") and len(shape) == 2):
+                entries.append((name, shape))
+                continue
+            d_out, d_in = shape
+            k = min(math.ceil(math.sqrt(d_out)), d_in - 1)
+            order = torch.argsort(torch.rand(d_out, d_in, generator=gen), dim=1)
+            fixed, free = order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
+            std = math.sqrt(self.kappa / (3 * d_in))  # kappa x the variance of U(-1/sqrt(d_in), 1/sqrt(d_in))
+            values = torch.zeros(d_out, k) if self.zero_masked else torch.randn(d_out, k, generator=gen) * std
+            self.masks[name] = Mask(fixed, free, values)
+            entries.append((f"{name}_free", (d_out, d_in - k)))
+        self.layout = Layout(tuple(entries))
+
+    def full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Row parameters -> every parameter `_forward` uses (frozen entries put back)."""
+        if not self.masks:
+            return dict(params)
+        out = {name: p for name, p in params.items() if not name.endswith("_free")}
+        for name, mask in self.masks.items():
+            out[name] = mask.assemble(params[f"{name}_free"])
+        return out
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Row parameters (B, ...) and points (B, M, 3) -> values (B, M)."""
+        return self._forward(self.full(params), x)
+
+    def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def frozen(self) -> dict[str, Tensor]:
-        """Shared parts that are not trained per shape (none for plain fields)."""
-        return {}
+        """Shared parts that are not trained per shape: the masks' positions and values."""
+        out: dict[str, Tensor] = {}
+        for name, mask in self.masks.items():
+            out[f"{name}.fixed"], out[f"{name}.values"] = mask.fixed, mask.values
+        return out
 
     def frozen_fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -114,21 +182,20 @@ class Field:
         return h.hexdigest()[:16]
 
     def init_rows(self, n: int, generator: torch.Generator) -> Tensor:
-        """(n, P) float32 rows drawn from the field's initial distribution (nn.Linear's)."""
+        """(n, P) float32 rows drawn from nn.Linear's init: W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        shapes = dict(self.shapes.entries)
         params = {}
-        for name, shape in self.layout.entries:
-            fan_in = shape[-1] if name.endswith(".weight") else self._fan_in(name)
-            bound = 1 / math.sqrt(fan_in)
-            params[name] = (torch.rand((n, *shape), generator=generator) * 2 - 1) * bound
+        for name, shape in self.shapes.entries:
+            fan_in = shapes[name.rsplit(".", 1)[0] + ".weight"][-1]
+            params[name] = (torch.rand((n, *shape), generator=generator) * 2 - 1) / math.sqrt(fan_in)
+        for name, mask in self.masks.items():  # keep the trainable entries of masked weights
+            params[f"{name}_free"] = params.pop(name).gather(2, mask.free.expand(n, -1, -1))
         return self.layout.flatten(params)
-
-    def _fan_in(self, bias_name: str) -> int:
-        return dict(self.layout.entries)[bias_name.replace(".bias", ".weight")][-1]
 
     def bind(self, rows: Tensor) -> Callable[[Tensor], Tensor]:
         """The batch of fields of `rows` (B, P) as a callable (B, M, 3) -> (B, M), for extraction."""
-        params = self.layout.unflatten(rows)
-        return lambda x: self.forward(params, x)
+        params = self.full(self.layout.unflatten(rows))
+        return lambda x: self._forward(params, x)
 
 
 FIELDS: dict[str, type[Field]] = {}
@@ -150,6 +217,11 @@ def make_field(type_name: str, preset: str, **overrides: Any) -> Field:
     if preset not in cls.PRESETS:
         raise FieldError(f"unknown preset {preset!r} of field type {type_name!r}; known: {sorted(cls.PRESETS)}")
     return cls(**{**cls.PRESETS[preset], **overrides})
+
+
+def field_from_config(fc: Any) -> Field:
+    """The field of a `field:` config section (config.FieldConfig)."""
+    return make_field(fc.type, fc.preset, asym=fc.asym, kappa=fc.kappa, mask_seed=fc.mask_seed)
 
 
 def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
@@ -175,17 +247,17 @@ class MLPField(Field):
         "tiny": {"bands": 2, "hidden": 32, "layers": 2},  # 1,601 parameters: tests
     }
 
-    def __init__(self, bands: int, hidden: int, layers: int):
-        super().__init__(bands=bands, hidden=hidden, layers=layers)
+    def __init__(self, bands: int, hidden: int, layers: int, **common: Any):
+        super().__init__(bands=bands, hidden=hidden, layers=layers, **common)
         self.bands = bands
         dims = [3 + 6 * bands] + [hidden] * layers + [1]
         self.n_linear = len(dims) - 1
         entries = []
         for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
             entries += [(f"l{i}.weight", (d_out, d_in)), (f"l{i}.bias", (d_out,))]
-        self.layout = Layout(tuple(entries))
+        self._build(Layout(tuple(entries)))
 
-    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         h = positional_encoding(x, self.bands)
         for i in range(self.n_linear):
             h = linear(params, f"l{i}", h)
@@ -201,14 +273,14 @@ class FourierField(Field):
         "tiny": {"hidden": 24, "omega": 1.0},
     }
 
-    def __init__(self, hidden: int, omega: float):
-        super().__init__(hidden=hidden, omega=omega)
+    def __init__(self, hidden: int, omega: float, **common: Any):
+        super().__init__(hidden=hidden, omega=omega, **common)
         self.omega = omega
-        self.layout = Layout((("l0.weight", (hidden, 3)), ("l0.bias", (hidden,)),
-                              ("l1.weight", (hidden, hidden)), ("l1.bias", (hidden,)),
-                              ("l2.weight", (1, hidden)), ("l2.bias", (1,))))
+        self._build(Layout((("l0.weight", (hidden, 3)), ("l0.bias", (hidden,)),
+                            ("l1.weight", (hidden, hidden)), ("l1.bias", (hidden,)),
+                            ("l2.weight", (1, hidden)), ("l2.bias", (1,)))))
 
-    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         h = torch.sin(self.omega * linear(params, "l0", x))
         h = torch.relu(linear(params, "l1", h))
         return linear(params, "l2", h).squeeze(-1)

@@ -33,7 +33,7 @@ from raywsl import __version__
 from raywsl import layout as L
 from raywsl.config import Config, fingerprint, to_dict
 from raywsl.fit.engine import BatchedFitter, FitResult, ShapeData
-from raywsl.fit.fields import Field, make_field
+from raywsl.fit.fields import Field, field_from_config
 from raywsl.ingest.sampling import shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session
@@ -83,7 +83,7 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
     run = L.RunLayout(cfg.run_dir)
     inp = INPUTS[cfg.fit.samples](cfg)
-    field = make_field(cfg.field.type, cfg.field.preset)
+    field = field_from_config(cfg.field)
     anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
     fp = fingerprint("weights", inp.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
                      to_dict(cfg.fit, fingerprint_only=True), field.frozen_fingerprint(), anchor_id)
@@ -96,6 +96,7 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
                "warm_shape": anchor_id, "seed": cfg.seed, "fit": to_dict(cfg.fit),
                "samples_fingerprint": inp.fingerprint, "frozen_fingerprint": field.frozen_fingerprint(),
                "versions": {"raywsl": __version__, "torch": torch.__version__}})
+    _save_frozen(store, field)
     pending = store.pending_shards()
     log.info("fit: %d shapes from %s (%s), %s/%s field (%d parameters), init %s%s, %d shards (%d done) -> %s",
              store.n_rows, inp.where, cfg.fit.samples, cfg.field.type, cfg.field.preset, field.layout.size,
@@ -115,6 +116,18 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
 
         summary["recon"] = reconstruct(cfg, store, inp, field)
     return summary
+
+
+def _save_frozen(store: RowStore, field: Field) -> None:
+    """The field's frozen shared parts (asymmetric masks), as arrays `frozen/<name>` of the store."""
+    frozen = field.frozen()
+    if not frozen:
+        return
+    group = store.group.require_group(L.FROZEN)
+    for name, tensor in frozen.items():  # rewritten on every run: a kill mid-way leaves nothing half-done
+        values = tensor.numpy()
+        group.create_array(name, shape=values.shape, dtype=values.dtype, compressors=None,
+                           overwrite=True)[...] = values
 
 
 def _anchor_id(cfg: Config, inp: Any) -> str:
@@ -225,7 +238,7 @@ class FitActor:
         torch.set_num_threads(cfg.fit.cpus_per_actor)  # Ray sets OMP_NUM_THREADS; say it explicitly
         self.store = RowStore.open(path, mode="r+", kind="weights")
         self.cfg = cfg
-        self.field = make_field(cfg.field.type, cfg.field.preset)
+        self.field = field_from_config(cfg.field)
         self.fitter = BatchedFitter(self.field, cfg.fit, cfg.fit.device)
         self.shared = ray.get(shared) if isinstance(shared, ray.ObjectRef) else shared
 

@@ -27,9 +27,9 @@ def field_of(store: RowStore) -> Field:
     stored layout, so a changed field definition cannot silently misread old rows)."""
     attrs = store.attrs
     field = FIELDS[attrs["field_type"]](**attrs["field_config"])
-    if field.layout != Layout.from_json(attrs["layout"]):
+    if field.layout != Layout.from_json(attrs["layout"]) or field.frozen_fingerprint() != attrs["frozen_fingerprint"]:
         raise FieldError(f"{store.path}: the {attrs['field_type']} field of this raywsl version has another "
-                         f"layout than the one the store was fitted with")
+                         f"layout or other frozen parts than the one the store was fitted with")
     return field
 
 
