@@ -47,3 +47,61 @@ def test_base_field_shapes_and_styles(preset):
     weights = {n: w.expand(3, -1, -1) for n, w in field.base_weights().items()}
     x = torch.rand(3, 11, 3)
     torch.testing.assert_close(field(x, styles, weights), field(x, styles))
+
+
+# ------------------------------------------------------------------------------------ auto-decoder training
+
+def _spheres(n=6, m=4096):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-1, 1, (n, m, 3)).astype(np.float32)
+    radii = np.linspace(0.25, 0.7, n, dtype=np.float32)[:, None]
+    return points, (np.linalg.norm(points, axis=2) - radii).astype(np.float32)
+
+
+def _trainer(steps):
+    from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
+
+    torch.manual_seed(0)
+    net = ModulatedField.from_preset("tiny")
+    settings = AutoDecoderSettings(steps=steps, lr=3e-3, latent_lr=3e-3, stages=[[0.5, 6, 256], [0.5, 3, 1024]])
+    return AutoDecoder(net, lambda net, x, z: net(x, net.styles(z)), 6, 8, settings)
+
+
+def test_auto_decoder_training_reduces_the_loss_and_separates_the_shapes():
+    points, sdf = _spheres()
+    trainer = _trainer(300)
+    losses = [trainer.step(*batch) for batch in trainer.batches(points, sdf)]
+    assert trainer.step_count == 300
+    assert sum(losses[-20:]) / 20 < 0.3 * sum(losses[:20]) / 20
+    # one network, six shapes: each latent decodes its own sphere better than its neighbour's
+    with torch.no_grad():
+        x = torch.from_numpy(points[:, :512])
+        own = (trainer.net(x, trainer.net.styles(trainer.latents)) - torch.from_numpy(sdf[:, :512])).abs().mean()
+        swapped = trainer.latents.roll(1, 0)
+        other = (trainer.net(x, trainer.net.styles(swapped)) - torch.from_numpy(sdf[:, :512])).abs().mean()
+    assert own < 0.6 * other
+
+
+def test_auto_decoder_resumes_from_a_checkpoint_exactly(tmp_path):
+    points, sdf = _spheres()
+    straight = _trainer(40)
+    for batch in straight.batches(points, sdf):
+        straight.step(*batch)
+    first = _trainer(40)
+    for batch in first.batches(points, sdf):
+        first.step(*batch)
+        if first.step_count == 20:
+            break
+    first.save(str(tmp_path / "ckpt"))
+    resumed = _trainer(40)  # a new process would build the same objects, then load
+    resumed.load_state(str(tmp_path / "ckpt"))
+    assert resumed.step_count == 20
+    for batch in resumed.batches(points, sdf):
+        resumed.step(*batch)
+    assert torch.equal(resumed.latents, straight.latents)
+    for a, b in zip(resumed.net.state_dict().values(), straight.net.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.ema.state_dict().values(), straight.ema.state_dict().values()):
+        assert torch.equal(a, b)

@@ -1,0 +1,122 @@
+"""Auto-decoder training: one shared network and one latent code per shape, optimised jointly.
+
+    trainer = AutoDecoder(net, n_shapes, settings)
+    loss = trainer.step(idx, points, sdf)        # idx (S,) shapes, points (S, K, 3), sdf (S, K)
+    trainer.save("checkpoints/base/step_000100") ; trainer = AutoDecoder.load(path, net, ...)
+
+The objective is the LoRA paper's (and DeepSDF's): reconstruction of every shape's SDF from its
+latent, plus latent_reg x |z_i|^2. Latents start N(0, latent_std^2); the network and the latents
+have their own Adam learning rates, both decayed geometrically to lr_end over the run; an
+exponential moving average (EMA) of the network weights is kept for use after training.
+
+`batches` draws the staged schedule of the LoRA paper: early stages many shapes x few points,
+late stages few shapes x many points, from a seeded generator whose state is checkpointed, so a
+run resumed from a checkpoint continues exactly as an uninterrupted one.
+
+Checkpoints are plain tensors and numbers (`torch.save`, read back with `weights_only=True`: no
+pickled code), with a JSON file beside them saying what they hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from raywsl.fit.engine import LOSSES
+
+CHECKPOINT_FILE, CHECKPOINT_INFO = "state.pt", "info.json"
+
+
+@dataclass
+class AutoDecoderSettings:
+    steps: int = 2000
+    lr: float = 1e-3  # network
+    latent_lr: float = 1e-3
+    lr_end: float = 1e-5
+    latent_reg: float = 1e-4  # lambda_r
+    latent_std: float = 0.01
+    ema: float = 0.999
+    loss: str = "l1"
+    clamp: float = 0.1
+    # (fraction of the steps, shapes per step, points per shape): many shapes x few points first
+    stages: list[list[float]] = field(default_factory=lambda: [[0.5, 16, 1024], [0.3, 8, 4096], [0.2, 4, 8192]])
+    seed: int = 0
+
+
+class AutoDecoder:
+    """The training state: network, its EMA, latents, optimiser, step and sampling generator.
+    `net(x, z)` must map points (S, K, 3) and latents (S, d_z) to SDF (S, K)."""
+
+    def __init__(self, net: nn.Module, forward: Callable[[nn.Module, Tensor, Tensor], Tensor], n_shapes: int,
+                 latent_dim: int, settings: AutoDecoderSettings):
+        self.net, self.forward, self.s = net, forward, settings
+        self.ema = copy.deepcopy(net).requires_grad_(False)
+        gen = torch.Generator().manual_seed(settings.seed)
+        self.latents = nn.Parameter(torch.randn(n_shapes, latent_dim, generator=gen) * settings.latent_std)
+        self.opt = torch.optim.Adam([{"params": net.parameters(), "lr": settings.lr},
+                                     {"params": [self.latents], "lr": settings.latent_lr}])
+        self.base_lrs = [settings.lr, settings.latent_lr]
+        self.step_count = 0
+        self.sampler = torch.Generator().manual_seed(settings.seed + 1)
+        self.loss_fn = LOSSES[settings.loss]
+
+    def step(self, idx: Tensor, points: Tensor, sdf: Tensor) -> float:
+        s = self.s
+        decay = (s.lr_end / s.lr) ** (self.step_count / max(s.steps, 1))
+        for group, lr in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = lr * decay
+        z = self.latents[idx]
+        recon = self.loss_fn(self.forward(self.net, points, z), sdf, s.clamp).mean()
+        loss = recon + s.latent_reg * z.square().sum(1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.net.parameters()):
+                e.lerp_(p, 1 - s.ema)
+        self.step_count += 1
+        return recon.item()
+
+    def batches(self, points: np.ndarray, sdf: np.ndarray) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(idx, points, sdf) for the remaining steps of the staged schedule, drawn from the
+        in-memory samples `points` (N, M, 3), `sdf` (N, M)."""
+        n, m = sdf.shape
+        bounds = np.cumsum([stage[0] for stage in self.s.stages]) * self.s.steps
+        while self.step_count < self.s.steps:
+            stage = self.s.stages[min(int(np.searchsorted(bounds, self.step_count, side="right")),
+                                      len(self.s.stages) - 1)]
+            shapes, k = min(int(stage[1]), n), min(int(stage[2]), m)
+            idx = torch.randperm(n, generator=self.sampler)[:shapes]
+            cols = torch.randint(0, m, (shapes, k), generator=self.sampler)
+            yield idx, torch.from_numpy(points[idx.numpy()[:, None], cols.numpy()]), \
+                torch.from_numpy(sdf[idx.numpy()[:, None], cols.numpy()])
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        state = {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "latents": self.latents.detach(),
+                 "opt": self.opt.state_dict(), "step": self.step_count, "sampler": self.sampler.get_state()}
+        tmp = os.path.join(folder, CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(folder, CHECKPOINT_FILE))  # a kill mid-write leaves the old one
+        with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
+            json.dump({"step": self.step_count, "settings": asdict(self.s), "latents": list(self.latents.shape),
+                       "format": "torch.save of tensors and numbers; load with weights_only=True"}, f, indent=2)
+
+    def load_state(self, folder: str) -> None:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+        self.net.load_state_dict(state["net"])
+        self.ema.load_state_dict(state["ema"])
+        with torch.no_grad():
+            self.latents.copy_(state["latents"])
+        self.opt.load_state_dict(state["opt"])
+        self.step_count = int(state["step"])
+        self.sampler.set_state(state["sampler"])
