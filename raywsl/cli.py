@@ -109,6 +109,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0 if summary["done"] > 0 else 1
 
 
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from raywsl.base.train import train_base
+
+    cfg, run = _setup(args, "train-base")
+    with tracking.run_context(cfg, "train-base", restart=args.restart):
+        metrics = train_base(cfg, restart=args.restart)
+        tracking.log_metrics({f"base_{k}": v for k, v in metrics.items()})
+    print(f"base field trained: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4g}; "
+          f"checkpoint in {run.checkpoints}/")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raywsl.eval.run import EvalError, evaluate
 
@@ -154,6 +166,8 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "ingest": ("meshes -> SDF samples in samples.zarr (Ray Data, resumable)", _add_config_args, cmd_ingest, True),
     "fit": ("SDF samples -> one fitted neural field per shape in weights.zarr (Ray Data actors, resumable)",
             _add_config_args, cmd_fit, True),
+    "train-base": ("SDF samples -> the modulated base field + one latent per shape (Ray Train, resumable)",
+                   _add_config_args, cmd_train_base, True),
     "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
              _add_config_args, cmd_eval, True),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),

@@ -124,6 +124,27 @@ class FitConfig:
 
 
 @dataclass
+class BaseConfig:
+    # The paper trains 350k steps (lr 1e-3 -> 1e-5, lambda_r 1e-4, EMA) with staged batches; defaults are CPU-sized.
+    preset: str = opt("small", "modulated base field preset: shapenet (the paper's), small, tiny",
+                      choices=["shapenet", "small", "tiny"])
+    steps: int = opt(2000, "training steps", min=1)
+    lr: float = opt(1e-3, "network learning rate (decays geometrically to base.lr_end)", min=0.0)
+    latent_lr: float = opt(1e-3, "latent codes' learning rate", min=0.0)
+    lr_end: float = opt(1e-5, "final learning rate", min=0.0)
+    latent_reg: float = opt(1e-4, "lambda_r: weight of |z|^2 in the loss", min=0.0)
+    latent_std: float = opt(0.01, "std of the initial latent codes", min=0.0)
+    ema: float = opt(0.999, "decay of the exponential moving average of the network", min=0.0, max=1.0)
+    loss: str = opt("l1", "reconstruction loss: l1, clamped_l1, mse", choices=["l1", "clamped_l1", "mse"])
+    stages: list[list[float]] = opt([[0.5, 16, 1024], [0.3, 8, 4096], [0.2, 4, 8192]],
+                                    "staged schedule: [fraction of steps, shapes per step, points per shape], "
+                                    "many shapes x few points first")
+    checkpoint_every: int = opt(200, "steps between checkpoints (reported to Ray Train)", min=1, fp=False)
+    workers: int = opt(2, "Ray Train workers (DDP; gloo on CPU, nccl on GPU)", min=1, fp=False)
+    use_gpu: bool = opt(False, "one GPU per Ray Train worker", fp=False)
+
+
+@dataclass
 class EvalConfig:
     generated: str = opt("", "meshes to evaluate (folder, glob or manifest); empty: <run.dir>/generated")
     reference: str = opt("", "reference meshes (folder, glob or manifest) for MMD / COV / 1-NNA")
@@ -163,6 +184,7 @@ class Config:
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
+    base: BaseConfig = dataclasses.field(default_factory=BaseConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: MlflowConfig = dataclasses.field(default_factory=MlflowConfig)
@@ -185,6 +207,9 @@ class Config:
         presets = FIELDS[self.field.type].PRESETS
         _require("field.preset", self.field.preset in presets, self.field.preset,
                  f"for field.type {self.field.type}: one of {sorted(presets)}")
+        _require("base.stages", self.base.stages and all(len(st) == 3 and st[0] > 0 and st[1] >= 1 and st[2] >= 1
+                                                         for st in self.base.stages),
+                 self.base.stages, "a non-empty list of [fraction > 0, shapes >= 1, points >= 1]")
         bad = sorted(set(self.eval.distances) - set(SET_DISTANCES))
         _require("eval.distances", self.eval.distances and not bad, self.eval.distances,
                  f"a non-empty list from {list(SET_DISTANCES)}")

@@ -67,7 +67,16 @@ class AutoDecoder:
         self.sampler = torch.Generator().manual_seed(settings.seed + 1)
         self.loss_fn = LOSSES[settings.loss]
 
-    def step(self, idx: Tensor, points: Tensor, sdf: Tensor) -> float:
+    def stage(self) -> tuple[int, int]:
+        """(shapes per step, points per shape) of the stage the next step is in."""
+        bounds = np.cumsum([stage[0] for stage in self.s.stages]) * self.s.steps
+        k = min(int(np.searchsorted(bounds, self.step_count, side="right")), len(self.s.stages) - 1)
+        return int(self.s.stages[k][1]), int(self.s.stages[k][2])
+
+    def step(self, idx: Tensor, points: Tensor, sdf: Tensor,
+             sync: Callable[[list[Tensor]], None] | None = None) -> float:
+        """One Adam step on shapes `idx`. `sync` averages the gradients across workers (Ray Train)
+        between backward and the update; every worker then holds the same network and latents."""
         s = self.s
         decay = (s.lr_end / s.lr) ** (self.step_count / max(s.steps, 1))
         for group, lr in zip(self.opt.param_groups, self.base_lrs):
@@ -75,8 +84,10 @@ class AutoDecoder:
         z = self.latents[idx]
         recon = self.loss_fn(self.forward(self.net, points, z), sdf, s.clamp).mean()
         loss = recon + s.latent_reg * z.square().sum(1).mean()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
+        if sync is not None:
+            sync([p.grad for p in (*self.net.parameters(), self.latents)])
         self.opt.step()
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.net.parameters()):
@@ -88,11 +99,9 @@ class AutoDecoder:
         """(idx, points, sdf) for the remaining steps of the staged schedule, drawn from the
         in-memory samples `points` (N, M, 3), `sdf` (N, M)."""
         n, m = sdf.shape
-        bounds = np.cumsum([stage[0] for stage in self.s.stages]) * self.s.steps
         while self.step_count < self.s.steps:
-            stage = self.s.stages[min(int(np.searchsorted(bounds, self.step_count, side="right")),
-                                      len(self.s.stages) - 1)]
-            shapes, k = min(int(stage[1]), n), min(int(stage[2]), m)
+            shapes, k = self.stage()
+            shapes, k = min(shapes, n), min(k, m)
             idx = torch.randperm(n, generator=self.sampler)[:shapes]
             cols = torch.randint(0, m, (shapes, k), generator=self.sampler)
             yield idx, torch.from_numpy(points[idx.numpy()[:, None], cols.numpy()]), \

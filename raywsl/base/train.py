@@ -1,0 +1,148 @@
+"""`raywsl train-base`: the modulated base field and one latent per shape, trained under Ray Train.
+
+    samples.zarr --RowStore Datasource--> Ray Train workers (base.workers; gloo on CPU, nccl on GPU)
+        each worker: its shard of shapes, K random points per shape, one AutoDecoder step;
+                     gradients (network and latents) averaged across workers with all_reduce
+        rank 0: a checkpoint every base.checkpoint_every steps, reported with ray.train.report
+    --> checkpoints/base/ (Ray Train's run folder) and checkpoints/base_final/ (the last state)
+
+Every worker holds the whole network and the whole latent table, and the gradient averaging keeps
+them identical (what DDP does; done by hand because the latents are not part of a module). A
+killed run resumes from its latest checkpoint when the same command is run again (Ray Train
+restores a run by its storage path and name), with the step count intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from raywsl import layout as L
+from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
+from raywsl.base.modulated import ModulatedField
+from raywsl.config import Config, build, to_dict
+from raywsl.runtime import ray_session
+from raywsl.store.rows import DONE, RowStore, StoreError
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "base"  # Ray Train's run folder under checkpoints/
+FINAL = "base_final"  # the last state, where fitting finds the base
+
+
+def settings_of(cfg: Config) -> AutoDecoderSettings:
+    b = cfg.base
+    return AutoDecoderSettings(steps=b.steps, lr=b.lr, latent_lr=b.latent_lr, lr_end=b.lr_end,
+                               latent_reg=b.latent_reg, latent_std=b.latent_std, ema=b.ema, loss=b.loss,
+                               stages=[list(s) for s in b.stages], seed=cfg.seed)
+
+
+def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
+    torch.manual_seed(cfg.seed)  # the network's init: the same on every worker
+    net = ModulatedField.from_preset(cfg.base.preset)
+    return AutoDecoder(net, lambda net, x, z: net(x, net.styles(z)), n_shapes, net.config["latent"],
+                       settings_of(cfg))
+
+
+def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
+    """Train (or resume training) the base field of `cfg.run_dir`; returns the final metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raywsl.store.datasource import read_rows
+
+    run = L.RunLayout(cfg.run_dir)
+    try:
+        samples = RowStore.open(run.samples, kind="samples")
+    except StoreError as e:
+        raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first") from e
+    status = samples.status()
+    n_done = int((status == DONE).sum())
+    if n_done == 0:
+        raise StoreError(f"{samples.path}: no ingested shape to train on")
+    storage = os.path.abspath(run.checkpoints)
+    if restart and os.path.exists(os.path.join(storage, RUN_NAME)):
+        shutil.rmtree(os.path.join(storage, RUN_NAME))
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
+        data = read_rows(samples.path, [L.POINTS, L.SDF]).map_batches(_ingested, batch_size=None)
+        data.context.enable_progress_bars = False  # one bar per epoch per worker otherwise
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"cfg": to_dict(cfg), "latent_of_row": np.cumsum(status == DONE).tolist(),
+                               "n_shapes": n_done},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.base.workers, use_gpu=cfg.base.use_gpu),
+            run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=storage,
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                           failure_config=ray.train.FailureConfig(max_failures=2)),
+            datasets={"train": data})
+        result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as folder:
+        final = os.path.join(storage, FINAL)
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(folder, final)
+    log.info("train-base: %s -> %s", result.metrics, final)
+    return dict(result.metrics)
+
+
+def _ingested(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Only the rows ingest sampled (failed meshes have no samples)."""
+    keep = batch[L.STATUS] == DONE
+    return {name: values[keep] for name, values in batch.items()}
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker."""
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = build(Config, config["cfg"])
+    latent_of_row = np.asarray(config["latent_of_row"]) - 1  # row -> index among the ingested shapes
+    trainer = make_trainer(cfg, config["n_shapes"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state(folder)
+    resumed_from = trainer.step_count
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def sync(grads: list[torch.Tensor]) -> None:
+        if world > 1:
+            for g in grads:
+                dist.all_reduce(g)
+                g /= world
+
+    shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
+    sampler = np.random.default_rng([cfg.seed, rank, trainer.step_count])  # per worker and resume point
+    loss_sum, n = 0.0, 0
+    while trainer.step_count < trainer.s.steps:
+        shapes, points = trainer.stage()
+        # drop_last keeps every worker at the same number of steps (they all_reduce in lockstep)
+        for batch in shard.iter_batches(batch_size=max(1, min(shapes, config["n_shapes"] // world)),
+                                        batch_format="numpy", drop_last=True):
+            rows, pts, sdf = batch["row"], batch[L.POINTS], batch[L.SDF]
+            cols = sampler.integers(0, sdf.shape[1], (len(rows), min(points, sdf.shape[1])))
+            idx = torch.from_numpy(latent_of_row[rows])
+            loss_sum += trainer.step(idx, torch.from_numpy(np.take_along_axis(pts, cols[..., None], 1)),
+                                     torch.from_numpy(np.take_along_axis(sdf, cols, 1)), sync)
+            n += 1
+            step = trainer.step_count
+            if step % cfg.base.checkpoint_every == 0 or step == trainer.s.steps:
+                metrics = {"step": step, "loss": loss_sum / max(n, 1), "resumed_from": resumed_from}
+                loss_sum, n = 0.0, 0
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as folder:
+                        trainer.save(folder)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                else:
+                    ray.train.report(metrics)
+            if step >= trainer.s.steps or trainer.stage() != (shapes, points):
+                break  # next stage: another batch size
