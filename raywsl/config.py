@@ -74,13 +74,16 @@ class IngestConfig:
 
 @dataclass
 class FieldConfig:
-    type: str = opt("mlp", "field type: mlp, fourier (see raywsl/fit/fields.py)")
+    type: str = opt("mlp", "field type: mlp, fourier, lora, mlora (see raywsl/fit/fields.py, fit/lora.py)")
     preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, small, tiny; "
-                                    "fourier: shapenet, tiny)")
+                                    "fourier: shapenet, tiny; lora, mlora: default)")
     asym: bool = opt(False, "asymmetric masks: freeze ceil(sqrt(d_out)) entries per weight row at positions "
                             "shared by all shapes (breaks permutation symmetry; see fit/fields.py)")
     kappa: float = opt(1.0, "variance of the frozen entries, relative to the trainable entries' init", min=0.0)
     mask_seed: int = opt(0, "seed of the asymmetric masks' positions and values")
+    rank: int = opt(4, "lora / mlora: rank of every synthesis layer's adapter", min=1)
+    base: str = opt("", "lora / mlora: the trained base (a `raywsl train-base` checkpoint folder); empty: "
+                        "<run.dir>/checkpoints/base_final")
 
 
 @dataclass

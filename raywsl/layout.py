@@ -55,6 +55,11 @@ ROW_WEIGHTS = "weights"  # (N, P) float32, one flat weight row per shape (the fi
 FIT_LOSS = "loss"  # (N,) float32 training loss over the last check interval
 FIT_STEPS = "steps"  # (N,) int32 steps of the final attempt
 FIT_RESTARTS = "restarts"  # (N,) int32 divergence restarts
+# A training-state checkpoint folder (base field, DeepSDF): tensors + a JSON description.
+CHECKPOINT_STATE = "state.pt"  # torch.save of tensors and numbers; load with weights_only=True
+CHECKPOINT_INFO = "info.json"
+BASE_FINAL = "base_final"  # checkpoints/base_final: the trained base field LoRA fields are fitted on
+
 FROZEN = "frozen"  # group of the field's frozen shared parts (asymmetric masks: <weight>.fixed, <weight>.values)
 INIT_ROW = "init"  # (P,) float32 the shared start of every shape (warm and shared init); the driver writes it
 

@@ -7,7 +7,6 @@ import torch
 from conftest import kill9_when
 
 from raywsl import layout as L
-from raywsl.base.autodecoder import CHECKPOINT_FILE, CHECKPOINT_INFO
 from raywsl.base.train import FINAL, RUN_NAME
 from raywsl.cli import main
 from raywsl.data.corpus import write_corpus
@@ -28,8 +27,8 @@ def ingested(ray_local, tmp_path_factory):
 
 def _final(run):
     folder = run / L.CHECKPOINTS / FINAL
-    state = torch.load(folder / CHECKPOINT_FILE, weights_only=True)  # safe: tensors and numbers only
-    return state, json.loads((folder / CHECKPOINT_INFO).read_text())
+    state = torch.load(folder / L.CHECKPOINT_STATE, weights_only=True)  # safe: tensors and numbers only
+    return state, json.loads((folder / L.CHECKPOINT_INFO).read_text())
 
 
 def test_train_base_learns_and_checkpoints(ingested, tmp_path, capsys):
@@ -78,3 +77,29 @@ def test_train_base_resumes_after_kill9(ingested, tmp_path):
     assert metrics["step"] == 400 and metrics["resumed_from"] >= 20  # not from step 0
     state, _ = _final(run)
     assert state["step"] == 400
+
+
+def test_mlora_fields_fit_on_the_trained_base_through_raywsl_fit(ingested, tmp_path):
+    """train-base, then `raywsl fit field.type=mlora`: a weight store of rank-pair rows whose frozen
+    base is fingerprinted, and field_of rebuilds the field from the store."""
+    import shutil
+
+    from raywsl.store.rows import DONE
+    from raywsl.store.weights import field_of, open_weights
+
+    run = tmp_path / "run"
+    shutil.copytree(ingested, run)
+    assert main(["train-base", f"run.dir={run}", *BASE, "base.steps=60"]) == 0
+    fit = ["field.type=mlora", "field.preset=default", "field.rank=2", "field.asym=true", "fit.steps=60",
+           "fit.points_per_step=512", "fit.check_every=20", "fit.batch_size=4", "fit.shard_size=4",
+           "fit.recon_count=2", "fit.recon_resolution=32"]
+    assert main(["fit", f"run.dir={run}", *fit]) == 0
+    store = open_weights(str(run / L.WEIGHTS))
+    assert (store.status() == DONE).all()
+    field = field_of(store)
+    assert store.group[L.ROW_WEIGHTS].shape == (8, field.layout.size)
+    assert store.attrs["layout"][0] == ["block0.fc0.a0", [16]]
+    assert store.attrs["frozen_fingerprint"] == field.frozen_fingerprint()
+    # a retrained base is a different frozen part: the store refuses to be resumed with it
+    assert main(["train-base", f"run.dir={run}", *BASE, "base.steps=80", "--restart"]) == 0
+    assert main(["fit", f"run.dir={run}", *fit]) == 2

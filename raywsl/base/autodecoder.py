@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from raywsl.fit.engine import LOSSES
 
-CHECKPOINT_FILE, CHECKPOINT_INFO = "state.pt", "info.json"
+from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE
 
 
 @dataclass
@@ -113,15 +113,16 @@ class AutoDecoder:
         os.makedirs(folder, exist_ok=True)
         state = {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "latents": self.latents.detach(),
                  "opt": self.opt.state_dict(), "step": self.step_count, "sampler": self.sampler.get_state()}
-        tmp = os.path.join(folder, CHECKPOINT_FILE + ".tmp")
+        tmp = os.path.join(folder, CHECKPOINT_STATE + ".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, os.path.join(folder, CHECKPOINT_FILE))  # a kill mid-write leaves the old one
+        os.replace(tmp, os.path.join(folder, CHECKPOINT_STATE))  # a kill mid-write leaves the old one
         with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
             json.dump({"step": self.step_count, "settings": asdict(self.s), "latents": list(self.latents.shape),
+                       "net": getattr(self.net, "config", None),
                        "format": "torch.save of tensors and numbers; load with weights_only=True"}, f, indent=2)
 
     def load_state(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+        state = torch.load(os.path.join(folder, CHECKPOINT_STATE), weights_only=True)
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         with torch.no_grad():

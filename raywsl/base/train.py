@@ -33,7 +33,7 @@ from raywsl.store.rows import DONE, RowStore, StoreError
 log = logging.getLogger(__name__)
 
 RUN_NAME = "base"  # Ray Train's run folder under checkpoints/
-FINAL = "base_final"  # the last state, where fitting finds the base
+FINAL = L.BASE_FINAL  # the last state, where fitting finds the base
 
 
 def settings_of(cfg: Config) -> AutoDecoderSettings:

@@ -107,6 +107,21 @@ class Mask:
         return full.scatter(2, self.fixed.to(full.device).expand(b, -1, -1), fixed)
 
 
+def make_masks(weights: Mapping[str, tuple[int, int]], std: Mapping[str, float], zero: bool,
+               seed: int) -> dict[str, Mask]:
+    """Asymmetric masks of weight matrices {name: (d_out, d_in)}: per row ceil(sqrt(d_out)) frozen
+    positions (at most d_in - 1), values N(0, std[name]^2) or zero."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, (d_out, d_in) in weights.items():
+        k = min(math.ceil(math.sqrt(d_out)), d_in - 1)
+        order = torch.argsort(torch.rand(d_out, d_in, generator=gen), dim=1)
+        fixed, free = order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
+        values = torch.zeros(d_out, k) if zero else torch.randn(d_out, k, generator=gen) * std[name]
+        masks[name] = Mask(fixed, free, values)
+    return masks
+
+
 class Field:
     """Base of the field types. A subclass sets PRESETS, builds the Layout of the parameters its
     `_forward` uses and passes it to `_build`; `init_rows` draws nn.Linear's init.
@@ -135,21 +150,12 @@ class Field:
         if not self.asym:
             self.layout = shapes
             return
-        gen = torch.Generator().manual_seed(self.mask_seed)
-        entries = []
-        for name, shape in shapes.entries:
-            if not (name.endswith(".weight") and len(shape) == 2):
-                entries.append((name, shape))
-                continue
-            d_out, d_in = shape
-            k = min(math.ceil(math.sqrt(d_out)), d_in - 1)
-            order = torch.argsort(torch.rand(d_out, d_in, generator=gen), dim=1)
-            fixed, free = order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
-            std = math.sqrt(self.kappa / (3 * d_in))  # kappa x the variance of U(-1/sqrt(d_in), 1/sqrt(d_in))
-            values = torch.zeros(d_out, k) if self.zero_masked else torch.randn(d_out, k, generator=gen) * std
-            self.masks[name] = Mask(fixed, free, values)
-            entries.append((f"{name}_free", (d_out, d_in - k)))
-        self.layout = Layout(tuple(entries))
+        weights = {name: shape for name, shape in shapes.entries if name.endswith(".weight") and len(shape) == 2}
+        # kappa x the variance of nn.Linear's init U(-1/sqrt(d_in), 1/sqrt(d_in))
+        self.masks = make_masks(weights, {name: math.sqrt(self.kappa / (3 * s[1])) for name, s in weights.items()},
+                                self.zero_masked, self.mask_seed)
+        self.layout = Layout(tuple((f"{name}_free", (s[0], s[1] - self.masks[name].fixed.shape[1]))
+                                   if name in self.masks else (name, s) for name, s in shapes.entries))
 
     def full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Row parameters -> every parameter `_forward` uses (frozen entries put back)."""
@@ -219,9 +225,16 @@ def make_field(type_name: str, preset: str, **overrides: Any) -> Field:
     return cls(**{**cls.PRESETS[preset], **overrides})
 
 
-def field_from_config(fc: Any) -> Field:
-    """The field of a `field:` config section (config.FieldConfig)."""
-    return make_field(fc.type, fc.preset, asym=fc.asym, kappa=fc.kappa, mask_seed=fc.mask_seed)
+def field_from_config(cfg: Any) -> Field:
+    """The field of a config's `field:` section (LoRA types also read their base: field.base, or the
+    run folder's checkpoints/base_final)."""
+    fc = cfg.field
+    options: dict[str, Any] = {"asym": fc.asym, "kappa": fc.kappa, "mask_seed": fc.mask_seed}
+    if getattr(FIELDS.get(fc.type), "needs_base", False):
+        from raywsl import layout as L
+
+        options.update(base=fc.base or L.join(L.RunLayout(cfg.run_dir).checkpoints, L.BASE_FINAL), rank=fc.rank)
+    return make_field(fc.type, fc.preset, **options)
 
 
 def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
@@ -284,3 +297,8 @@ class FourierField(Field):
         h = torch.sin(self.omega * linear(params, "l0", x))
         h = torch.relu(linear(params, "l1", h))
         return linear(params, "l2", h).squeeze(-1)
+
+
+# The LoRA field types live in their own module (they need the trained base); importing it here
+# registers them, so FIELDS is complete wherever fields.py is imported.
+from raywsl.fit import lora  # noqa: E402,F401

@@ -83,7 +83,7 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
     run = L.RunLayout(cfg.run_dir)
     inp = INPUTS[cfg.fit.samples](cfg)
-    field = field_from_config(cfg.field)
+    field = field_from_config(cfg)
     anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
     fp = fingerprint("weights", inp.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
                      to_dict(cfg.fit, fingerprint_only=True), field.frozen_fingerprint(), anchor_id)
@@ -238,7 +238,7 @@ class FitActor:
         torch.set_num_threads(cfg.fit.cpus_per_actor)  # Ray sets OMP_NUM_THREADS; say it explicitly
         self.store = RowStore.open(path, mode="r+", kind="weights")
         self.cfg = cfg
-        self.field = field_from_config(cfg.field)
+        self.field = field_from_config(cfg)
         self.fitter = BatchedFitter(self.field, cfg.fit, cfg.fit.device)
         self.shared = ray.get(shared) if isinstance(shared, ray.ObjectRef) else shared
 
