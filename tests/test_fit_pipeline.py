@@ -322,7 +322,7 @@ def test_inspect_weight_store(fitted, capsys):
 def test_one_shape_diverges_the_others_do_not_notice(fitted, ingested, tmp_path, capsys):
     """A shape whose samples hold NaN (a corrupt input) diverges: it fails with the reason after
     its restart, its shard still commits, the job ends with exit 0, and every other shape (one of
-    them shares its batch) is fitted exactly as without it."""
+    them shares its batch) is fitted as without it, up to float rounding."""
     clean = fitted()
     run = _copy(ingested, tmp_path)
     victim = 4  # shard 1 = rows 3, 4 and the broken mesh 5
@@ -339,8 +339,12 @@ def test_one_shape_diverges_the_others_do_not_notice(fitted, ingested, tmp_path,
     assert "diverged" in reason and "non-finite" in reason and "after 1 restart(s)" in reason, reason
     assert a[L.FIT_RESTARTS][victim] == 1
     others = [i for i in range(N_ROWS) if i != victim]
-    for name in (L.ROW_WEIGHTS, L.FIT_LOSS, L.FIT_STEPS, L.STATUS):
-        assert a[name][others].tobytes() == b[name][others].tobytes(), name
+    for name in (L.FIT_STEPS, L.STATUS):
+        np.testing.assert_array_equal(a[name][others], b[name][others], err_msg=name)
+    # Equal up to float32 rounding: once the victim fails its slot is dropped, and a batch of
+    # another size sums its matmuls in another order.
+    for name in (L.ROW_WEIGHTS, L.FIT_LOSS):
+        np.testing.assert_allclose(a[name][others], b[name][others], rtol=1e-4, atol=1e-5, err_msg=name)
     assert RowStore.open(str(run / L.WEIGHTS)).summary()["pending"] == 0
 
 

@@ -36,6 +36,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
+from raywsl.fit.encoding import positional_encoding
+
 
 class FieldError(ValueError):
     """An unknown field type or preset, or a row that does not fit a layout."""
@@ -240,15 +242,6 @@ def field_from_config(cfg: Any) -> Field:
 def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
     """Batched nn.Linear: h (B, M, in) @ W^T (B, in, out) + b (B, 1, out)."""
     return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
-
-
-def positional_encoding(x: Tensor, bands: int) -> Tensor:
-    """[x, sin(2^k x), cos(2^k x)] for k < bands: (..., 3) -> (..., 3 + 6 bands)."""
-    if bands == 0:
-        return x
-    freqs = 2.0 ** torch.arange(bands, device=x.device, dtype=x.dtype)
-    xf = (x.unsqueeze(-1) * freqs).flatten(-2)  # (..., 3 * bands), x-major
-    return torch.cat([x, torch.sin(xf), torch.cos(xf)], dim=-1)
 
 
 @register("mlp")
