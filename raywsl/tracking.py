@@ -48,7 +48,12 @@ def run_context(cfg: Any, verb: str, restart: bool = False) -> Iterator[None]:
         yield  # disabled, already inside a run (a job, a sweep), or no local place for the store
         return
     logging.getLogger("alembic").setLevel(logging.WARNING)  # sqlite schema migrations are chatty
-    mlflow.set_tracking_uri(mc.tracking_uri or default_tracking_uri(cfg.run_dir))
+    uri = mc.tracking_uri or default_tracking_uri(cfg.run_dir)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(mc.experiment) is None and uri.startswith("sqlite:///"):
+        # artifacts beside the sqlite file, not in ./mlruns of whatever folder the command ran in
+        artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+        mlflow.create_experiment(mc.experiment, artifact_location=Path(artifacts).as_uri())
     mlflow.set_experiment(mc.experiment)
     id_file = Path(L.RunLayout(cfg.run_dir).mlflow_run)
     run_id = id_file.read_text().strip() if id_file.exists() and not restart else None
