@@ -191,13 +191,12 @@ class BatchedFitter:
             t0 = time.perf_counter()
             for _ in range(self.cfg.check_every):
                 self._step_fn()
-            # The one sync per check: interval losses, initial losses, steps.
-            losses = (self.loss_sum / self.loss_count.clamp(min=1)).cpu().numpy()
-            start = self.start_loss.cpu().numpy()
+            # The one sync per check: interval losses, initial losses and steps in one transfer.
+            losses, start, steps = torch.stack([self.loss_sum / self.loss_count.clamp(min=1), self.start_loss,
+                                                self.t.to(self.loss_sum.dtype)]).cpu().numpy()
             self.seconds_per_step = (time.perf_counter() - t0) / self.cfg.check_every
             self.loss_sum.zero_()
             self.loss_count.zero_()
-            steps = self.t.cpu().numpy()
             for b, slot in enumerate(slots):
                 if slot and not slot.curve and math.isfinite(start[b]):
                     slot.best = float(start[b])  # first check of this attempt
