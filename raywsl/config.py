@@ -144,6 +144,8 @@ class BaseConfig:
                                     "many shapes x few points first")
     checkpoint_every: int = opt(200, "steps between checkpoints (reported to Ray Train)", min=1, fp=False)
     workers: int = opt(2, "Ray Train workers (DDP; gloo on CPU, nccl on GPU)", min=1, fp=False)
+    cache_gb: float = opt(2.0, "a worker keeps its shard of samples in memory up to this size (else it "
+                               "streams them epoch after epoch)", min=0.0, fp=False)
     use_gpu: bool = opt(False, "one GPU per Ray Train worker", fp=False)
 
 

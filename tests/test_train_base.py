@@ -36,10 +36,10 @@ def test_train_base_learns_and_checkpoints(ingested, tmp_path, capsys):
 
     run = tmp_path / "run"
     shutil.copytree(ingested, run)
-    assert main(["train-base", f"run.dir={run}", *BASE, "base.steps=120"]) == 0
-    assert "step 120" in capsys.readouterr().out
+    assert main(["train-base", f"run.dir={run}", *BASE, "base.steps=200"]) == 0
+    assert "step 200" in capsys.readouterr().out
     state, info = _final(run)
-    assert state["step"] == info["step"] == 120 and state["latents"].shape == (8, 8)
+    assert state["step"] == info["step"] == 200 and state["latents"].shape == (8, 8)
     # the latents moved away from their N(0, 0.01^2) start, and apart from each other
     assert state["latents"].std() > 0.02
     # the trained network decodes the shapes far better than a fresh one
@@ -47,7 +47,7 @@ def test_train_base_learns_and_checkpoints(ingested, tmp_path, capsys):
     from raywsl.config import load_config
     from raywsl.store.rows import RowStore
 
-    cfg = load_config(None, [f"run.dir={run}", *BASE, "base.steps=120"])
+    cfg = load_config(None, [f"run.dir={run}", *BASE, "base.steps=200"])
     fresh, trained = make_trainer(cfg, 8), make_trainer(cfg, 8)
     trained.load_state(str(run / L.CHECKPOINTS / FINAL))
     samples = RowStore.open(str(run / L.SAMPLES))
@@ -55,7 +55,7 @@ def test_train_base_learns_and_checkpoints(ingested, tmp_path, capsys):
     with torch.no_grad():
         err = {name: (t.net(x, t.net.styles(t.latents)) - sdf).abs().mean().item()
                for name, t in (("fresh", fresh), ("trained", trained))}
-    assert err["trained"] < 0.7 * err["fresh"], err  # 0.55 measured after 120 tiny steps
+    assert err["trained"] < 0.7 * err["fresh"], err  # ~0.5 measured
 
 
 def test_train_base_resumes_after_kill9(ingested, tmp_path):

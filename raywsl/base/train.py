@@ -1,7 +1,8 @@
 """`raywsl train-base`: the modulated base field and one latent per shape, trained under Ray Train.
 
     samples.zarr --RowStore Datasource--> Ray Train workers (base.workers; gloo on CPU, nccl on GPU)
-        each worker: its shard of shapes, K random points per shape, one AutoDecoder step;
+        each worker: its shard of shapes (read once and kept in memory up to base.cache_gb, else
+                     streamed epoch after epoch), S shapes x K random points, one AutoDecoder step;
                      gradients (network and latents) averaged across workers with all_reduce
         rank 0: a checkpoint every base.checkpoint_every steps, reported with ray.train.report
     --> checkpoints/base/ (Ray Train's run folder) and checkpoints/base_final/ (the last state)
@@ -122,27 +123,51 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     sampler = np.random.default_rng([cfg.seed, rank, trainer.step_count])  # per worker and resume point
+    cached = _read_shard(shard, int(cfg.base.cache_gb * 2**30))
+    streamed = None if cached else _stream(shard, max(int(stage[1]) for stage in trainer.s.stages))
     loss_sum, n = 0.0, 0
     while trainer.step_count < trainer.s.steps:
         shapes, points = trainer.stage()
-        # drop_last keeps every worker at the same number of steps (they all_reduce in lockstep)
-        for batch in shard.iter_batches(batch_size=max(1, min(shapes, config["n_shapes"] // world)),
-                                        batch_format="numpy", drop_last=True):
-            rows, pts, sdf = batch["row"], batch[L.POINTS], batch[L.SDF]
-            cols = sampler.integers(0, sdf.shape[1], (len(rows), min(points, sdf.shape[1])))
-            idx = torch.from_numpy(latent_of_row[rows])
-            loss_sum += trainer.step(idx, torch.from_numpy(np.take_along_axis(pts, cols[..., None], 1)),
-                                     torch.from_numpy(np.take_along_axis(sdf, cols, 1)), sync)
-            n += 1
-            step = trainer.step_count
-            if step % cfg.base.checkpoint_every == 0 or step == trainer.s.steps:
-                metrics = {"step": step, "loss": loss_sum / max(n, 1), "resumed_from": resumed_from}
-                loss_sum, n = 0.0, 0
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as folder:
-                        trainer.save(folder)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-                else:
-                    ray.train.report(metrics)
-            if step >= trainer.s.steps or trainer.stage() != (shapes, points):
-                break  # next stage: another batch size
+        if cached:  # every step draws its shapes from the worker's whole shard
+            rows, pts, sdf = cached
+            pick = sampler.choice(len(rows), min(shapes, len(rows)), replace=False)
+            rows, pts, sdf = rows[pick], pts[pick], sdf[pick]
+        else:  # too big to keep: (up to) `shapes` rows of the next batch of the stream
+            rows, pts, sdf = (a[:shapes] for a in next(streamed))
+        cols = sampler.integers(0, sdf.shape[1], (len(rows), min(points, sdf.shape[1])))
+        # every worker takes exactly one step per iteration: the all_reduce in `sync` stays in lockstep
+        loss_sum += trainer.step(torch.from_numpy(latent_of_row[rows]),
+                                 torch.from_numpy(np.take_along_axis(pts, cols[..., None], 1)),
+                                 torch.from_numpy(np.take_along_axis(sdf, cols, 1)), sync)
+        n += 1
+        step = trainer.step_count
+        if step % cfg.base.checkpoint_every == 0 or step == trainer.s.steps:
+            metrics = {"step": step, "loss": loss_sum / max(n, 1), "resumed_from": resumed_from}
+            loss_sum = 0.0
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    trainer.save(folder)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+
+
+def _read_shard(shard: Any, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The worker's whole shard (rows, points, sdf), read once through Ray Data, if it fits in
+    `limit` bytes; else None (then it is streamed epoch after epoch)."""
+    parts, size = [], 0
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        size += batch[L.POINTS].nbytes + batch[L.SDF].nbytes
+        if size > limit:
+            return None
+        parts.append((batch["row"], batch[L.POINTS], batch[L.SDF]))
+    if not parts:
+        raise RuntimeError("a Ray Train worker got no shapes: use fewer base.workers than ingested shapes")
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _stream(shard: Any, rows: int):
+    """(rows, points, sdf) batches of the worker's shard, epoch after epoch, forever."""
+    while True:
+        for batch in shard.iter_batches(batch_size=rows, batch_format="numpy"):
+            yield batch["row"], batch[L.POINTS], batch[L.SDF]

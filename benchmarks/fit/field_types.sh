@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Reconstruction quality per field type at about equal trainable-parameter budgets (issue 6's table),
+# on the quickstart corpus (32 shapes): train the base once, then fit every type on the same samples.
+#   bash benchmarks/fit/field_types.sh [WORK=/tmp/raywsl-field-types]
+# Needs runs/quickstart/samples.zarr (`make quickstart`). CPU-sized: ~10 min on 2 cores.
+set -euo pipefail
+WORK=${1:-/tmp/raywsl-field-types}
+B=.venv/bin
+rm -rf "$WORK" && mkdir -p "$WORK/base"
+cp -r runs/quickstart/samples.zarr "$WORK/base/"
+s=$(date +%s)
+$B/raywsl train-base run.dir="$WORK/base" base.preset=small base.steps=1500 base.checkpoint_every=500 \
+    "base.stages=[[0.5,16,1024],[0.5,8,4096]]" > "$WORK/base.log" 2>&1
+echo "train-base: $(tail -1 "$WORK/base.log") ($(( $(date +%s) - s )) s)"
+FIT="fit.steps=400 fit.points_per_step=2048 fit.batch_size=16 fit.shard_size=16 fit.recon_count=32 fit.recon_resolution=64"
+run_type() {  # name, overrides...
+    local name=$1; shift
+    mkdir -p "$WORK/$name" && cp -r "$WORK/base/samples.zarr" "$WORK/base/checkpoints" "$WORK/$name/"
+    local t=$(date +%s)
+    $B/raywsl fit run.dir="$WORK/$name" $FIT "$@" > "$WORK/$name.log" 2>&1
+    $B/python - "$WORK/$name" "$name" "$(( $(date +%s) - t ))" <<'PY'
+import json, sys
+from raywsl.store.weights import open_weights
+run, name, seconds = sys.argv[1:]
+m = json.load(open(f"{run}/metrics.json"))
+params = open_weights(f"{run}/weights.zarr").attrs["params"]
+print(f"| {name} | {params:,} | {m['recon_cd_median']:.5f} | {m['recon_cd_mean']:.5f} | {m['recon_iou_mean']:.3f} | "
+      f"{m['fit_loss_median']:.4f} | {seconds} |")
+PY
+}
+echo "| field | trainable params | recon CD median | recon CD mean | IoU mean | fit loss median | fit s |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+run_type mlp field.type=mlp field.preset=small
+run_type mlp-asym field.type=mlp field.preset=small field.asym=true
+run_type lora field.type=lora field.preset=default field.rank=20
+run_type lora-asym field.type=lora field.preset=default field.rank=20 field.asym=true
+run_type mlora field.type=mlora field.preset=default field.rank=20
+run_type mlora-asym field.type=mlora field.preset=default field.rank=20 field.asym=true
