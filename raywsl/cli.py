@@ -166,7 +166,8 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "ingest": ("meshes -> SDF samples in samples.zarr (Ray Data, resumable)", _add_config_args, cmd_ingest, True),
     "fit": ("SDF samples -> one fitted neural field per shape in weights.zarr (Ray Data actors, resumable)",
             _add_config_args, cmd_fit, True),
-    "train-base": ("SDF samples -> the modulated base field + one latent per shape (Ray Train, resumable)",
+    "train-base": ("SDF samples -> the base network field.type needs (modulated base field, DeepSDF decoder) "
+                   "+ one latent per shape (Ray Train, resumable)",
                    _add_config_args, cmd_train_base, True),
     "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
              _add_config_args, cmd_eval, True),
@@ -193,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().handlers[0].setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("raywsl").setLevel(logging.DEBUG)  # the log file gets raywsl's debug lines
     from raywsl.data.sources import SourceError
+    from raywsl.fit.fields import FieldError
     from raywsl.store.rows import StoreError
 
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, StoreError) as e:
+    except (ConfigError, SourceError, StoreError, FieldError) as e:
         print(f"raywsl {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -74,16 +74,18 @@ class IngestConfig:
 
 @dataclass
 class FieldConfig:
-    type: str = opt("mlp", "field type: mlp, fourier, lora, mlora (see raywsl/fit/fields.py, fit/lora.py)")
+    type: str = opt("mlp", "field type: mlp, fourier, lora, mlora, deepsdf_latent (see raywsl/fit/fields.py, "
+                           "fit/lora.py, fit/deepsdf.py)")
     preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, small, tiny; "
-                                    "fourier: shapenet, tiny; lora, mlora: default)")
+                                    "fourier: shapenet, tiny; lora, mlora, deepsdf_latent: default)")
     asym: bool = opt(False, "asymmetric masks: freeze ceil(sqrt(d_out)) entries per weight row at positions "
                             "shared by all shapes (breaks permutation symmetry; see fit/fields.py)")
     kappa: float = opt(1.0, "variance of the frozen entries, relative to the trainable entries' init", min=0.0)
     mask_seed: int = opt(0, "seed of the asymmetric masks' positions and values")
-    rank: int = opt(4, "lora / mlora: rank of every synthesis layer's adapter", min=1)
-    base: str = opt("", "lora / mlora: the trained base (a `raywsl train-base` checkpoint folder); empty: "
-                        "<run.dir>/checkpoints/base_final")
+    rank: int | list[int] = opt(4, "lora / mlora: adapter rank of every synthesis layer, or a list with one "
+                                   "rank per layer (e.g. [8,4,4,2])")
+    base: str = opt("", "lora / mlora / deepsdf_latent: the trained base (a `raywsl train-base` checkpoint "
+                        "folder); empty: <run.dir>/checkpoints/<base>_final, trained by `raywsl fit` if missing")
 
 
 @dataclass
@@ -93,8 +95,10 @@ class FitConfig:
                                 "stream (data.source sampled inside the fit job, never stored)",
                        choices=["store", "stream"], fp=False)
     init: str = opt("shared", "initialisation: warm (every shape starts from one fitted anchor shape), "
-                              "shared (one seeded random init), random (a seeded init per shape)",
-                    choices=["warm", "shared", "random"])
+                              "shared (one seeded random init), random (a seeded init per shape), trained "
+                              "(deepsdf_latent: a shape the decoder was trained on starts from its trained "
+                              "latent, others from the shared init)",
+                    choices=["warm", "shared", "random", "trained"])
     warm_shape: str = opt("", "shape id of the warm-start anchor; empty: the first shape ingested")
     steps: int = opt(2000, "Adam steps per shape (fewer when it stops early)", min=1)
     batch_size: int = opt(16, "shapes fitted at once per actor (B)", min=1)
@@ -129,7 +133,8 @@ class FitConfig:
 @dataclass
 class BaseConfig:
     # The paper trains 350k steps (lr 1e-3 -> 1e-5, lambda_r 1e-4, EMA) with staged batches; defaults are CPU-sized.
-    preset: str = opt("small", "modulated base field preset: shapenet (the paper's), small, tiny",
+    preset: str = opt("small", "preset of the base network field.type needs (the modulated base field for lora / "
+                               "mlora, the DeepSDF decoder for deepsdf_latent): shapenet (the papers'), small, tiny",
                       choices=["shapenet", "small", "tiny"])
     steps: int = opt(2000, "training steps", min=1)
     lr: float = opt(1e-3, "network learning rate (decays geometrically to base.lr_end)", min=0.0)
@@ -138,7 +143,9 @@ class BaseConfig:
     latent_reg: float = opt(1e-4, "lambda_r: weight of |z|^2 in the loss", min=0.0)
     latent_std: float = opt(0.01, "std of the initial latent codes", min=0.0)
     ema: float = opt(0.999, "decay of the exponential moving average of the network", min=0.0, max=1.0)
-    loss: str = opt("l1", "reconstruction loss: l1, clamped_l1, mse", choices=["l1", "clamped_l1", "mse"])
+    loss: str = opt("auto", "reconstruction loss: l1, clamped_l1 (delta fit.clamp), mse; auto: the base's own "
+                            "(l1 for the modulated base, clamped_l1 for DeepSDF)",
+                    choices=["auto", "l1", "clamped_l1", "mse"])
     stages: list[list[float]] = opt([[0.5, 16, 1024], [0.3, 8, 4096], [0.2, 4, 8192]],
                                     "staged schedule: [fraction of steps, shapes per step, points per shape], "
                                     "many shapes x few points first")
@@ -212,6 +219,11 @@ class Config:
         presets = FIELDS[self.field.type].PRESETS
         _require("field.preset", self.field.preset in presets, self.field.preset,
                  f"for field.type {self.field.type}: one of {sorted(presets)}")
+        rank = self.field.rank
+        _require("field.rank", (rank if isinstance(rank, int) else min(rank, default=0)) >= 1, rank,
+                 "a positive integer, or a non-empty list of positive integers (one per layer)")
+        _require("fit.init", self.fit.init != "trained" or self.field.type == "deepsdf_latent", self.fit.init,
+                 f"warm, shared or random for field.type {self.field.type} (trained: deepsdf_latent only)")
         _require("base.stages", self.base.stages and all(len(st) == 3 and st[0] > 0 and st[1] >= 1 and st[2] >= 1
                                                          for st in self.base.stages),
                  self.base.stages, "a non-empty list of [fraction > 0, shapes >= 1, points >= 1]")

@@ -58,7 +58,11 @@ FIT_RESTARTS = "restarts"  # (N,) int32 divergence restarts
 # A training-state checkpoint folder (base field, DeepSDF): tensors + a JSON description.
 CHECKPOINT_STATE = "state.pt"  # torch.save of tensors and numbers; load with weights_only=True
 CHECKPOINT_INFO = "info.json"
-BASE_FINAL = "base_final"  # checkpoints/base_final: the trained base field LoRA fields are fitted on
+SHAPE_IDS = "shape_ids.json"  # in a final base checkpoint: the shape id of each trained latent, in order
+# Networks trained across shapes (`raywsl train-base`), by base model (base/models.py): Ray Train's run
+# folder under checkpoints/, and <name>_final, the last state, where fitting finds it.
+BASE_RUNS = {"modulated": "base", "deepsdf": "deepsdf"}
+BASE_FINAL = "base_final"  # checkpoints/base_final: the modulated base LoRA fields are fitted on
 
 FROZEN = "frozen"  # group of the field's frozen shared parts (asymmetric masks: <weight>.fixed, <weight>.values)
 INIT_ROW = "init"  # (P,) float32 the shared start of every shape (warm and shared init); the driver writes it
@@ -86,6 +90,12 @@ class RunLayout:
     report = property(lambda self: join(self.root, REPORT))
     logs = property(lambda self: join(self.root, LOGS))
     mlflow_run = property(lambda self: join(self.root, MLFLOW_RUN))
+
+    def base_run(self, model: str) -> str:
+        return join(self.root, CHECKPOINTS, BASE_RUNS[model])
+
+    def base_final(self, model: str) -> str:
+        return join(self.root, CHECKPOINTS, f"{BASE_RUNS[model]}_final")
 
     def log_file(self, verb: str) -> str:
         return join(self.root, LOGS, f"{verb}.log")

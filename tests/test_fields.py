@@ -8,7 +8,7 @@ import torch
 from raywsl.fit.fields import FIELDS, FieldError, Layout, make_field, positional_encoding
 
 # Fields on a trained base (lora, mlora) are tested in test_lora.py.
-ALL = [(t, p) for t, cls in sorted(FIELDS.items()) if not getattr(cls, "needs_base", False)
+ALL = [(t, p) for t, cls in sorted(FIELDS.items()) if not cls.base_model
        for p in sorted(cls.PRESETS)]
 
 

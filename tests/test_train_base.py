@@ -7,10 +7,11 @@ import torch
 from conftest import kill9_when
 
 from raywsl import layout as L
-from raywsl.base.train import FINAL, RUN_NAME
 from raywsl.cli import main
 from raywsl.data.corpus import write_corpus
 
+FINAL = "base_final"  # the modulated base's final checkpoint, and Ray Train's run folder (layout.BASE_RUNS)
+RUN_NAME = L.BASE_RUNS["modulated"]
 INGEST = ["ingest.points=2048", "ingest.surface_points=256", "ingest.shard_size=4"]
 BASE = ["base.preset=tiny", "base.checkpoint_every=20", "base.stages=[[0.5,4,256],[0.5,2,1024]]",
         "base.lr=0.003", "base.latent_lr=0.003"]
@@ -106,3 +107,37 @@ def test_mlora_fields_fit_on_the_trained_base_through_raywsl_fit(ingested, tmp_p
     state["ema"] = {k: v + 1e-3 for k, v in state["ema"].items()}
     torch.save(state, path)
     assert main(["fit", f"run.dir={run}", *fit]) == 2
+
+
+def test_deepsdf_latents_through_raywsl_fit_which_trains_the_decoder_first(ingested, tmp_path):
+    """`raywsl fit field.type=deepsdf_latent fit.init=trained` on a run folder without a decoder:
+    the DeepSDF auto-decoder is trained under Ray Train first, then every shape's row starts from its
+    trained latent and is refined against the frozen decoder."""
+    import shutil
+
+    import numpy as np
+
+    from raywsl.fit.deepsdf import DeepSDFLatentField
+    from raywsl.store.rows import DONE
+    from raywsl.store.weights import field_of, open_weights
+
+    run = tmp_path / "run"
+    shutil.copytree(ingested, run)
+    fit = ["field.type=deepsdf_latent", "field.preset=default", "fit.init=trained", "fit.loss=clamped_l1",
+           "fit.steps=40", "fit.lr=1e-4", "fit.points_per_step=512", "fit.check_every=20", "fit.batch_size=4",
+           "fit.shard_size=4", "fit.recon_count=0", *BASE, "base.steps=100"]
+    assert main(["fit", f"run.dir={run}", *fit]) == 0
+    final = L.RunLayout(str(run)).base_final("deepsdf")
+    state = torch.load(f"{final}/{L.CHECKPOINT_STATE}", weights_only=True)
+    store = open_weights(str(run / L.WEIGHTS))
+    ids = [str(i) for i in store.row_meta()[L.SHAPE_ID]]
+    assert json.loads((run / L.CHECKPOINTS / "deepsdf_final" / L.SHAPE_IDS).read_text()) == ids
+    assert state["step"] == 100 and not (run / L.CHECKPOINTS / FINAL).exists()  # the DeepSDF decoder, not the modulated base
+    assert (store.status() == DONE).all() and isinstance(field_of(store), DeepSDFLatentField)
+    rows = torch.from_numpy(store.group[L.ROW_WEIGHTS][:])
+    assert rows.shape == (8, 8)
+    # each row started from its own trained latent: Adam moves an entry by about lr per step at most
+    moved = (rows - state["latents"]).abs()
+    assert 0 < moved.max() <= 40 * 1e-4 * 1.05, moved.max()
+    assert (state["latents"] - state["latents"].roll(1, 0)).abs().max(1).values.min() > 10 * moved.max()
+    assert np.isfinite(store.group[L.FIT_LOSS][:]).all()

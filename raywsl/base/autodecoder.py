@@ -7,7 +7,7 @@
 The objective is the LoRA paper's (and DeepSDF's): reconstruction of every shape's SDF from its
 latent, plus latent_reg x |z_i|^2. Latents start N(0, latent_std^2); the network and the latents
 have their own Adam learning rates, both decayed geometrically to lr_end over the run; an
-exponential moving average (EMA) of the network weights is kept for use after training.
+exponential moving average (EMA) of the network weights, with a warm-up, is kept for use after training.
 
 `batches` draws the staged schedule of the LoRA paper: early stages many shapes x few points,
 late stages few shapes x many points, from a seeded generator whose state is checkpointed, so a
@@ -89,9 +89,12 @@ class AutoDecoder:
         if sync is not None:
             sync([p.grad for p in (*self.net.parameters(), self.latents)])
         self.opt.step()
+        # EMA warm-up (decay (1 + t) / (10 + t) until it reaches s.ema): a short run's EMA would
+        # otherwise still be mostly the random init (0.999^300 = 0.74)
+        decay = min(s.ema, (1 + self.step_count) / (10 + self.step_count))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.net.parameters()):
-                e.lerp_(p, 1 - s.ema)
+                e.lerp_(p, 1 - decay)
         self.step_count += 1
         return recon.item()
 
@@ -118,6 +121,7 @@ class AutoDecoder:
         os.replace(tmp, os.path.join(folder, CHECKPOINT_STATE))  # a kill mid-write leaves the old one
         with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
             json.dump({"step": self.step_count, "settings": asdict(self.s), "latents": list(self.latents.shape),
+                       "model": getattr(self.net, "model_name", None),
                        "net": getattr(self.net, "config", None),
                        "format": "torch.save of tensors and numbers; load with weights_only=True"}, f, indent=2)
 

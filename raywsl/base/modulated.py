@@ -33,6 +33,8 @@ def modulated_linear(h: Tensor, weight: Tensor, style: Tensor, bias: Tensor) -> 
 
 
 class ModulatedField(nn.Module):
+    model_name: ClassVar[str] = "modulated"
+    default_loss: ClassVar[str] = "l1"  # the LoRA paper's reconstruction loss
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "shapenet": {"latent": 128, "mapping_layers": 4, "mapping_width": 256, "blocks": 4, "channels": 512,
                      "bands": 6},
@@ -62,6 +64,10 @@ class ModulatedField(nn.Module):
     @classmethod
     def from_preset(cls, preset: str) -> "ModulatedField":
         return cls(**cls.PRESETS[preset])
+
+    def decode(self, x: Tensor, z: Tensor) -> Tensor:
+        """x (S, K, 3) points, z (S, d_z) latents -> sdf (S, K): the auto-decoder's view."""
+        return self(x, self.styles(z))
 
     def styles(self, z: Tensor) -> dict[str, Tensor]:
         """z (B, d_z) -> {layer: s_l (B, channels)}."""

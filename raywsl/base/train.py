@@ -1,11 +1,15 @@
-"""`raywsl train-base`: the modulated base field and one latent per shape, trained under Ray Train.
+"""`raywsl train-base`: a base network and one latent per shape, trained under Ray Train.
+
+The base is the one the configured field type needs (base/models.py): the modulated base field for
+lora / mlora, the DeepSDF decoder for deepsdf_latent (the modulated one for field types without one).
 
     samples.zarr --RowStore Datasource--> Ray Train workers (base.workers; gloo on CPU, nccl on GPU)
         each worker: its shard of shapes (read once and kept in memory up to base.cache_gb, else
                      streamed epoch after epoch), S shapes x K random points, one AutoDecoder step;
                      gradients (network and latents) averaged across workers with all_reduce
         rank 0: a checkpoint every base.checkpoint_every steps, reported with ray.train.report
-    --> checkpoints/base/ (Ray Train's run folder) and checkpoints/base_final/ (the last state)
+    --> checkpoints/<base>/ (Ray Train's run folder) and checkpoints/<base>_final/ (the last state,
+        with shape_ids.json: the shape of each latent), <base> = base (modulated) or deepsdf
 
 Every worker holds the whole network and the whole latent table, and the gradient averaging keeps
 them identical (what DDP does; done by hand because the latents are not part of a module). A
@@ -15,6 +19,7 @@ restores a run by its storage path and name), with the step count intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -26,29 +31,29 @@ import torch
 
 from raywsl import layout as L
 from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
-from raywsl.base.modulated import ModulatedField
+from raywsl.base.models import make_base
 from raywsl.config import Config, build, to_dict
 from raywsl.runtime import ray_session
 from raywsl.store.rows import DONE, RowStore, StoreError
 
 log = logging.getLogger(__name__)
 
-RUN_NAME = "base"  # Ray Train's run folder under checkpoints/
-FINAL = L.BASE_FINAL  # the last state, where fitting finds the base
+def base_model(cfg: Config) -> str:
+    """The base network cfg.field.type is fitted on (modulated when it needs none)."""
+    from raywsl.fit.fields import FIELDS
 
-
-def settings_of(cfg: Config) -> AutoDecoderSettings:
-    b = cfg.base
-    return AutoDecoderSettings(steps=b.steps, lr=b.lr, latent_lr=b.latent_lr, lr_end=b.lr_end,
-                               latent_reg=b.latent_reg, latent_std=b.latent_std, ema=b.ema, loss=b.loss,
-                               stages=[list(s) for s in b.stages], seed=cfg.seed)
+    return FIELDS[cfg.field.type].base_model or "modulated"
 
 
 def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
     torch.manual_seed(cfg.seed)  # the network's init: the same on every worker
-    net = ModulatedField.from_preset(cfg.base.preset)
-    return AutoDecoder(net, lambda net, x, z: net(x, net.styles(z)), n_shapes, net.config["latent"],
-                       settings_of(cfg))
+    net = make_base(base_model(cfg), cfg.base.preset)
+    b = cfg.base
+    settings = AutoDecoderSettings(steps=b.steps, lr=b.lr, latent_lr=b.latent_lr, lr_end=b.lr_end,
+                                   latent_reg=b.latent_reg, latent_std=b.latent_std, ema=b.ema,
+                                   loss=net.default_loss if b.loss == "auto" else b.loss, clamp=cfg.fit.clamp,
+                                   stages=[list(s) for s in b.stages], seed=cfg.seed)
+    return AutoDecoder(net, lambda net, x, z: net.decode(x, z), n_shapes, net.config["latent"], settings)
 
 
 def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
@@ -67,9 +72,12 @@ def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
     n_done = int((status == DONE).sum())
     if n_done == 0:
         raise StoreError(f"{samples.path}: no ingested shape to train on")
-    storage = os.path.abspath(run.checkpoints)
-    if restart and os.path.exists(os.path.join(storage, RUN_NAME)):
-        shutil.rmtree(os.path.join(storage, RUN_NAME))
+    model = base_model(cfg)
+    storage, name = os.path.abspath(run.checkpoints), L.BASE_RUNS[model]
+    if restart and os.path.exists(os.path.join(storage, name)):
+        shutil.rmtree(os.path.join(storage, name))
+    log.info("train-base: the %s base (preset %s) on %d shapes, %d steps, %d workers", model, cfg.base.preset,
+             n_done, cfg.base.steps, cfg.base.workers)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
         data = read_rows(samples.path, [L.POINTS, L.SDF]).map_batches(_ingested, batch_size=None)
         data.context.enable_progress_bars = False  # one bar per epoch per worker otherwise
@@ -78,17 +86,19 @@ def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
             train_loop_config={"cfg": to_dict(cfg), "latent_of_row": np.cumsum(status == DONE).tolist(),
                                "n_shapes": n_done},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.base.workers, use_gpu=cfg.base.use_gpu),
-            run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=storage,
+            run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                            failure_config=ray.train.FailureConfig(max_failures=2)),
             datasets={"train": data})
         result = trainer.fit()
     if result.error:
         raise result.error
+    final = run.base_final(model)
     with result.checkpoint.as_directory() as folder:
-        final = os.path.join(storage, FINAL)
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(folder, final)
+    with open(os.path.join(final, L.SHAPE_IDS), "w") as f:  # latent i is the i-th ingested shape
+        json.dump([str(i) for i in samples.row_meta()[L.SHAPE_ID][status == DONE]], f)
     log.info("train-base: %s -> %s", result.metrics, final)
     return dict(result.metrics)
 

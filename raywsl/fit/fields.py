@@ -138,6 +138,7 @@ class Field:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     type_name: ClassVar[str] = ""
     zero_masked: ClassVar[bool] = False
+    base_model: ClassVar[str | None] = None  # the trained base network it needs (base/models.py), if any
     layout: Layout  # the row: trainable parameters only
     shapes: Layout  # every parameter `_forward` uses
 
@@ -200,6 +201,17 @@ class Field:
             params[f"{name}_free"] = params.pop(name).gather(2, mask.free.expand(n, -1, -1))
         return self.layout.flatten(params)
 
+    @classmethod
+    def options_from(cls, fc: Any) -> dict[str, Any]:
+        """Constructor arguments of this type taken from the `field:` config section, beyond the
+        common ones (LoRA types: rank)."""
+        return {}
+
+    def trained_row(self, shape_id: str) -> Tensor | None:
+        """The row a shape already has from training the base (DeepSDF latents; fit.init=trained),
+        or None."""
+        return None
+
     def bind(self, rows: Tensor) -> Callable[[Tensor], Tensor]:
         """The batch of fields of `rows` (B, P) as a callable (B, M, 3) -> (B, M), for extraction."""
         params = self.full(self.layout.unflatten(rows))
@@ -228,14 +240,18 @@ def make_field(type_name: str, preset: str, **overrides: Any) -> Field:
 
 
 def field_from_config(cfg: Any) -> Field:
-    """The field of a config's `field:` section (LoRA types also read their base: field.base, or the
-    run folder's checkpoints/base_final)."""
+    """The field of a config's `field:` section (types with a base also read where it is: field.base,
+    or the run folder's checkpoints/<base>_final)."""
     fc = cfg.field
-    options: dict[str, Any] = {"asym": fc.asym, "kappa": fc.kappa, "mask_seed": fc.mask_seed}
-    if getattr(FIELDS.get(fc.type), "needs_base", False):
+    if fc.type not in FIELDS:
+        raise FieldError(f"unknown field type {fc.type!r}; known: {sorted(FIELDS)}")
+    cls = FIELDS[fc.type]
+    options: dict[str, Any] = {"asym": fc.asym, "kappa": fc.kappa, "mask_seed": fc.mask_seed,
+                               **cls.options_from(fc)}
+    if cls.base_model:
         from raywsl import layout as L
 
-        options.update(base=fc.base or L.join(L.RunLayout(cfg.run_dir).checkpoints, L.BASE_FINAL), rank=fc.rank)
+        options["base"] = fc.base or L.RunLayout(cfg.run_dir).base_final(cls.base_model)
     return make_field(fc.type, fc.preset, **options)
 
 
@@ -292,6 +308,6 @@ class FourierField(Field):
         return linear(params, "l2", h).squeeze(-1)
 
 
-# The LoRA field types live in their own module (they need the trained base); importing it here
-# registers them, so FIELDS is complete wherever fields.py is imported.
-from raywsl.fit import lora  # noqa: E402,F401
+# The field types on a trained base live in their own modules; importing them here registers them,
+# so FIELDS is complete wherever fields.py is imported.
+from raywsl.fit import deepsdf, lora  # noqa: E402,F401

@@ -20,28 +20,29 @@ the adapters stay whole in the row, and the fixed entries cannot change whatever
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from raywsl.base.modulated import ModulatedField
+from raywsl.base.models import BaseError, load_trained
 from raywsl.fit.fields import Field, FieldError, Layout, make_masks, register
-from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE
 
 
 class LoRAField(Field):
     PRESETS = {"default": {}}
     multiplicative = False
-    needs_base = True
+    base_model = "modulated"
 
     def __init__(self, base: str, rank: int | list[int] = 4, **common: Any):
         super().__init__(base=base, rank=rank, **common)
-        self.net = load_base(base)
+        try:
+            self.net, latents, _ = load_trained(base, self.base_model)
+        except BaseError as e:
+            raise FieldError(str(e)) from e
         self.net.requires_grad_(False)
+        self.mean_latent = latents.mean(0)
         with torch.no_grad():
             self.styles = {n: s[0] for n, s in self.net.styles(self.mean_latent[None]).items()}
         names = self.net.layer_names
@@ -62,6 +63,10 @@ class LoRAField(Field):
                                       self.mask_seed)
         else:
             self.masks_w = {}
+
+    @classmethod
+    def options_from(cls, fc: Any) -> dict[str, Any]:
+        return {"rank": fc.rank}
 
     def init_rows(self, n: int, generator: torch.Generator) -> Tensor:
         params = {}
@@ -103,10 +108,6 @@ class LoRAField(Field):
             out[f"{n}.fixed"], out[f"{n}.values"] = m.fixed, m.values
         return out
 
-    @property
-    def mean_latent(self) -> Tensor:
-        return self.net.mean_latent
-
 
 @register("lora")
 class AdditiveLoRAField(LoRAField):
@@ -117,16 +118,3 @@ class AdditiveLoRAField(LoRAField):
 class MultiplicativeLoRAField(LoRAField):
     multiplicative = True
 
-
-def load_base(folder: str) -> ModulatedField:
-    """The EMA weights of a `raywsl train-base` checkpoint, with its mean training latent."""
-    if not os.path.exists(os.path.join(folder, CHECKPOINT_STATE)):
-        raise FieldError(f"no trained base field at {folder}: run `raywsl train-base` with this run.dir first, "
-                         f"or set field.base to a base checkpoint folder")
-    with open(os.path.join(folder, CHECKPOINT_INFO)) as f:
-        info = json.load(f)
-    net = ModulatedField(**info["net"])
-    state = torch.load(os.path.join(folder, CHECKPOINT_STATE), weights_only=True)
-    net.load_state_dict(state["ema"])
-    net.mean_latent = state["latents"].mean(0)
-    return net

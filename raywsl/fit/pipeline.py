@@ -33,7 +33,7 @@ from raywsl import __version__
 from raywsl import layout as L
 from raywsl.config import Config, fingerprint, to_dict
 from raywsl.fit.engine import BatchedFitter, FitResult, ShapeData
-from raywsl.fit.fields import Field, field_from_config
+from raywsl.fit.fields import FIELDS, Field, field_from_config
 from raywsl.ingest.sampling import shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session
@@ -63,10 +63,13 @@ def init_generator(seed: int, shape_id: str | None = None) -> torch.Generator:
 
 
 def init_row(field: Field, init: str, seed: int, shape_id: str, shared: torch.Tensor | None) -> torch.Tensor:
-    """The starting weights of one shape: its own seeded draw (random) or the shared start row
-    (shared: one seeded draw for all; warm: the anchor's fitted weights)."""
+    """The starting weights of one shape: its own seeded draw (random), its row from training the base
+    (trained, when it has one) or the shared start row (shared: one seeded draw for all; warm: the
+    anchor's fitted weights)."""
     if init == "random":
         return field.init_rows(1, init_generator(seed, shape_id))[0]
+    if init == "trained" and (row := field.trained_row(shape_id)) is not None:
+        return row
     assert shared is not None, f"fit.init={init} needs the shared start row"
     return shared
 
@@ -83,6 +86,7 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
     run = L.RunLayout(cfg.run_dir)
     inp = INPUTS[cfg.fit.samples](cfg)
+    _ensure_base(cfg)
     field = field_from_config(cfg)
     anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
     fp = fingerprint("weights", inp.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
@@ -116,6 +120,20 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
 
         summary["recon"] = reconstruct(cfg, store, inp, field)
     return summary
+
+
+def _ensure_base(cfg: Config) -> None:
+    """Train the base network the field type needs (`raywsl train-base`) when none is given and the
+    run folder has none yet."""
+    model = FIELDS[cfg.field.type].base_model
+    if not model or cfg.field.base or os.path.exists(os.path.join(L.RunLayout(cfg.run_dir).base_final(model),
+                                                                  L.CHECKPOINT_STATE)):
+        return
+    from raywsl.base.train import train_base
+
+    log.info("fit: field.type %s needs a trained %s base and the run folder has none: training it first",
+             cfg.field.type, model)
+    train_base(cfg)
 
 
 def _save_frozen(store: RowStore, field: Field) -> None:

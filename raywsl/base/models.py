@@ -1,0 +1,55 @@
+"""The networks trained across shapes as auto-decoders, by name, and their checkpoints.
+
+    BASES["modulated"]  the LoRA paper's modulated base field (LoRA / mLoRA fields adapt it)
+    BASES["deepsdf"]    the DeepSDF decoder (deepsdf_latent fields are its latents)
+
+Every base has `from_preset(name)`, `config` (its constructor arguments), `decode(x, z)` and a
+`default_loss`. A field type names the base it needs (`Field.base_model`); `raywsl train-base`
+trains that one, and a run folder keeps each under its own name (layout.base_checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import Tensor, nn
+
+from raywsl.base.deepsdf import DeepSDFDecoder
+from raywsl.base.modulated import ModulatedField
+from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE, SHAPE_IDS
+
+BASES: dict[str, type[nn.Module]] = {cls.model_name: cls for cls in (ModulatedField, DeepSDFDecoder)}
+
+
+class BaseError(ValueError):
+    """No trained base where one is needed, or the wrong kind of base."""
+
+
+def make_base(model: str, preset: str) -> nn.Module:
+    if model not in BASES:
+        raise BaseError(f"unknown base model {model!r}; known: {sorted(BASES)}")
+    if preset not in BASES[model].PRESETS:
+        raise BaseError(f"base.preset {preset!r} is not a preset of the {model} base; "
+                        f"known: {sorted(BASES[model].PRESETS)}")
+    return BASES[model].from_preset(preset)
+
+
+def load_trained(folder: str, model: str) -> tuple[nn.Module, Tensor, list[str] | None]:
+    """The EMA network of a `raywsl train-base` checkpoint folder, its trained latents (N, d_z) and
+    the shape id of each latent (None when the checkpoint does not say)."""
+    if not os.path.exists(os.path.join(folder, CHECKPOINT_STATE)):
+        raise BaseError(f"no trained {model} base at {folder}: run `raywsl train-base` with this run.dir "
+                        f"and field.type first, or set field.base to a checkpoint folder")
+    with open(os.path.join(folder, CHECKPOINT_INFO)) as f:
+        info = json.load(f)
+    found = info.get("model", "modulated")  # checkpoints before the registry were all modulated
+    if found != model:
+        raise BaseError(f"{folder} holds a {found} base; this field type needs a {model} base")
+    net = BASES[model](**info["net"])
+    state = torch.load(os.path.join(folder, CHECKPOINT_STATE), weights_only=True)
+    net.load_state_dict(state["ema"])
+    ids_path = os.path.join(folder, SHAPE_IDS)
+    ids = json.load(open(ids_path)) if os.path.exists(ids_path) else None
+    return net, state["latents"], ids
