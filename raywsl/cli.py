@@ -136,6 +136,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stability(args: argparse.Namespace) -> int:
+    from raywsl.eval.stability import StabilityError, run_stability
+
+    cfg, run = _setup(args, "stability")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    except ValueError:
+        print(f"raywsl stability: error: --lambdas: comma-separated numbers in [0, 1], got {args.lambdas!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        with tracking.run_context(cfg, "stability"):
+            run_stability(cfg, variants, lambdas, args.shapes)
+    except StabilityError as e:
+        print(f"raywsl stability: error: {e}", file=sys.stderr)
+        return 2
+    with fsspec.open(L.join(run.stability, "stability.md")) as f:
+        print(f.read().decode().split("\n\n- ")[0])  # the table, without the conventions
+    print(f"wrote {run.stability}/ (stability.json, stability.md, stability.png)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from raywsl.store.inspect import format_summary, inspect_path
 
@@ -155,6 +178,15 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true", help="generate in parallel as a Ray Data job")
 
 
+def _stability_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--variants", default="mlp,mlp-asym,lora,lora-asym,mlora,mlora-asym",
+                   help="field variants, comma-separated: <field.type> or <field.type>-asym; field.preset, "
+                        "field.rank, ... come from the config")
+    p.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="perturbation strengths in [0, 1]")
+    p.add_argument("--shapes", type=int, default=8, help="the first N ingested shapes (the paper: 30)")
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a store (samples.zarr, weights.zarr) or a run folder")
     p.add_argument("--json", action="store_true", help="print the stable JSON summary")
@@ -171,6 +203,8 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
                    _add_config_args, cmd_train_base, True),
     "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
              _add_config_args, cmd_eval, True),
+    "stability": ("fit shapes from init i1 and sqrt(1-l^2) i1 + l i2: cosine and linear-mode-connectivity "
+                  "barrier per field variant (papers/004, Figure 3)", _stability_args, cmd_stability, True),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),
 }
 

@@ -9,6 +9,7 @@ and the arrays inside them. Other modules ask this one for paths instead of spel
       recon/           meshes decoded from fitted fields
       generated/       meshes decoded from sampled weights
       eval/            evaluation clouds and figures
+      stability/       the weight-space stability experiment (`raywsl stability`)
       metrics.json     every figure of the run, with its convention
       report.html      the self-contained run report
       logs/            one log file per command
@@ -26,6 +27,7 @@ CHECKPOINTS = "checkpoints"
 RECON = "recon"
 GENERATED = "generated"
 EVAL = "eval"
+STABILITY = "stability"
 METRICS = "metrics.json"
 REPORT = "report.html"
 LOGS = "logs"
@@ -86,6 +88,7 @@ class RunLayout:
     recon = property(lambda self: join(self.root, RECON))
     generated = property(lambda self: join(self.root, GENERATED))
     eval = property(lambda self: join(self.root, EVAL))
+    stability = property(lambda self: join(self.root, STABILITY))
     metrics = property(lambda self: join(self.root, METRICS))
     report = property(lambda self: join(self.root, REPORT))
     logs = property(lambda self: join(self.root, LOGS))

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,22 @@ def test_help_lists_config_keys_with_defaults():
     out = subprocess.run([sys.executable, "-m", "raywsl.cli", "ingest", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "ingest.points" in out and "200000" in out and "data.source" in out
+
+
+def test_lora_rank_is_one_number_or_one_per_layer():
+    assert load_config(None, ["field.rank=8"]).field.rank == 8
+    assert load_config(None, ["field.rank=[8,4,4,2]"]).field.rank == [8, 4, 4, 2]
+    for bad in ("[]", "0", "[4,0]", "[4,x]"):
+        with pytest.raises(ConfigError, match="field.rank"):
+            load_config(None, [f"field.rank={bad}"])
+
+
+def test_trained_init_only_for_fields_with_trained_rows():
+    assert load_config(None, ["field.type=deepsdf_latent", "field.preset=default", "fit.init=trained"])
+    with pytest.raises(ConfigError, match="trained: deepsdf_latent only"):
+        load_config(None, ["fit.init=trained"])
+
+
+def test_shipped_configs_load():
+    for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
+        load_config(path)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reconstruction quality per field type at about equal trainable-parameter budgets (issue 6's table),
-# on the quickstart corpus (32 shapes): train the base once, then fit every type on the same samples.
+# on the quickstart corpus (32 shapes): train the base once, then fit every type on the same samples;
+# deepsdf_latent (a 32-d latent of a shared decoder) trains its own decoder with the same budget.
 #   bash benchmarks/fit/field_types.sh [WORK=/tmp/raywsl-field-types]
 # Needs runs/quickstart/samples.zarr (`make quickstart`). CPU-sized: ~10 min on 2 cores.
 set -euo pipefail
@@ -9,8 +10,8 @@ B=.venv/bin
 rm -rf "$WORK" && mkdir -p "$WORK/base"
 cp -r runs/quickstart/samples.zarr "$WORK/base/"
 s=$(date +%s)
-$B/raywsl train-base run.dir="$WORK/base" base.preset=small base.steps=1500 base.checkpoint_every=500 \
-    "base.stages=[[0.5,16,1024],[0.5,8,4096]]" > "$WORK/base.log" 2>&1
+BASE="base.preset=small base.steps=1500 base.checkpoint_every=500 base.stages=[[0.5,16,1024],[0.5,8,4096]]"
+$B/raywsl train-base run.dir="$WORK/base" $BASE > "$WORK/base.log" 2>&1
 echo "train-base: $(tail -1 "$WORK/base.log") ($(( $(date +%s) - s )) s)"
 FIT="fit.steps=400 fit.points_per_step=2048 fit.batch_size=16 fit.shard_size=16 fit.recon_count=32 fit.recon_resolution=64"
 run_type() {  # name, overrides...
@@ -36,3 +37,6 @@ run_type lora field.type=lora field.preset=default field.rank=20
 run_type lora-asym field.type=lora field.preset=default field.rank=20 field.asym=true
 run_type mlora field.type=mlora field.preset=default field.rank=20
 run_type mlora-asym field.type=mlora field.preset=default field.rank=20 field.asym=true
+# DeepSDF: `raywsl fit` trains its decoder first (same base.* budget), rows are the trained latents refined
+run_type deepsdf_latent field.type=deepsdf_latent field.preset=default fit.init=trained fit.loss=clamped_l1 \
+    fit.lr=5e-3 fit.steps=200 $BASE base.loss=clamped_l1 base.latent_reg=1e-5

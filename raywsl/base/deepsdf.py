@@ -29,7 +29,7 @@ class DeepSDFDecoder(nn.Module):
     default_loss: ClassVar[str] = "clamped_l1"  # DeepSDF's, delta = fit/base clamp (0.1)
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "shapenet": {"latent": 64, "bands": 6, "width": 512, "layers": 8, "inject": 4},
-        "small": {"latent": 16, "bands": 4, "width": 128, "layers": 4, "inject": 2},
+        "small": {"latent": 32, "bands": 4, "width": 128, "layers": 4, "inject": 2},
         "tiny": {"latent": 8, "bands": 2, "width": 32, "layers": 4, "inject": 2},
     }
 

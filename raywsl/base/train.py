@@ -45,6 +45,20 @@ def base_model(cfg: Config) -> str:
     return FIELDS[cfg.field.type].base_model or "modulated"
 
 
+def ensure_base(cfg: Config) -> None:
+    """Train the base network cfg.field.type needs when none is given (field.base) and the run
+    folder has none yet: what `raywsl fit` does before fitting a lora / mlora / deepsdf_latent field."""
+    from raywsl.fit.fields import FIELDS
+
+    model = FIELDS[cfg.field.type].base_model
+    final = L.RunLayout(cfg.run_dir).base_final(model) if model else ""
+    if not model or cfg.field.base or os.path.exists(os.path.join(final, L.CHECKPOINT_STATE)):
+        return
+    log.info("field.type %s needs a trained %s base and %s has none: training it first (raywsl train-base)",
+             cfg.field.type, model, cfg.run_dir)
+    train_base(cfg)
+
+
 def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
     torch.manual_seed(cfg.seed)  # the network's init: the same on every worker
     net = make_base(base_model(cfg), cfg.base.preset)

@@ -232,6 +232,30 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     return _save(fig, Path(path))
 
 
+def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]], path,
+               xlabel: str = "step", title: str | None = None) -> Path:
+    """Side-by-side panels, one per ylabel -> {name: (x, mean, std)}: a line per name with the band
+    mean ± std shaded (e.g. a metric averaged over shapes). A name keeps its colour in every panel;
+    non-finite values leave gaps."""
+    fig = Figure(figsize=(6.4 * max(len(panels), 1), 4.8), dpi=DPI)
+    names = list(dict.fromkeys(name for curves in panels.values() for name in curves))
+    for i, (ylabel, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name, (x, mean, std) in curves.items():
+            x, mean, std = (np.asarray(a, dtype=np.float64) for a in (x, mean, std))
+            colour = f"C{names.index(name) % 10}"
+            ax.plot(x, mean, "o-", ms=3, lw=1.2, color=colour, label=name)
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if curves:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, Path(path))
+
+
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")

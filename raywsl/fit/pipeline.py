@@ -33,7 +33,8 @@ from raywsl import __version__
 from raywsl import layout as L
 from raywsl.config import Config, fingerprint, to_dict
 from raywsl.fit.engine import BatchedFitter, FitResult, ShapeData
-from raywsl.fit.fields import FIELDS, Field, field_from_config
+from raywsl.base.train import ensure_base
+from raywsl.fit.fields import Field, field_from_config
 from raywsl.ingest.sampling import shape_rng
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session
@@ -86,7 +87,7 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
     run = L.RunLayout(cfg.run_dir)
     inp = INPUTS[cfg.fit.samples](cfg)
-    _ensure_base(cfg)
+    ensure_base(cfg)
     field = field_from_config(cfg)
     anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
     fp = fingerprint("weights", inp.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
@@ -120,20 +121,6 @@ def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
 
         summary["recon"] = reconstruct(cfg, store, inp, field)
     return summary
-
-
-def _ensure_base(cfg: Config) -> None:
-    """Train the base network the field type needs (`raywsl train-base`) when none is given and the
-    run folder has none yet."""
-    model = FIELDS[cfg.field.type].base_model
-    if not model or cfg.field.base or os.path.exists(os.path.join(L.RunLayout(cfg.run_dir).base_final(model),
-                                                                  L.CHECKPOINT_STATE)):
-        return
-    from raywsl.base.train import train_base
-
-    log.info("fit: field.type %s needs a trained %s base and the run folder has none: training it first",
-             cfg.field.type, model)
-    train_base(cfg)
 
 
 def _save_frozen(store: RowStore, field: Field) -> None:

@@ -34,6 +34,23 @@ RECON_POINTS = 2048  # surface points per shape for the Chamfer distance (the ev
 DECODE_BATCH = 8  # fields decoded at once
 
 
+def surface_chamfer(mesh, truth: np.ndarray, seed: int, shape_id: str) -> tuple[float, str]:
+    """Chamfer distance of a decoded mesh to the (thinned) ground-truth surface points `truth`, by
+    this module's convention; (nan, reason) when the mesh has no surface to sample."""
+    if mesh is None:
+        return float("nan"), "no surface"
+    try:
+        cloud = sample_surface(mesh, RECON_POINTS, shape_rng(seed, shape_id))[0]
+    except ValueError as e:  # no faces, or zero area
+        return float("nan"), f"no surface: {e}"
+    return chamfer(cloud, truth), ""
+
+
+def thin_surface(surface: np.ndarray) -> np.ndarray:
+    """The ingested surface points as reconstructions are compared against them: every k-th, ~RECON_POINTS."""
+    return surface[:: max(1, len(surface) // RECON_POINTS)]
+
+
 def reconstruct(cfg: Config, store: RowStore, inp: Any, field: Field) -> dict[str, Any]:
     """`inp`: the fit's input (fit/inputs.py), which gives the ground truth of the shapes."""
     run = L.RunLayout(cfg.run_dir)
@@ -57,8 +74,8 @@ def reconstruct(cfg: Config, store: RowStore, inp: Any, field: Field) -> dict[st
             entry = {"row": int(row), "shape_id": shape_id, "iou": iou_from_sdf(pred_sdf[j], gt_sdf[j]),
                      "cd": float("nan"), "reason": ex.reason}
             if ex.mesh is not None:
-                cloud = sample_surface(ex.mesh, RECON_POINTS, shape_rng(cfg.seed, shape_id))[0]
-                entry["cd"] = chamfer(cloud, gt_surface[j][:: max(1, len(gt_surface[j]) // RECON_POINTS)])
+                entry["cd"], why = surface_chamfer(ex.mesh, thin_surface(gt_surface[j]), cfg.seed, shape_id)
+                entry["reason"] = entry["reason"] or why
                 original = ex.mesh.copy()
                 original.vertices = original.vertices / scale[j] + center[j]
                 with fs.open(L.join(out, f"{shape_id}.ply"), "wb") as f:

@@ -1,0 +1,207 @@
+"""The weight-space stability experiment (papers/004 §4.2) on a small real run folder: the init
+mixing, λ = 0 as a fixed point, outputs, and argument errors."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raywsl import layout as L
+from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
+from raywsl.base.modulated import ModulatedField
+from raywsl.cli import main
+from raywsl.config import load_config
+from raywsl.data.corpus import write_corpus
+from raywsl.eval import stability
+from raywsl.eval.stability import StabilityError, perturbed_init, run_stability
+from raywsl.fit.fields import FieldError, field_from_config
+from raywsl.store.rows import RowStore, StoreError
+
+N_SHAPES = 3
+INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4"]
+SMALL = ["field.preset=tiny", "fit.steps=150", "fit.points_per_step=512", "fit.check_every=20",
+         "fit.recon_resolution=32", "fit.device=cpu"]
+VARIANTS = ["mlp", "mlp-asym"]
+LAMBDAS = [0.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, tmp_path_factory):
+    """A run folder with samples.zarr of N_SHAPES corpus shapes (as test_fit_pipeline's, smaller)."""
+    root = tmp_path_factory.mktemp("stability")
+    manifest = write_corpus(root / "corpus", N_SHAPES, seed=0, progress=False)
+    with open(manifest) as f:
+        rows = [{"id": r["id"], "path": str(manifest.parent / r["path"]), "category": r["category"]}
+                for r in csv.DictReader(f)]
+    source = root / "all.csv"
+    with open(source, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "path", "category"])
+        w.writeheader()
+        w.writerows(rows)
+    run = root / "run"
+    assert main(["ingest", f"data.source={source}", f"run.dir={run}", *INGEST]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def result(ingested):
+    cfg = load_config(None, [f"run.dir={ingested}", *SMALL])
+    return run_stability(cfg, VARIANTS, LAMBDAS, n_shapes=N_SHAPES)
+
+
+def _entry(result, variant, lam):
+    [r] = [r for r in result["results"] if r["variant"] == variant and r["lambda"] == lam]
+    return r
+
+
+# ------------------------------------------------------------------------------------ the init mixing
+
+def test_perturbed_init_mixes_random_entries_and_keeps_deterministic_ones():
+    # an mlora-like start: a_0 = b_0 = 1 and b_1 = 0 in every draw, a_1 random
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    const = torch.cat([torch.ones(8), torch.ones(8), torch.zeros(8)])
+    i1 = torch.cat([const, torch.randn(1000, generator=g1)])
+    i2 = torch.cat([const, torch.randn(1000, generator=g2)])
+    for lam in (0.0, 0.3, 0.6, 1.0):
+        mixed = perturbed_init(i1, i2, lam)
+        assert mixed.dtype == i1.dtype and torch.equal(mixed[:24], const)  # not (sqrt(1 - λ²) + λ) c
+        expected = math.sqrt(1 - lam**2) * i1[24:].double() + lam * i2[24:].double()
+        torch.testing.assert_close(mixed[24:], expected.float())
+    assert torch.equal(perturbed_init(i1, i2, 0.0), i1)
+    assert torch.equal(perturbed_init(i1, i2, 1.0)[24:], i2[24:])
+    # variance preserving: independent N(0, 1) entries stay N(0, 1)
+    big1, big2 = torch.randn(200_000, generator=g1), torch.randn(200_000, generator=g2)
+    assert abs(float(perturbed_init(big1, big2, 0.6).var()) - 1.0) < 0.02
+    with pytest.raises(StabilityError, match=r"\[0, 1\]"):
+        perturbed_init(i1, i2, 1.5)
+
+
+def test_variant_config_picks_type_asym_and_preset(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", "field.preset=tiny", "field.kappa=2.0"])
+    c = stability.variant_config(cfg, "fourier-asym")
+    assert (c.field.type, c.field.asym, c.field.preset, c.field.kappa) == ("fourier", True, "tiny", 2.0)
+    c = stability.variant_config(cfg, "mlora")
+    assert (c.field.type, c.field.asym, c.field.preset) == ("mlora", False, "default")
+    assert cfg.field.type == "mlp" and not cfg.field.asym  # the original is untouched
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", *SMALL])
+    with pytest.raises(StabilityError, match=r"variants: unknown field type 'siren' in 'siren-asym'; known .*'mlp'"):
+        run_stability(cfg, ["siren-asym"], [0.5], 1)
+    with pytest.raises(StabilityError, match=r"lambdas: .*\[0, 1\], got \[1.5\]"):
+        run_stability(cfg, ["mlp"], [0.0, 1.5], 1)
+    with pytest.raises(StabilityError, match="lambdas"):
+        run_stability(cfg, ["mlp"], [], 1)
+    with pytest.raises(StabilityError, match="n_shapes"):
+        run_stability(cfg, ["mlp"], [0.5], 0)
+    with pytest.raises(StoreError, match="raywsl ingest"):  # nothing ingested in this run folder
+        run_stability(cfg, ["mlp"], [0.5], 1)
+
+
+# ------------------------------------------------------------------------------------ the experiment
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_lambda_zero_is_a_fixed_point(result):
+    for variant in VARIANTS:
+        r = _entry(result, variant, 0.0)
+        assert r["n"] == N_SHAPES and r["fit_failed"] == 0
+        assert r["no_surface"] < N_SHAPES, r["failures"]
+        for e in r["shapes"]:
+            if not np.isfinite(e["endpoint_cd"]):  # a field with no surface yet: so is its midpoint
+                assert e["no_surface"] and not np.isfinite(e["barrier"])
+                continue
+            # ι_0 = ι1 and the engine is deterministic per shape: the same fit, the same midpoint
+            assert e["cosine"] == pytest.approx(1.0, abs=1e-6)
+            assert np.isfinite(e["barrier"]) and e["barrier"] == pytest.approx(e["endpoint_cd"], rel=1e-9)
+            assert e["endpoint_lambda_cd"] == pytest.approx(e["endpoint_cd"], rel=1e-9)
+        assert r["cosine_std"] < 1e-6
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_full_perturbation_lands_elsewhere(result):
+    r = _entry(result, "mlp", 1.0)
+    assert r["n"] == N_SHAPES
+    assert r["cosine_mean"] < 0.9  # independent inits: the fitted rows differ clearly
+    endpoint = _entry(result, "mlp", 0.0)["endpoint_cd_mean"]
+    assert r["endpoint_cd_mean"] == pytest.approx(endpoint)  # φ itself does not depend on λ
+    finite = [e["barrier"] for e in r["shapes"] if np.isfinite(e["barrier"])]
+    assert len(finite) + r["no_surface"] + r["fit_failed"] == N_SHAPES
+    assert all(e["reason"] for e in r["shapes"] if not np.isfinite(e["barrier"]))  # every gap says why
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_outputs_on_disk(result, ingested):
+    out = ingested / L.STABILITY
+    on_disk = json.loads((out / "stability.json").read_text())
+    assert [(r["variant"], r["lambda"]) for r in on_disk["results"]] == \
+        [(v, lam) for v in VARIANTS for lam in LAMBDAS]  # one entry per variant x λ, in the order asked
+    assert on_disk["settings"]["lambdas"] == LAMBDAS and len(on_disk["settings"]["shapes"]) == N_SHAPES
+    assert set(on_disk["conventions"]) >= {"init", "cosine", "barrier", "chamfer"}
+    v = on_disk["variants"]
+    assert v["mlp"]["params"] == 1601 and 0 < v["mlp-asym"]["params"] < 1601  # masked entries leave the row
+    assert v["mlp-asym"]["asym"] and v["mlp"]["preset"] == "tiny"
+    table = (out / "stability.md").read_text()
+    assert "| variant | params | λ | cosine mean ± std | barrier CD mean ± std |" in table
+    assert sum(line.startswith("| mlp") for line in table.splitlines()) == len(VARIANTS) * len(LAMBDAS)
+    assert (out / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_uses_the_first_ingested_shapes(result, ingested):
+    samples = RowStore.open(str(ingested / L.SAMPLES))
+    ids = [str(i) for i in samples.row_meta()[L.SHAPE_ID]]
+    assert result["settings"]["shapes"] == ids[:N_SHAPES]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base field checkpoint trained a few steps on spheres, as tests/test_lora.py's."""
+    torch.manual_seed(0)
+    net = ModulatedField.from_preset("tiny")
+    trainer = AutoDecoder(net, lambda net, x, z: net(x, net.styles(z)), 4, 8,
+                          AutoDecoderSettings(steps=300, lr=3e-3, latent_lr=3e-3, stages=[[1.0, 4, 512]]))
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-1, 1, (4, 1024, 3)).astype(np.float32)
+    sdf = (np.linalg.norm(points, axis=2) - np.array([[0.3], [0.4], [0.5], [0.6]])).astype(np.float32)
+    for batch in trainer.batches(points, sdf):
+        trainer.step(*batch)
+    folder = tmp_path_factory.mktemp("base") / "base_final"
+    trainer.save(str(folder))
+    return str(folder)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_mlora_keeps_its_constant_start_and_lambda_zero_is_a_fixed_point(ingested, base, tmp_path):
+    run = tmp_path / "run"  # its own run folder (outputs), sharing the ingested samples
+    run.mkdir()
+    (run / L.SAMPLES).symlink_to(ingested / L.SAMPLES)
+    cfg = load_config(None, [f"run.dir={run}", f"field.base={base}", "field.rank=2", *SMALL])
+    field = field_from_config(stability.variant_config(cfg, "mlora"))
+    i1 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed))[0]
+    i2 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    a0 = field.layout.unflatten(perturbed_init(i1, i2, 0.7))["block0.fc0.a0"]
+    assert torch.equal(a0, torch.ones_like(a0))  # B A = 1 at the start, whatever λ
+
+    result = run_stability(cfg, ["mlora-asym"], [0.0, 0.5], n_shapes=2)
+    r0 = _entry(result, "mlora-asym", 0.0)
+    assert r0["fit_failed"] == 0 and r0["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert r0["no_surface"] < 2
+    for e in r0["shapes"]:
+        assert e["barrier"] == pytest.approx(e["endpoint_cd"], rel=1e-9, nan_ok=True)
+    assert result["variants"]["mlora-asym"]["params"] == field.layout.size
+    assert (run / L.STABILITY / "stability.json").exists()
+
+
+def test_lora_on_a_missing_base_is_a_clear_error(ingested, tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", f"field.base={tmp_path / 'nowhere'}", *SMALL])
+    with pytest.raises(FieldError, match="train-base"):
+        run_stability(cfg, ["lora"], [0.5], 1)
