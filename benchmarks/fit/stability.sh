@@ -12,8 +12,8 @@ B=.venv/bin
 mkdir -p "$WORK/run"
 [ -e "$WORK/run/samples.zarr" ] || cp -r runs/quickstart/samples.zarr "$WORK/run/"
 s=$(date +%s)
-$B/raywsl stability run.dir="$WORK/run" --shapes "$SHAPES" --lambdas 0,0.25,0.5,0.75,1 \
-    --variants mlp,mlp-asym,lora,lora-asym,mlora,mlora-asym \
+$B/raywsl stability --shapes "$SHAPES" --lambdas 0,0.25,0.5,0.75,1 \
+    --variants mlp,mlp-asym,lora,lora-asym,mlora,mlora-asym run.dir="$WORK/run" \
     field.preset=small field.rank=20 fit.steps=400 fit.points_per_step=2048 fit.batch_size=32 \
     fit.recon_resolution=64 base.preset=small base.steps=1500 base.checkpoint_every=500 \
     "base.stages=[[0.5,16,1024],[0.5,8,4096]]"
