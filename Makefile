@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CORPUS := runs/quickstart-corpus
 
 .PHONY: install quickstart test bench
 
@@ -20,9 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: install
-	$(BIN)/raywsl corpus $(CORPUS) --n 32
-	$(BIN)/raywsl ingest -c configs/quickstart.yaml data.source=$(CORPUS)/manifest.csv
-	$(BIN)/raywsl fit -c configs/quickstart.yaml data.source=$(CORPUS)/manifest.csv
+	$(BIN)/raywsl run -c configs/quickstart.yaml
 	$(BIN)/raywsl inspect runs/quickstart
 
 test: install

@@ -121,6 +121,46 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raywsl.diffusion.train import train
+
+    cfg, run = _setup(args, "train")
+    with tracking.run_context(cfg, "train", restart=args.restart):
+        metrics = train(cfg, restart=args.restart)
+    print(f"denoiser trained: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4g}; "
+          f"checkpoint in {run.checkpoints}/{L.DIFFUSION_FINAL}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from raywsl.diffusion.sample import sample
+
+    cfg, run = _setup(args, "sample")
+    with tracking.run_context(cfg, "sample"):
+        summary = sample(cfg)
+    print(f"{summary['count']} rows sampled, {summary['count'] - summary['no_surface']} meshes in {run.generated}/")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raywsl.eval.run import EvalError
+    from raywsl.run import run_all
+
+    cfg, run = _setup(args, "run")
+    try:
+        with tracking.run_context(cfg, "run", restart=args.restart):
+            result = run_all(cfg, restart=args.restart)
+    except EvalError as e:
+        print(f"raywsl run: error: {e}", file=sys.stderr)
+        return 2
+    m = result["metrics"]
+    keys = ("recon_cd_median", "mmd_cd", "cov_cd", "1nna_cd", "valid_share", "weights_attractor_share")
+    print(", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))))
+    print("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in result["stage_seconds"].items()))
+    print(f"report: {result['report']}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raywsl.eval.run import EvalError, evaluate
 
@@ -201,6 +241,12 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "train-base": ("SDF samples -> the base network field.type needs (modulated base field, DeepSDF decoder) "
                    "+ one latent per shape (Ray Train, resumable)",
                    _add_config_args, cmd_train_base, True),
+    "train": ("weights.zarr -> a diffusion denoiser over weight rows (Ray Train, resumable)",
+              _add_config_args, cmd_train, True),
+    "sample": ("the trained denoiser -> new weight rows and their meshes in generated/", _add_config_args,
+               cmd_sample, True),
+    "run": ("every stage, meshes to report.html: corpus, ingest, fit, train, sample, eval, report "
+            "(stages already done are skipped)", _add_config_args, cmd_run, True),
     "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
              _add_config_args, cmd_eval, True),
     "stability": ("fit shapes from init i1 and sqrt(1-l^2) i1 + l i2: cosine and linear-mode-connectivity "

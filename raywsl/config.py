@@ -70,6 +70,9 @@ class IngestConfig:
     margin: float = opt(0.03, "normalised mesh fits in a sphere of radius 1/(1+margin)", min=0.0)
     max_faces: int = opt(2_000_000, "meshes with more faces fail with a clear reason", min=1)
     shard_size: int = opt(8, "shapes per Zarr shard: the unit of work, of writing and of resume", min=1)
+    test_fraction: float = opt(0.2, "share of shapes held out as the reference set of generation metrics: a "
+                                    "shape is held out when a hash of (seed, shape id) says so (data/splits.py), "
+                                    "fixed at ingest time (recorded in samples.zarr)", min=0.0, max=0.9, fp=False)
 
 
 @dataclass
@@ -157,6 +160,50 @@ class BaseConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    tokenizer: str = opt("layer", "weight row -> tokens: layer (one token per layer, long layers chunked; "
+                                  "HyperDiffusion), chunk (equal chunks), lora_hier (the LoRA paper's "
+                                  "hierarchical rank-pair encoder), latent (DeepSDF latents)")
+    token_size: int = opt(0, "values per token of layer / chunk / latent (0: the tokenizer's default)", min=0)
+    model: str = opt("tiny", "denoiser size (raywsl/diffusion/dit.py MODELS): tiny (CPU), small, base, "
+                             "hyperdiffusion (the papers': hidden 2880, 12 layers, 16 heads)")
+    prediction: str = opt("eps", "what the denoiser predicts: eps (noise; the papers'), x0, v",
+                          choices=["eps", "x0", "v"])
+    schedule: str = opt("linear", "beta schedule: linear (1e-4 -> 2e-2, the papers'), cosine",
+                        choices=["linear", "cosine"])
+    timesteps: int = opt(500, "diffusion steps T", min=2)
+    standardize: bool = opt(True, "standardise every parameter by its mean / std over the training rows "
+                                  "(saved with the model)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(2000, "denoiser optimiser steps", min=1)
+    batch_size: int = opt(64, "rows per step (over all workers)", min=1)
+    lr: float = opt(2e-4, "AdamW learning rate", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    ema: float = opt(0.9999, "decay of the denoiser's exponential moving average (with warm-up)", min=0.0, max=1.0)
+    checkpoint_every: int = opt(500, "steps between checkpoints (reported to Ray Train)", min=1, fp=False)
+    log_every: int = opt(50, "steps between logged losses (and per-timestep-bucket losses)", min=1, fp=False)
+
+
+@dataclass
+class SampleConfig:
+    count: int = opt(16, "weight rows to sample and decode to meshes", min=1)
+    sampler: str = opt("ddim", "ddim or ancestral (all T steps)", choices=["ddim", "ancestral"])
+    steps: int = opt(100, "DDIM steps", min=1)
+    eta: float = opt(0.0, "DDIM eta (0: deterministic)", min=0.0)
+    resolution: int = opt(64, "marching-cubes grid of the generated meshes", min=8)
+    ema: bool = opt(True, "sample with the EMA denoiser")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = opt(1, "Ray Train workers of `raywsl train` (DDP; gloo on CPU, nccl on GPU)", min=1, fp=False)
+    use_gpu: bool = opt(False, "one GPU per Ray Train worker", fp=False)
+
+
+@dataclass
 class EvalConfig:
     generated: str = opt("", "meshes to evaluate (folder, glob or manifest); empty: <run.dir>/generated")
     reference: str = opt("", "reference meshes (folder, glob or manifest) for MMD / COV / 1-NNA")
@@ -197,6 +244,10 @@ class Config:
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     base: BaseConfig = dataclasses.field(default_factory=BaseConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: MlflowConfig = dataclasses.field(default_factory=MlflowConfig)
@@ -227,6 +278,12 @@ class Config:
         _require("base.stages", self.base.stages and all(len(st) == 3 and st[0] > 0 and st[1] >= 1 and st[2] >= 1
                                                          for st in self.base.stages),
                  self.base.stages, "a non-empty list of [fraction > 0, shapes >= 1, points >= 1]")
+        from raywsl.diffusion.dit import MODELS  # registries live with their models
+        from raywsl.diffusion.tokenizers import TOKENIZERS
+
+        _require("diffusion.tokenizer", self.diffusion.tokenizer in TOKENIZERS, self.diffusion.tokenizer,
+                 f"one of {sorted(TOKENIZERS)}")
+        _require("diffusion.model", self.diffusion.model in MODELS, self.diffusion.model, f"one of {sorted(MODELS)}")
         bad = sorted(set(self.eval.distances) - set(SET_DISTANCES))
         _require("eval.distances", self.eval.distances and not bad, self.eval.distances,
                  f"a non-empty list from {list(SET_DISTANCES)}")

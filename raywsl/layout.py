@@ -65,6 +65,8 @@ SHAPE_IDS = "shape_ids.json"  # in a final base checkpoint: the shape id of each
 # folder under checkpoints/, and <name>_final, the last state, where fitting finds it.
 BASE_RUNS = {"modulated": "base", "deepsdf": "deepsdf"}
 BASE_FINAL = "base_final"  # checkpoints/base_final: the modulated base LoRA fields are fitted on
+DIFFUSION_RUN = "diffusion"  # checkpoints/diffusion: Ray Train's run folder of `raywsl train`
+DIFFUSION_FINAL = "diffusion_final"  # checkpoints/diffusion_final: the trained denoiser `raywsl sample` uses
 
 FROZEN = "frozen"  # group of the field's frozen shared parts (asymmetric masks: <weight>.fixed, <weight>.values)
 INIT_ROW = "init"  # (P,) float32 the shared start of every shape (warm and shared init); the driver writes it

@@ -98,3 +98,10 @@ def test_trained_init_only_for_fields_with_trained_rows():
 def test_shipped_configs_load():
     for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
         load_config(path)
+
+
+def test_diffusion_registries_are_checked():
+    with pytest.raises(ConfigError, match="diffusion.tokenizer.*one of"):
+        load_config(None, ["diffusion.tokenizer=lyr"])
+    with pytest.raises(ConfigError, match="diffusion.model"):
+        load_config(None, ["diffusion.model=huge"])

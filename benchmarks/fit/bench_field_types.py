@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=2048, help="SDF samples per shape per step")
     ap.add_argument("--steps", type=int, default=30, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--lr", type=float, default=1e-3, help="fitting learning rate (exp schedule to 1e-5)")
     ap.add_argument("--rank", type=int, default=20, help="LoRA rank per layer (20: ~10k parameters, as mlp small)")
     ap.add_argument("--base", default="", help="a modulated base checkpoint folder (default: a fresh small one)")
     ap.add_argument("--deepsdf", default="", help="a DeepSDF checkpoint folder (default: a fresh small one)")
@@ -64,7 +65,7 @@ def main() -> None:
     }
     total = args.warmup + args.steps
     cfg = FitConfig(steps=total, batch_size=args.batch_size, points_per_step=args.points, check_every=total,
-                    schedule="constant", device=args.device)
+                    lr=args.lr, device=args.device)
     data = [analytic_shape(i, 20_000, 0) for i in range(args.batch_size)]
     print(f"# field types in the engine: {machine(args)}, "
           f"B={args.batch_size}, K={args.points}, {args.steps} timed steps after {args.warmup}")
@@ -88,9 +89,15 @@ def main() -> None:
                 step()
 
             fitter._step_fn = timed_step
-            list(fitter.fit(shapes))
+            results = list(fitter.fit(shapes))
             sync(args.device)
-            return len(shapes) * args.steps / (time.perf_counter() - clock["start"])
+            seconds = time.perf_counter() - clock["start"]
+            # every shape must run every step in one attempt, or the batch was not full all along
+            bad = [r for r in results if not r.ok or r.steps != total or r.restarts]
+            if bad or calls[0] != total:
+                raise RuntimeError(f"{name}: {len(bad)} shapes failed, restarted or stopped early "
+                                   f"(e.g. {bad[0].shape_id}: {bad[0].reason or bad[0].steps}); lower --lr")
+            return len(shapes) * args.steps / seconds
 
         rate = max(run() for _ in range(max(1, args.repeats)))  # the fastest run: the cores may be shared
         reference = reference or rate

@@ -34,6 +34,7 @@ from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
 from raywsl.base.models import make_base
 from raywsl.config import Config, build, to_dict
 from raywsl.runtime import ray_session
+from raywsl.store.datasource import cache_shard, stream_shard
 from raywsl.store.rows import DONE, RowStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -147,17 +148,18 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     sampler = np.random.default_rng([cfg.seed, rank, trainer.step_count])  # per worker and resume point
-    cached = _read_shard(shard, int(cfg.base.cache_gb * 2**30))
-    streamed = None if cached else _stream(shard, max(int(stage[1]) for stage in trainer.s.stages))
+    columns = ["row", L.POINTS, L.SDF]
+    cached = cache_shard(shard, columns, int(cfg.base.cache_gb * 2**30))
+    streamed = None if cached else stream_shard(shard, columns, max(int(stage[1]) for stage in trainer.s.stages))
     loss_sum, n = 0.0, 0
     while trainer.step_count < trainer.s.steps:
         shapes, points = trainer.stage()
         if cached:  # every step draws its shapes from the worker's whole shard
-            rows, pts, sdf = cached
-            pick = sampler.choice(len(rows), min(shapes, len(rows)), replace=False)
-            rows, pts, sdf = rows[pick], pts[pick], sdf[pick]
+            pick = sampler.choice(len(cached["row"]), min(shapes, len(cached["row"])), replace=False)
+            rows, pts, sdf = (cached[c][pick] for c in columns)
         else:  # too big to keep: (up to) `shapes` rows of the next batch of the stream
-            rows, pts, sdf = (a[:shapes] for a in next(streamed))
+            batch = next(streamed)
+            rows, pts, sdf = (batch[c][:shapes] for c in columns)
         cols = sampler.integers(0, sdf.shape[1], (len(rows), min(points, sdf.shape[1])))
         # every worker takes exactly one step per iteration: the all_reduce in `sync` stays in lockstep
         loss_sum += trainer.step(torch.from_numpy(latent_of_row[rows]),
@@ -175,23 +177,3 @@ def _train_loop(config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics)
 
-
-def _read_shard(shard: Any, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The worker's whole shard (rows, points, sdf), read once through Ray Data, if it fits in
-    `limit` bytes; else None (then it is streamed epoch after epoch)."""
-    parts, size = [], 0
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        size += batch[L.POINTS].nbytes + batch[L.SDF].nbytes
-        if size > limit:
-            return None
-        parts.append((batch["row"], batch[L.POINTS], batch[L.SDF]))
-    if not parts:
-        raise RuntimeError("a Ray Train worker got no shapes: use fewer base.workers than ingested shapes")
-    return tuple(np.concatenate(p) for p in zip(*parts))
-
-
-def _stream(shard: Any, rows: int):
-    """(rows, points, sdf) batches of the worker's shard, epoch after epoch, forever."""
-    while True:
-        for batch in shard.iter_batches(batch_size=rows, batch_format="numpy"):
-            yield batch["row"], batch[L.POINTS], batch[L.SDF]

@@ -35,6 +35,9 @@ def resolve_source(source: str, key: str = "data.source") -> list[MeshRef]:
     """The meshes of `source`; errors name the config `key` it came from."""
     if not source:
         raise SourceError(f"{key} is empty: set it to a folder, a glob or a manifest of meshes")
+    if source.startswith("corpus:"):
+        raise SourceError(f"{key} '{source}' is the built-in generator, which `raywsl run` expands; for this "
+                          f"verb write it first (`raywsl corpus DIR --n N`) and use DIR/manifest.csv")
     fs, path = fsspec.core.url_to_fs(source)
     protocol = source.split("://")[0] + "://" if "://" in source else ""
     if any(c in path for c in "*?["):

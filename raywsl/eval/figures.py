@@ -233,10 +233,11 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
 
 
 def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]], path,
-               xlabel: str = "step", title: str | None = None) -> Path:
+               xlabel: str = "step", title: str | None = None, log_y: Sequence[str] = ()) -> Path:
     """Side-by-side panels, one per ylabel -> {name: (x, mean, std)}: a line per name with the band
     mean ± std shaded (e.g. a metric averaged over shapes). A name keeps its colour in every panel;
-    non-finite values leave gaps."""
+    non-finite values leave gaps. Panels named in `log_y` get a log y axis (the band's lower edge is
+    then clipped at a tenth of the mean)."""
     fig = Figure(figsize=(6.4 * max(len(panels), 1), 4.8), dpi=DPI)
     names = list(dict.fromkeys(name for curves in panels.values() for name in curves))
     for i, (ylabel, curves) in enumerate(panels.items()):
@@ -245,7 +246,10 @@ def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence
             x, mean, std = (np.asarray(a, dtype=np.float64) for a in (x, mean, std))
             colour = f"C{names.index(name) % 10}"
             ax.plot(x, mean, "o-", ms=3, lw=1.2, color=colour, label=name)
-            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+            low = np.maximum(mean - std, mean / 10) if ylabel in log_y else mean - std
+            ax.fill_between(x, low, mean + std, color=colour, alpha=0.2, lw=0)
+        if ylabel in log_y:
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if curves:

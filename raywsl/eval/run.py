@@ -125,6 +125,72 @@ def update_metrics_file(path: str, values: dict[str, Any]) -> dict[str, Any]:
     return current
 
 
+def _split_sets(cfg: Config):
+    """eval settings whose reference (and, unless set, training) meshes are the run's held-out (and
+    training) split, as manifests in eval/ written from samples.zarr."""
+    import dataclasses
+
+    from raywsl.data.splits import write_split_manifests
+    from raywsl.store.rows import RowStore, StoreError
+
+    run = L.RunLayout(cfg.run_dir)
+    try:
+        samples = RowStore.open(run.samples, kind="samples")
+    except StoreError:
+        raise EvalError("eval.reference is empty and the run folder has no samples.zarr: set it to the "
+                        "reference meshes (folder, glob or manifest)") from None
+    sets = write_split_manifests(samples, run.eval)
+    log.info("eval: reference = the held-out split (%s), training = %s", sets["reference"],
+             cfg.eval.training or sets["training"])
+    return dataclasses.replace(cfg.eval, reference=sets["reference"], training=cfg.eval.training or sets["training"])
+
+
+def _add_samples_without_surface(gen: ShapeSet, run: L.RunLayout) -> None:
+    """Sampled rows whose field had no surface have no mesh file; `raywsl sample` lists them in
+    generated/summary.json. They count as invalid generated shapes (valid_share), not as absent."""
+    from raywsl.diffusion.sample import SUMMARY_FILE
+
+    fs, path = fsspec.core.url_to_fs(L.join(run.generated, SUMMARY_FILE))
+    if not fs.exists(path):
+        return
+    for entry in json.loads(fs.cat_file(path))["samples"]:
+        if not entry["surface"] and entry["id"] not in gen.ids:
+            gen.ids.append(entry["id"])
+            gen.meshes.append(None)
+            gen.reasons.append(entry["reason"] or "no surface")
+
+
+def _weight_diagnostics(cfg: Config) -> dict[str, Any]:
+    """Weight-space collapse signals of sampled rows (generated/rows.npy, from `raywsl sample`) against
+    the training rows: distinct nearest training rows and the attractor share (papers/002, §3.3)."""
+    from raywsl.diffusion.sample import ROWS_FILE
+    from raywsl.diffusion.train import training_rows
+    from raywsl.eval.weights import nearest_training
+    from raywsl.store.rows import StoreError
+    from raywsl.store.weights import open_weights
+
+    run = L.RunLayout(cfg.run_dir)
+    fs, path = fsspec.core.url_to_fs(L.join(run.generated, ROWS_FILE))
+    if cfg.eval.generated or not fs.exists(path):
+        return {}
+    try:
+        store = open_weights(run.weights)
+    except StoreError:
+        return {}
+    with fs.open(path, "rb") as f:
+        generated = np.load(f)
+    rows = training_rows(store, cfg)
+    training = store.group[L.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
+    if generated.shape[1] != training.shape[1]:
+        return {}
+    near = nearest_training(generated, training)
+    return {"weights_distinct_nearest": int(near["distinct_nearest"]),
+            "weights_distinct_nearest_share": near["distinct_nearest"] / max(1, min(len(generated), len(training))),
+            "weights_attractor_share": float(near["attractor_share"]),
+            "weights_nearest_cos_median": float(np.median(near["cos_sim"][:, 0])),
+            "weights_cos_to_training_mean": float(np.mean(near["cos_to_training_mean"]))}
+
+
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate `eval.generated` (default: <run.dir>/generated) against `eval.reference`; returns the
     figures written to metrics.json."""
@@ -135,10 +201,12 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     from raywsl.eval.topology import topology
 
     ec, run = cfg.eval, L.RunLayout(cfg.run_dir)
-    if not ec.reference:
-        raise EvalError("eval.reference is empty: set it to the reference meshes (folder, glob or manifest)")
+    if not ec.reference:  # the run's own held-out split, when it has ingested shapes
+        ec = _split_sets(cfg)
     t0 = time.perf_counter()
     gen = load_set(ec.generated or run.generated, "generated", cfg)
+    if not ec.generated:
+        _add_samples_without_surface(gen, run)
     ref = load_set(ec.reference, "reference", cfg)
     for s in (gen, ref):
         if len(s.clouds) == 0:
@@ -170,6 +238,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         result.update({"memorisation_rate": nov.memorisation_rate, "memorisation_threshold": threshold,
                        "novelty_cd_median": float(np.median(nov.nearest_cd)),
                        "novelty_distinct_nearest": int(len(np.unique(nov.nearest_index)))})
+
+    result.update(_weight_diagnostics(cfg))
 
     # Pictures: the shapes themselves, and how far each shape is from its nearest reference
     # (generated vs the reference set's own leave-one-out spread, the scale to read them against).

@@ -334,7 +334,7 @@ def _write(cfg: Config, result: dict[str, Any]) -> None:
         curves["barrier (Chamfer distance)"][name] = (lam, [r["barrier_mean"] for r in rs],
                                                       [r["barrier_std"] for r in rs])
     png = L.join(out, "stability.png")
-    figures.plot_bands(curves, png, xlabel="perturbation strength λ",
+    figures.plot_bands(curves, png, xlabel="perturbation strength λ", log_y=["barrier (Chamfer distance)"],
                        title=f"weight-space stability, {len(result['settings']['shapes'])} shapes (mean ± std)")
     tracking.log_figure(png)
     metrics: dict[str, dict[str, Any]] = {name: {} for name in result["variants"]}

@@ -59,6 +59,7 @@ def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
         categories=[r.category for r in refs], shard_size=cfg.ingest.shard_size,
         arrays=sample_arrays(cfg),
         attrs={"data_source": cfg.data.source, "seed": cfg.seed, "ingest": to_dict(cfg.ingest),
+               "test_fraction": cfg.ingest.test_fraction,
                "normalisation": "normalised = (v - center) * scale; sdf < 0 inside"})
     pending = store.pending_shards()
     log.info("ingest: %d meshes in %d shards -> %s (%d shards already done)",

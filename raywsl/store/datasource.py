@@ -120,3 +120,30 @@ def read_rows(path: str, names: Sequence[str], row_ranges: Sequence[tuple[int, i
     ds = ray.data.read_datasource(source, override_num_blocks=len(source.row_ranges), **read_kwargs)
     ds.context.target_max_block_size = None
     return ds
+
+
+# ------------------------------------------------------------------------------------ in Ray Train workers
+
+def cache_shard(shard, columns: Sequence[str], limit: int) -> dict[str, np.ndarray] | None:
+    """A Ray Train worker's whole dataset shard ({column: array}), read once, if its `columns` fit in
+    `limit` bytes; else None (then stream it with `stream_shard`). Training steps then sample from
+    memory instead of paying a Ray Data epoch per step on small sets."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    size = 0
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        size += sum(batch[c].nbytes for c in columns)
+        if size > limit:
+            return None
+        for c in columns:
+            parts[c].append(batch[c])
+    if not parts[columns[0]]:
+        raise RuntimeError("a Ray Train worker got no rows: use fewer workers than rows")
+    return {c: np.concatenate(p) for c, p in parts.items()}
+
+
+def stream_shard(shard, columns: Sequence[str], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `rows` rows ({column: array}) of a worker's shard, epoch after epoch, forever."""
+    while True:
+        for batch in shard.iter_batches(batch_size=rows, batch_format="numpy"):
+            yield {c: batch[c] for c in columns}
+

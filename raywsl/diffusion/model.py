@@ -1,0 +1,88 @@
+"""The denoiser of weight rows and its checkpoints.
+
+    denoiser = build_denoiser(cfg, layout)      # tokenizer (rows <-> tokens) around a DiT
+    pred = denoiser(x_t, t)                      # (B, P) standardised noisy rows, (B,) steps -> (B, P)
+
+The tokenizer is chosen by diffusion.tokenizer and driven by the weight store's layout; the DiT size
+by diffusion.model. Rows are standardised per parameter (diffusion.standardize) before the denoiser
+sees them; the Standardizer is saved in the checkpoint beside the weights.
+
+A checkpoint folder holds `state.pt` (tensors and numbers only, loaded with weights_only=True: the
+denoiser, its EMA, the optimiser, the step, the standardiser) and `info.json` (the config sections
+that rebuild the model, the layout, the loss history).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from raywsl.config import Config
+from raywsl.diffusion.dit import MODELS, make_dit
+from raywsl.diffusion.gaussian import DiffusionSettings, GaussianDiffusion
+from raywsl.diffusion.tokenizers import Standardizer, make_tokenizer
+from raywsl.fit.fields import Layout
+from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE
+
+
+class Denoiser(nn.Module):
+    def __init__(self, tokenizer: nn.Module, dit: nn.Module):
+        super().__init__()
+        self.tokenizer, self.dit = tokenizer, dit
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.tokenizer.decode(self.dit(self.tokenizer.encode(x), t))
+
+
+def tokenizer_options(cfg: Config) -> dict[str, Any]:
+    """diffusion.token_size as the tokenizer's own option name (0: its default)."""
+    d = cfg.diffusion
+    if not d.token_size:
+        return {}
+    return {"token_size" if d.tokenizer == "latent" else "chunk_size": d.token_size}
+
+
+def build_denoiser(cfg: Config, layout: Layout) -> Denoiser:
+    """A fresh denoiser (seeded: every Ray Train worker builds the same one)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.diffusion.model not in MODELS:
+        raise ValueError(f"diffusion.model {cfg.diffusion.model!r}: known sizes {sorted(MODELS)}")
+    tokenizer = make_tokenizer(cfg.diffusion.tokenizer, layout, MODELS[cfg.diffusion.model]["dim"],
+                               **tokenizer_options(cfg))
+    return Denoiser(tokenizer, make_dit(cfg.diffusion.model, tokenizer.n_tokens))
+
+
+def make_diffusion(cfg: Config) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion(DiffusionSettings(steps=d.timesteps, schedule=d.schedule, prediction=d.prediction))
+
+
+def save_checkpoint(folder: str, state: dict[str, Any], info: dict[str, Any]) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, CHECKPOINT_STATE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(folder, CHECKPOINT_STATE))  # a kill mid-write keeps the old one
+    with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
+        json.dump({**info, "format": "torch.save of tensors and numbers; load with weights_only=True"}, f, indent=2)
+
+
+def load_checkpoint(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, info) of a checkpoint folder; no pickled code is ever loaded."""
+    path = os.path.join(folder, CHECKPOINT_STATE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no diffusion checkpoint at {folder}: run `raywsl train` first")
+    with open(os.path.join(folder, CHECKPOINT_INFO)) as f:
+        info = json.load(f)
+    return torch.load(path, weights_only=True), info
+
+
+def load_for_sampling(cfg: Config, folder: str, ema: bool = True) -> tuple[Denoiser, Standardizer, dict[str, Any]]:
+    """The trained denoiser (its EMA weights unless ema=False), the standardiser and the info."""
+    state, info = load_checkpoint(folder)
+    denoiser = build_denoiser(cfg, Layout.from_json(info["layout"]))
+    denoiser.load_state_dict(state["ema"] if ema else state["model"])
+    return denoiser.eval().requires_grad_(False), Standardizer.from_state(state["standardizer"]), info
