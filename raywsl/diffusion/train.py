@@ -258,13 +258,13 @@ def _train_loop(config: dict[str, Any]) -> None:
                             "buckets": {k: v[0] for k, v in buckets.items() if v[1]}})
             window_loss, window_t = [], []
         if step % tc.checkpoint_every == 0 or step == tc.steps:
+            rate = (step - clock_step) / (time.perf_counter() - clock)  # since the last checkpoint
+            clock, clock_step = time.perf_counter(), step
             metrics = {"step": step, "loss": history[-1]["loss"] if history else float("nan"),
-                       "resumed_from": resumed_from}
+                       "resumed_from": resumed_from, "rows_per_s": rate * per_worker * world}
             if rank == 0:
-                rate = (step - clock_step) / (time.perf_counter() - clock)
                 log.info("train: step %d/%d, loss %.4g, %.1f steps/s (%.0f rows/s)", step, tc.steps, metrics["loss"],
-                         rate, rate * per_worker * world)
-                clock, clock_step = time.perf_counter(), step
+                         rate, metrics["rows_per_s"])
                 with tempfile.TemporaryDirectory() as folder:
                     save_checkpoint(folder, {"model": denoiser.state_dict(), "ema": ema.state_dict()["model"],
                                              "ema_state": {"decay": ema.decay, "updates": ema.updates},
