@@ -64,3 +64,33 @@ def task_concurrency() -> int | None:
     """How many CPU tasks a Ray Data stage may run at once: the real core count on the embedded
     local Ray (its logical CPUs are oversubscribed on purpose), unbounded on a cluster."""
     return (os.cpu_count() or 1) if _started_local else None
+
+
+def fit_torch_trainer(loop, config: dict, *, dataset, name: str, storage: str, workers: int, use_gpu: bool):
+    """Run `loop` under Ray Train (DDP; gloo on CPU, nccl on GPU) with `dataset` as its "train" shard
+    source. The run lives in storage/name: calling again with the same name resumes from its latest
+    checkpoint (the last two are kept; a crashed worker group is restarted twice). Raises the
+    training error, else returns Ray Train's Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    result = TorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       failure_config=ray.train.FailureConfig(max_failures=2)),
+        datasets={"train": dataset}).fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def keep_final(result, folder: str) -> None:
+    """Copy the last checkpoint of a Ray Train result to `folder` (replacing what was there)."""
+    import shutil
+
+    with result.checkpoint.as_directory() as src:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(src, folder)
+

@@ -89,3 +89,41 @@ def kill9_when(argv: Sequence[str], ready: Callable[[], bool], timeout: float) -
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+# ------------------------------------------------------------------------------------ shared run folders
+
+def ingest_corpus(root, n: int, overrides: Sequence[str]):
+    """root/run: a run folder with the samples.zarr of n procedural corpus shapes (`raywsl ingest`)."""
+    from raywsl.cli import main
+    from raywsl.data.corpus import write_corpus
+
+    manifest = write_corpus(root / "corpus", n, seed=0, progress=False)
+    run = root / "run"
+    assert main(["ingest", f"data.source={manifest}", f"run.dir={run}", *overrides]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A tiny modulated base field checkpoint folder (a real `train-base` checkpoint, trained
+    in-process 300 steps on four spheres): what LoRA fields need, without Ray Train."""
+    import numpy as np
+    import torch
+
+    from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
+    from raywsl.base.modulated import ModulatedField
+
+    torch.manual_seed(0)
+    net = ModulatedField.from_preset("tiny")
+    trainer = AutoDecoder(net, lambda net, x, z: net.decode(x, z), 4, 8,
+                          AutoDecoderSettings(steps=300, lr=3e-3, latent_lr=3e-3, stages=[[1.0, 4, 512]]))
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-1, 1, (4, 1024, 3)).astype(np.float32)
+    sdf = (np.linalg.norm(points, axis=2) - np.array([[0.3], [0.4], [0.5], [0.6]])).astype(np.float32)
+    for batch in trainer.batches(points, sdf):
+        trainer.step(*batch)
+    folder = tmp_path_factory.mktemp("base") / "base_final"
+    trainer.save(str(folder))
+    return str(folder)
+

@@ -4,33 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
-from raywsl.base.modulated import ModulatedField
 from raywsl.config import FitConfig
 from raywsl.fit.engine import BatchedFitter, ShapeData
 from raywsl.fit.fields import FieldError, make_field
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny base field checkpoint, trained a few steps on spheres (a real `train-base` checkpoint)."""
-    torch.manual_seed(0)
-    net = ModulatedField.from_preset("tiny")
-    trainer = AutoDecoder(net, lambda net, x, z: net(x, net.styles(z)), 4, 8,
-                          AutoDecoderSettings(steps=300, lr=3e-3, latent_lr=3e-3, stages=[[1.0, 4, 512]]))
-    rng = np.random.default_rng(0)
-    points = rng.uniform(-1, 1, (4, 1024, 3)).astype(np.float32)
-    sdf = (np.linalg.norm(points, axis=2) - np.array([[0.3], [0.4], [0.5], [0.6]])).astype(np.float32)
-    for batch in trainer.batches(points, sdf):
-        trainer.step(*batch)
-    folder = tmp_path_factory.mktemp("base") / "base_final"
-    trainer.save(str(folder))
-    return str(folder)
-
-
 @pytest.mark.parametrize("kind", ["lora", "mlora"])
-def test_the_start_is_the_base_field_at_the_mean_latent(base, kind):
-    field = make_field(kind, "default", base=base, rank=3)
+def test_the_start_is_the_base_field_at_the_mean_latent(tiny_base, kind):
+    field = make_field(kind, "default", base=tiny_base, rank=3)
     rows = field.init_rows(2, torch.Generator().manual_seed(0))
     x = torch.rand(2, 50, 3) * 2 - 1
     with torch.no_grad():
@@ -44,8 +25,8 @@ def test_the_start_is_the_base_field_at_the_mean_latent(base, kind):
         torch.testing.assert_close(field.effective_weights(params)[n][0], w)
 
 
-def test_layout_exposes_the_rank_pairs_and_round_trips(base):
-    field = make_field("mlora", "default", base=base, rank=2)
+def test_layout_exposes_the_rank_pairs_and_round_trips(tiny_base):
+    field = make_field("mlora", "default", base=tiny_base, rank=2)
     c = field.net.config["channels"]
     names = field.layout.names
     assert names[:4] == ["block0.fc0.a0", "block0.fc0.b0", "block0.fc0.a1", "block0.fc0.b1"]
@@ -53,19 +34,19 @@ def test_layout_exposes_the_rank_pairs_and_round_trips(base):
     rows = torch.randn(3, field.layout.size)
     assert torch.equal(field.layout.flatten(field.layout.unflatten(rows)), rows)
     with pytest.raises(FieldError, match="one per synthesis layer"):
-        make_field("lora", "default", base=base, rank=[1, 2, 3])
+        make_field("lora", "default", base=tiny_base, rank=[1, 2, 3])
 
 
 @pytest.mark.parametrize("kind", ["lora", "mlora"])
-def test_masked_entries_of_the_effective_weights_never_change(base, kind):
-    field = make_field(kind, "default", base=base, rank=2, asym=True, kappa=2.0)
+def test_masked_entries_of_the_effective_weights_never_change(tiny_base, kind):
+    field = make_field(kind, "default", base=tiny_base, rank=2, asym=True, kappa=2.0)
     weights = field.effective_weights(field.layout.unflatten(torch.randn(2, field.layout.size)))
     for n, m in field.masks_w.items():
         fixed = weights[n].gather(2, m.fixed.expand(2, -1, -1))
         torch.testing.assert_close(fixed, m.values.expand(2, -1, -1))
         if kind == "mlora":
             assert (m.values == 0).all()  # the paper's scheme: multiplicative masks zero entries
-    assert field.frozen_fingerprint() != make_field(kind, "default", base=base, rank=2).frozen_fingerprint()
+    assert field.frozen_fingerprint() != make_field(kind, "default", base=tiny_base, rank=2).frozen_fingerprint()
 
 
 def test_missing_base_is_a_clear_error(tmp_path):
@@ -74,8 +55,8 @@ def test_missing_base_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "mlora"])
-def test_fitting_adapters_to_a_new_shape_reduces_the_loss(base, kind):
-    field = make_field(kind, "default", base=base, rank=2)
+def test_fitting_adapters_to_a_new_shape_reduces_the_loss(tiny_base, kind):
+    field = make_field(kind, "default", base=tiny_base, rank=2)
     rng = np.random.default_rng(1)
     points = rng.uniform(-1, 1, (4096, 3)).astype(np.float32)
     box = (np.abs(points) - 0.35).max(axis=1).astype(np.float32)  # a cube: not one of the base's spheres

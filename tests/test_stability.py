@@ -1,20 +1,16 @@
 """The weight-space stability experiment (papers/004 §4.2) on a small real run folder: the init
 mixing, λ = 0 as a fixed point, outputs, and argument errors."""
 
-import csv
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import ingest_corpus
 
 from raywsl import layout as L
-from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
-from raywsl.base.modulated import ModulatedField
-from raywsl.cli import main
 from raywsl.config import load_config
-from raywsl.data.corpus import write_corpus
 from raywsl.eval import stability
 from raywsl.eval.stability import StabilityError, perturbed_init, run_stability
 from raywsl.fit.fields import FieldError, field_from_config
@@ -30,20 +26,8 @@ LAMBDAS = [0.0, 1.0]
 
 @pytest.fixture(scope="module")
 def ingested(ray_local, tmp_path_factory):
-    """A run folder with samples.zarr of N_SHAPES corpus shapes (as test_fit_pipeline's, smaller)."""
-    root = tmp_path_factory.mktemp("stability")
-    manifest = write_corpus(root / "corpus", N_SHAPES, seed=0, progress=False)
-    with open(manifest) as f:
-        rows = [{"id": r["id"], "path": str(manifest.parent / r["path"]), "category": r["category"]}
-                for r in csv.DictReader(f)]
-    source = root / "all.csv"
-    with open(source, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "path", "category"])
-        w.writeheader()
-        w.writerows(rows)
-    run = root / "run"
-    assert main(["ingest", f"data.source={source}", f"run.dir={run}", *INGEST]) == 0
-    return run
+    """A run folder with samples.zarr of N_SHAPES corpus shapes."""
+    return ingest_corpus(tmp_path_factory.mktemp("stability"), N_SHAPES, INGEST)
 
 
 @pytest.fixture(scope="module")
@@ -161,30 +145,13 @@ def test_uses_the_first_ingested_shapes(result, ingested):
     assert result["settings"]["shapes"] == ids[:N_SHAPES]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny base field checkpoint trained a few steps on spheres, as tests/test_lora.py's."""
-    torch.manual_seed(0)
-    net = ModulatedField.from_preset("tiny")
-    trainer = AutoDecoder(net, lambda net, x, z: net(x, net.styles(z)), 4, 8,
-                          AutoDecoderSettings(steps=300, lr=3e-3, latent_lr=3e-3, stages=[[1.0, 4, 512]]))
-    rng = np.random.default_rng(0)
-    points = rng.uniform(-1, 1, (4, 1024, 3)).astype(np.float32)
-    sdf = (np.linalg.norm(points, axis=2) - np.array([[0.3], [0.4], [0.5], [0.6]])).astype(np.float32)
-    for batch in trainer.batches(points, sdf):
-        trainer.step(*batch)
-    folder = tmp_path_factory.mktemp("base") / "base_final"
-    trainer.save(str(folder))
-    return str(folder)
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_mlora_keeps_its_constant_start_and_lambda_zero_is_a_fixed_point(ingested, base, tmp_path):
+def test_mlora_keeps_its_constant_start_and_lambda_zero_is_a_fixed_point(ingested, tiny_base, tmp_path):
     run = tmp_path / "run"  # its own run folder (outputs), sharing the ingested samples
     run.mkdir()
     (run / L.SAMPLES).symlink_to(ingested / L.SAMPLES)
-    cfg = load_config(None, [f"run.dir={run}", f"field.base={base}", "field.rank=2", *SMALL])
+    cfg = load_config(None, [f"run.dir={run}", f"field.base={tiny_base}", "field.rank=2", *SMALL])
     field = field_from_config(stability.variant_config(cfg, "mlora"))
     i1 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed))[0]
     i2 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed + 1))[0]

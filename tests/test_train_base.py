@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import kill9_when
+from conftest import ingest_corpus, kill9_when
 
 from raywsl import layout as L
 from raywsl.cli import main
-from raywsl.data.corpus import write_corpus
 
 FINAL = "base_final"  # the modulated base's final checkpoint, and Ray Train's run folder (layout.BASE_RUNS)
 RUN_NAME = L.BASE_RUNS["modulated"]
@@ -19,11 +18,7 @@ BASE = ["base.preset=tiny", "base.checkpoint_every=20", "base.stages=[[0.5,4,256
 
 @pytest.fixture(scope="module")
 def ingested(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
-    manifest = write_corpus(root / "corpus", 8, seed=0, progress=False)
-    run = root / "run"
-    assert main(["ingest", f"data.source={manifest}", f"run.dir={run}", *INGEST]) == 0
-    return run
+    return ingest_corpus(tmp_path_factory.mktemp("base"), 8, INGEST)
 
 
 def _final(run):

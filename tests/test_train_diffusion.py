@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import kill9_when
+from conftest import ingest_corpus, kill9_when
 
 from raywsl import layout as L
 from raywsl.cli import main
-from raywsl.data.corpus import write_corpus
 from raywsl.store.weights import open_weights
 
 INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4", "ingest.test_fraction=0.25"]
@@ -24,10 +23,7 @@ SAMPLE = ["sample.count=4", "sample.steps=10", "sample.resolution=24"]
 
 @pytest.fixture(scope="module")
 def fitted(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("diffusion")
-    manifest = write_corpus(root / "corpus", 12, seed=0, progress=False)
-    run = root / "run"
-    assert main(["ingest", f"data.source={manifest}", f"run.dir={run}", *INGEST]) == 0
+    run = ingest_corpus(tmp_path_factory.mktemp("diffusion"), 12, INGEST)
     assert main(["fit", f"run.dir={run}", *FIT]) == 0
     return run
 

@@ -4,8 +4,8 @@
     h = ReLU(FC(h)) x layers, the input re-injected (concatenated) at layer `inject`  --> FC --> sdf
 
 Layer `inject` reads [h, input] (width + |input| wide; DeepSDF's own code narrows the layer before
-instead, the study's 1.95 M count says it does not). No weight normalisation or dropout (the study does not mention them); no output tanh
-(the clamped L1 loss already ignores values beyond +-delta).
+instead, the study's 1.95 M count says it does not). No weight normalisation or dropout (the study
+does not mention them); no output tanh (the clamped L1 loss already ignores values beyond +-delta).
 
 Trained as an auto-decoder with one latent per shape (`raywsl train-base` with field.type
 deepsdf_latent); a new shape is a latent optimised against the frozen decoder (fit/deepsdf.py).

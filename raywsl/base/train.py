@@ -33,7 +33,7 @@ from raywsl import layout as L
 from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
 from raywsl.base.models import make_base
 from raywsl.config import Config, build, to_dict
-from raywsl.runtime import ray_session
+from raywsl.runtime import fit_torch_trainer, keep_final, ray_session
 from raywsl.store.datasource import cache_shard, stream_shard
 from raywsl.store.rows import DONE, RowStore, StoreError
 
@@ -73,9 +73,6 @@ def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
 
 def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
     """Train (or resume training) the base field of `cfg.run_dir`; returns the final metrics."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from raywsl.store.datasource import read_rows
 
     run = L.RunLayout(cfg.run_dir)
@@ -96,22 +93,12 @@ def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
         data = read_rows(samples.path, [L.POINTS, L.SDF]).map_batches(_ingested, batch_size=None)
         data.context.enable_progress_bars = False  # one bar per epoch per worker otherwise
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"cfg": to_dict(cfg), "latent_of_row": np.cumsum(status == DONE).tolist(),
-                               "n_shapes": n_done},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.base.workers, use_gpu=cfg.base.use_gpu),
-            run_config=ray.train.RunConfig(name=name, storage_path=storage,
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                           failure_config=ray.train.FailureConfig(max_failures=2)),
-            datasets={"train": data})
-        result = trainer.fit()
-    if result.error:
-        raise result.error
+        result = fit_torch_trainer(_train_loop, {"cfg": to_dict(cfg), "n_shapes": n_done,
+                                                 "latent_of_row": np.cumsum(status == DONE).tolist()},
+                                   dataset=data, name=name, storage=storage, workers=cfg.base.workers,
+                                   use_gpu=cfg.base.use_gpu)
     final = run.base_final(model)
-    with result.checkpoint.as_directory() as folder:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(folder, final)
+    keep_final(result, final)
     with open(os.path.join(final, L.SHAPE_IDS), "w") as f:  # latent i is the i-th ingested shape
         json.dump([str(i) for i in samples.row_meta()[L.SHAPE_ID][status == DONE]], f)
     log.info("train-base: %s -> %s", result.metrics, final)

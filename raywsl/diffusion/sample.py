@@ -95,14 +95,15 @@ def sample(cfg: Config) -> dict[str, Any]:
             meshes.append(ex.mesh)
             entries.append({"id": name, "surface": ex.mesh is not None, "reason": ex.reason})
     no_surface = sum(not e["surface"] for e in entries)
-    summary = {"fingerprint": fp, "count": len(rows), "no_surface": no_surface, "sampler": sc.sampler, "steps": sc.steps,
-               "eta": sc.eta, "ema": sc.ema, "seed": cfg.seed, "samples": entries}
+    summary = {"fingerprint": fp, "count": len(rows), "no_surface": no_surface, "sampler": sc.sampler,
+               "steps": sc.steps, "eta": sc.eta, "ema": sc.ema, "seed": cfg.seed, "samples": entries}
     with fs.open(L.join(out, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     grid = L.join(run.generated, "generated.png")
     if "://" not in grid:
         os.makedirs(os.path.dirname(grid), exist_ok=True)
-    figures.render_meshes(meshes[:cfg.eval.render or 16], grid, titles=[e["id"] for e in entries][:cfg.eval.render or 16])
+    shown = cfg.eval.render or 16
+    figures.render_meshes(meshes[:shown], grid, titles=[e["id"] for e in entries][:shown])
     tracking.log_figure(grid)
     tracking.log_metrics({"sample_count": len(rows), "sample_no_surface": no_surface})
     log.info("sample: %d meshes (%d without a surface) -> %s", len(rows) - no_surface, no_surface, run.generated)

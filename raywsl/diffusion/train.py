@@ -35,7 +35,7 @@ from raywsl import layout as L
 from raywsl.config import Config, build, fingerprint, to_dict
 from raywsl.data.splits import DEFAULT_TEST_FRACTION, held_out
 from raywsl.diffusion.tokenizers import Standardizer
-from raywsl.runtime import ray_session
+from raywsl.runtime import fit_torch_trainer, keep_final, ray_session
 from raywsl.store.rows import DONE, RowStore, StoreError
 from raywsl.store.weights import open_weights
 
@@ -82,9 +82,6 @@ def train(cfg: Config, restart: bool = False, replace_stale: bool = False) -> di
     """Train (or resume training) the denoiser of `cfg.run_dir`; returns the final metrics. Nothing
     to do when checkpoints/diffusion_final was trained on the same store with the same settings; an
     interrupted training of other settings is refused unless restart (or replace_stale: `raywsl run`)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from raywsl.store.datasource import read_rows
 
     run = L.RunLayout(cfg.run_dir)
@@ -123,21 +120,11 @@ def train(cfg: Config, restart: bool = False, replace_stale: bool = False) -> di
         data = read_rows(store.path, [L.ROW_WEIGHTS]).map_batches(
             _select, fn_kwargs={"keep": keep}, batch_size=None)
         data.context.enable_progress_bars = False
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"cfg": to_dict(cfg), "layout": store.attrs["layout"], "fingerprint": fp,
-                               "standardizer": {k: v.tolist() for k, v in std.state().items()}},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu),
-            run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=storage,
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                           failure_config=ray.train.FailureConfig(max_failures=2)),
-            datasets={"train": data})
-        result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as folder:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(folder, final)
+        config = {"cfg": to_dict(cfg), "layout": store.attrs["layout"], "fingerprint": fp,
+                  "standardizer": {k: v.tolist() for k, v in std.state().items()}}
+        result = fit_torch_trainer(_train_loop, config, dataset=data, name=RUN_NAME, storage=storage,
+                                   workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu)
+    keep_final(result, final)
     info = _info(final)
     info["metrics"] = dict(result.metrics)
     with open(os.path.join(final, L.CHECKPOINT_INFO), "w") as f:
