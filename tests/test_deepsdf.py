@@ -69,6 +69,8 @@ def test_latent_field_knows_the_trained_latents_and_decodes_them(trained):
     folder, points, sdf, latents = trained
     field = make_field("deepsdf_latent", "default", base=folder)
     assert field.layout.size == 8 and field.layout.names == ["latent"]
+    rows = torch.randn(3, 8)
+    assert torch.equal(field.layout.flatten(field.layout.unflatten(rows)), rows)  # the layout round trip
     assert torch.equal(field.trained_row("s2"), latents[2]) and field.trained_row("unknown") is None
     assert "decoder.output.weight" in field.frozen()
     own = _loss(field, latents, points, sdf)
