@@ -62,12 +62,11 @@ def training_rows(store: RowStore, cfg: Config) -> np.ndarray:
     return np.flatnonzero((store.status() == DONE) & ~test)
 
 
-def fit_standardizer(store: RowStore, rows: np.ndarray, enabled: bool) -> Standardizer:
-    """Per-parameter mean / std over `rows`, read shard by shard (never the whole store at once)."""
+def fit_standardizer(store: RowStore, keep: np.ndarray, enabled: bool) -> Standardizer:
+    """Per-parameter mean / std over the rows where `keep` (N,) holds, read shard by shard (never the
+    whole store at once)."""
     if not enabled:
         return Standardizer.identity(store.group[L.ROW_WEIGHTS].shape[1])
-    keep = np.zeros(store.n_rows, bool)
-    keep[rows] = True
 
     def shards():
         for k in range(store.n_shards):
@@ -109,13 +108,13 @@ def train(cfg: Config, restart: bool = False, replace_stale: bool = False) -> di
     os.makedirs(storage, exist_ok=True)
     with open(marker, "w") as f:
         f.write(fp)
-    std = fit_standardizer(store, rows, cfg.diffusion.standardize)
+    keep = np.zeros(store.n_rows, bool)
+    keep[rows] = True
+    std = fit_standardizer(store, keep, cfg.diffusion.standardize)
     log.info("train: %d training rows of %d parameters (%s field), tokenizer %s, DiT %s, %d steps of %d rows, "
              "%d workers", len(rows), store.group[L.ROW_WEIGHTS].shape[1], store.attrs["field_type"],
              cfg.diffusion.tokenizer, cfg.diffusion.model, cfg.train.steps, cfg.train.batch_size,
              cfg.scaling.num_workers)
-    keep = np.zeros(store.n_rows, bool)
-    keep[rows] = True
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
         data = read_rows(store.path, [L.ROW_WEIGHTS]).map_batches(
             _select, fn_kwargs={"keep": keep}, batch_size=None)
@@ -159,8 +158,7 @@ def _report(cfg: Config, final: str) -> None:
     from raywsl import tracking
     from raywsl.eval import figures
 
-    with open(os.path.join(final, L.CHECKPOINT_INFO)) as f:
-        history = json.load(f)["history"]
+    history = _info(final)["history"]
     if not history:
         return
     steps = [h["step"] for h in history]
@@ -185,7 +183,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from raywsl.diffusion.dit import EMA
     from raywsl.diffusion.gaussian import bucket_losses
-    from raywsl.diffusion.model import build_denoiser, make_diffusion, save_checkpoint
+    from raywsl.diffusion.model import build_denoiser, load_checkpoint, make_diffusion, save_checkpoint
     from raywsl.fit.fields import Layout
     from raywsl.store.datasource import cache_shard, stream_shard
 
@@ -200,9 +198,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, L.CHECKPOINT_STATE), weights_only=True)
-            with open(os.path.join(folder, L.CHECKPOINT_INFO)) as f:
-                history = json.load(f)["history"]
+            state, info = load_checkpoint(folder)
+        history = info["history"]
         denoiser.load_state_dict(state["model"])
         ema.load_state_dict({"model": state["ema"], **state["ema_state"]})
         opt.load_state_dict(state["opt"])
