@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
 import fsspec
 
-from raywsl import layout as L
-from raywsl import tracking
-from raywsl.config import Config, ConfigError, describe, dump_yaml, load_config
+from raywsl import contract as C
+from raywsl.config import Config, ConfigError, describe, load_config
+from raywsl.progress import console, setup_logging
 
 log = logging.getLogger("raywsl")
 
@@ -37,28 +38,32 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config file (defaults are the laptop setup)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--restart", action="store_true",
-                   help="delete this stage's existing output if it was made with another config")
+                   help="delete the artifacts of this command's stages and compute them again")
 
 
-def _setup(args: argparse.Namespace, verb: str) -> tuple[Config, L.RunLayout]:
-    """Load and validate the config, make the run folder, save config.yaml, log to logs/<verb>.log."""
-    cfg = load_config(args.config, args.overrides)
-    run = L.RunLayout(cfg.run_dir)
-    fs, root = fsspec.core.url_to_fs(run.root)
-    fs.makedirs(L.join(root, L.LOGS), exist_ok=True)
-    with fs.open(L.join(root, L.CONFIG), "w") as f:
-        f.write(dump_yaml(cfg))
-    root_logger = logging.getLogger()
-    for h in [h for h in root_logger.handlers if getattr(h, "raywsl_log", False)]:
-        root_logger.removeHandler(h)  # one command's log file per process (tests run many)
-        h.close()
-    if "://" not in run.root:
-        handler = logging.FileHandler(run.log_file(verb))
-        handler.raywsl_log = True
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.DEBUG)
-        logging.getLogger().addHandler(handler)
-    return cfg, run
+def load(args: argparse.Namespace) -> Config:
+    """The command's config: typed, validated (registries included) before any work starts."""
+    from raywsl.models.registry import check_config
+
+    return check_config(load_config(args.config, args.overrides))
+
+
+def _stages(args: argparse.Namespace, verb: str, stages: list[str], then: Callable | None = None):
+    """Run `stages` for the command's config: refused (nothing written) when the first one's inputs are
+    missing; else the run folder records them (config.yaml, logs/<verb>.log, stages.json, MLflow).
+    `then(cfg, outcomes)` names more stages to run after them, given what they did."""
+    from raywsl.stages import check, open_run, plan_for, run_stages
+
+    cfg = load(args)
+    plan = plan_for(cfg, base=stages == ["train-base"])
+    stages = [s for s in stages if s in plan]
+    check(cfg, plan, stages[0])
+    console.info("raywsl %s: %s (cache %s)", verb, plan.run.root, plan.cache)
+    with open_run(cfg, plan, verb, args.restart):
+        outcomes = {o.stage: o for o in run_stages(cfg, plan, stages, args.restart)}
+        if then and (more := then(cfg, outcomes)):
+            outcomes.update({o.stage: o for o in run_stages(cfg, plan, more, args.restart)})
+    return cfg, plan, outcomes
 
 
 # ------------------------------------------------------------------------------------- verbs
@@ -75,127 +80,106 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     else:
         manifest = write_corpus(args.out_dir, args.n, seed=args.seed, categories=categories,
                                 resolution=args.resolution)
-    log.info("wrote %d shapes, manifest %s", args.n, manifest)
+    console.info("wrote %d shapes, manifest %s", args.n, manifest)
     return 0
 
 
-def _store_stage(args: argparse.Namespace, verb: str, run: Callable) -> tuple[dict, str]:
-    """Run a stage that fills a row store (ingest, fit) inside the run folder's MLflow run; returns
-    its summary and the "N done, K failed" line."""
-    cfg, _ = _setup(args, verb)
-    with tracking.run_context(cfg, verb, restart=args.restart):
-        summary = run(cfg, restart=args.restart)
-        tracking.log_metrics({f"{verb}_done": summary["done"], f"{verb}_failed": summary["failed"]})
-    pending = f", {summary['pending']} pending" if summary["pending"] else ""
-    return summary, f"{summary['done']} done, {summary['failed']} failed{pending}"
-
-
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from raywsl.ingest.pipeline import ingest
-
-    summary, counts = _store_stage(args, "ingest", ingest)
-    print(counts)
-    return 0 if summary["done"] > 0 else 1
+    _, _, out = _stages(args, "ingest", ["corpus", "ingest"])
+    return 0 if out["ingest"].facts["done"] > 0 else 1
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from raywsl.fit.pipeline import fit
+    def recon(cfg: Config, out: dict) -> list[str]:  # reconstructions of what was fitted, if any
+        return ["recon"] if cfg.fit.recon_count and out["fit"].facts["done"] else []
 
-    summary, counts = _store_stage(args, "fit", fit)
-    recon = summary.get("recon")
-    quality = (f"; recon Chamfer {recon['recon_cd_median']:.3g} (median), IoU {recon['recon_iou_mean']:.3f}"
-               if recon else "")
-    print(counts + quality)
-    return 0 if summary["done"] > 0 else 1
+    _, _, out = _stages(args, "fit", ["train-base", "fit"], then=recon)
+    return 0 if out["fit"].facts["done"] > 0 else 1
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from raywsl.base.train import train_base
-
-    cfg, run = _setup(args, "train-base")
-    with tracking.run_context(cfg, "train-base", restart=args.restart):
-        metrics = train_base(cfg, restart=args.restart)
-        tracking.log_metrics({f"base_{k}": v for k, v in metrics.items()})
-    print(f"base field trained: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4g}; "
-          f"checkpoint in {run.checkpoints}/")
+    _, plan, _ = _stages(args, "train-base", ["train-base"])
+    console.info("checkpoint: %s", plan["train-base"].path)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raywsl.diffusion.train import train
-
-    cfg, run = _setup(args, "train")
-    with tracking.run_context(cfg, "train", restart=args.restart):
-        metrics = train(cfg, restart=args.restart)
-    print(f"denoiser trained: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4g}; "
-          f"checkpoint in {run.checkpoints}/{L.DIFFUSION_FINAL}")
+    _, plan, _ = _stages(args, "train", ["train"])
+    console.info("checkpoint: %s", plan["train"].path)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from raywsl.diffusion.sample import sample
-
-    cfg, run = _setup(args, "sample")
-    with tracking.run_context(cfg, "sample"):
-        summary = sample(cfg)
-    print(f"{summary['count']} rows sampled, {summary['count'] - summary['no_surface']} meshes in {run.generated}/")
+    _, plan, _ = _stages(args, "sample", ["sample"])
+    console.info("meshes: %s", plan.run.link("sample"))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raywsl.eval.run import EvalError
     from raywsl.run import run_all
+    from raywsl.stages import open_run, plan_for
 
-    cfg, run = _setup(args, "run")
-    try:
-        with tracking.run_context(cfg, "run", restart=args.restart):
-            result = run_all(cfg, restart=args.restart)
-    except EvalError as e:
-        print(f"raywsl run: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(args)
+    plan = plan_for(cfg)
+    console.info("raywsl run: %s (cache %s)", plan.run.root, plan.cache)
+    with open_run(cfg, plan, "run", args.restart):
+        result = run_all(cfg, plan, restart=args.restart)
     m = result["metrics"]
     keys = ("recon_cd_median", "mmd_cd", "cov_cd", "1nna_cd", "valid_share", "weights_attractor_share")
-    print(", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))))
-    print("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in result["stage_seconds"].items()))
-    print(f"report: {result['report']}")
+    console.info("metrics: %s", ", ".join(f"{k} {m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))))
+    console.info("stages: %s (%.0f s)", ", ".join(f"{k} {'reused' if result['reused'][k] else f'{v:.0f}s'}"
+                                                 for k, v in result["stage_seconds"].items()),
+                 sum(result["stage_seconds"].values()))
+    console.info("report: %s", result["report"])
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raywsl.eval.run import EvalError, evaluate
+    from raywsl import cache
+    from raywsl.eval.run import evaluate, is_external, log_eval
+    from raywsl.stages import open_run, plan_for
 
-    cfg, run = _setup(args, "eval")
-    try:
-        with tracking.run_context(cfg, "eval"):
-            result = evaluate(cfg)
-    except EvalError as e:
-        print(f"raywsl eval: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(args)
+    if not is_external(cfg):
+        _, plan, _ = _stages(args, "eval", ["eval"])
+        folder = plan["eval"].path
+    else:  # given sets of meshes: the run folder's own eval/, not an artifact of the cache
+        plan = plan_for(cfg)
+        folder = plan.run.link("eval")
+        if os.path.islink(folder):
+            os.remove(folder)
+        with open_run(cfg, plan, "eval", args.restart):
+            evaluate(cfg, plan if cfg.data.source else None, folder)
+            cache.update_json(plan.run.metrics, log_eval(folder))
+    result = cache.read_json(C.join(folder, C.STAGE_METRICS), {})
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
-    print(f"wrote {run.metrics} and {run.eval}/")
+    console.info("wrote %s and %s/", plan.run.metrics, plan.run.link("eval"))
     return 0
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from raywsl.eval.stability import StabilityError, run_stability
+    from raywsl.fit.stability import StabilityError, run_stability, variant_configs
+    from raywsl.stages import check, open_run, plan_for, produce
 
-    cfg, run = _setup(args, "stability")
+    cfg = load(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
         lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
     except ValueError:
-        print(f"raywsl stability: error: --lambdas: comma-separated numbers in [0, 1], got {args.lambdas!r}",
-              file=sys.stderr)
-        return 2
-    try:
-        with tracking.run_context(cfg, "stability"):
-            run_stability(cfg, variants, lambdas, args.shapes)
-    except StabilityError as e:
-        print(f"raywsl stability: error: {e}", file=sys.stderr)
-        return 2
-    with fsspec.open(L.join(run.stability, "stability.md")) as f:
+        raise StabilityError(f"--lambdas: comma-separated numbers in [0, 1], got {args.lambdas!r}") from None
+    configs = variant_configs(cfg, variants, lambdas, args.shapes)
+    plans = {name: plan_for(c) for name, c in configs.items()}
+    plan = plan_for(cfg)
+    check(cfg, plan, "fit")  # the samples are there
+    with open_run(cfg, plan, "stability"):
+        bases = {}
+        for name, c in configs.items():  # lora / mlora / deepsdf_latent: their base, trained if missing
+            if "train-base" in plans[name]:
+                bases[name] = produce(c, plans[name], "train-base").artifact
+        run_stability(cfg, variants, lambdas, args.shapes, plan.samples, bases)
+    with fsspec.open(C.join(plan.run.stability, "stability.md")) as f:
         print(f.read().decode().split("\n\n- ")[0])  # the table, without the conventions
-    print(f"wrote {run.stability}/ (stability.json, stability.md, stability.png)")
+    console.info("wrote %s/ (stability.json, stability.md, stability.png)", plan.run.stability)
     return 0
 
 
@@ -204,6 +188,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_path(args.path)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from raywsl import cache
+
+    runs = args.runs or os.path.dirname(os.path.abspath(args.cache.rstrip("/")))
+    roots = cache.run_folders(runs)
+    removed = cache.collect_garbage(args.cache, roots, dry_run=args.dry_run)
+    for path in removed:
+        print(path)
+    verb = "would remove" if args.dry_run else "removed"
+    console.info("%s %d entries of %s that none of the %d run folders in %s refers to", verb, len(removed),
+                 args.cache, len(roots), runs)
     return 0
 
 
@@ -232,6 +230,12 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the stable JSON summary")
 
 
+def _gc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default=f"runs/{C.CACHE}", help="the artifact cache (cache.dir)")
+    p.add_argument("--runs", default="", help="the folder holding the run folders (default: the cache's parent)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+
+
 # verb -> (help, argument builder, handler, takes a config)
 VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "corpus": ("generate a procedural, categorised mesh corpus", _corpus_args, cmd_corpus, False),
@@ -245,13 +249,15 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
               _add_config_args, cmd_train, True),
     "sample": ("the trained denoiser -> new weight rows and their meshes in generated/", _add_config_args,
                cmd_sample, True),
-    "run": ("every stage, meshes to report.html: corpus, ingest, fit, train, sample, eval, report "
-            "(stages already done are skipped)", _add_config_args, cmd_run, True),
+    "run": ("every stage, meshes to report.html: corpus, ingest, train-base, fit, recon, train, sample, eval, "
+            "report (artifacts already in the cache are reused)", _add_config_args, cmd_run, True),
     "eval": ("evaluate generated meshes against a reference set: MMD / COV / 1-NNA, novelty, topology",
              _add_config_args, cmd_eval, True),
     "stability": ("fit shapes from init i1 and sqrt(1-l^2) i1 + l i2: cosine and linear-mode-connectivity "
                   "barrier per field variant (papers/004, Figure 3)", _stability_args, cmd_stability, True),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),
+    "gc": ("remove the cache's artifacts no run folder refers to (and what interrupted runs left)", _gc_args,
+           cmd_gc, False),
 }
 
 
@@ -269,17 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    logging.getLogger().handlers[0].setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    setup_logging(verbose=args.verbose)
     logging.getLogger("raywsl").setLevel(logging.DEBUG)  # the log file gets raywsl's debug lines
     from raywsl.data.sources import SourceError
-    from raywsl.fit.fields import FieldError
+    from raywsl.eval.run import EvalError
+    from raywsl.fit.stability import StabilityError
+    from raywsl.models.bases import BaseError
+    from raywsl.store.layout import LayoutError
     from raywsl.store.rows import StoreError
 
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, StoreError, FieldError) as e:
+    except (ConfigError, SourceError, StoreError, LayoutError, BaseError, EvalError, StabilityError) as e:
         print(f"raywsl {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

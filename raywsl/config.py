@@ -5,15 +5,16 @@ command-line overrides, validated before any work starts.
 
 Every field carries its help text and constraints in `metadata`, so `raywsl <verb> --help` can list
 every key with its default. Fields marked `fp=False` (where to run, how to show progress) do not
-decide a stage's output and are left out of its fingerprint.
+decide a stage's output and are left out of its fingerprint (raywsl/contract.py says which stage
+reads which keys). Checks that need a registry of a layer above (field types, tokenizers, SDF
+backends) live with the registries: `raywsl.models.registry.check_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +23,14 @@ from typing import Any
 
 import yaml
 
-from raywsl.ingest.sampling import DEFAULT_MIX, DEFAULT_NEAR_SIGMAS
+from raywsl.contract import default_cache_dir
 
-
+# Ingest's query-point defaults (DeepSDF's; see geometry/sampling.py): near-surface noise std (fine,
+# coarse) and the mix of near fine, near coarse and uniform points.
+DEFAULT_NEAR_SIGMAS: tuple[float, float] = (math.sqrt(0.0005), math.sqrt(0.005))
+DEFAULT_MIX: tuple[float, float, float] = (0.25, 0.25, 0.5)
 SET_DISTANCES = ("cd", "emd")
+CORPUS_SCHEME = "corpus:"  # data.source "corpus:32": the built-in procedural generator
 
 
 class ConfigError(ValueError):
@@ -54,7 +59,11 @@ class RunConfig:
 @dataclass
 class DataConfig:
     source: str = opt("", "meshes to ingest: a folder, a glob, or a manifest (.csv/.jsonl with a "
-                          "'path' column and optional 'id', 'category'); local path or fsspec URL")
+                          "'path' column and optional 'id', 'category'); local path or fsspec URL; "
+                          "corpus:N for N shapes of the built-in procedural generator")
+    shapes: int = opt(0, "training shapes this run uses: the first N of the source's fixed training order "
+                         "(nested: N=20 is part of N=50; store/split.py); 0: all of them. The held-out "
+                         "reference shapes do not depend on it", min=0)
 
 
 @dataclass
@@ -71,8 +80,9 @@ class IngestConfig:
     max_faces: int = opt(2_000_000, "meshes with more faces fail with a clear reason", min=1)
     shard_size: int = opt(8, "shapes per Zarr shard: the unit of work, of writing and of resume", min=1)
     test_fraction: float = opt(0.2, "share of shapes held out as the reference set of generation metrics: a "
-                                    "shape is held out when a hash of (seed, shape id) says so (data/splits.py), "
-                                    "fixed at ingest time (recorded in samples.zarr)", min=0.0, max=0.9, fp=False)
+                                    "shape is held out when a hash of (seed, shape id) says so (store/split.py), "
+                                    "fixed by the source at ingest time (recorded in samples.zarr); held-out "
+                                    "shapes are ingested, never fitted", min=0.0, max=0.9)
 
 
 @dataclass
@@ -87,8 +97,9 @@ class FieldConfig:
     mask_seed: int = opt(0, "seed of the asymmetric masks' positions and values")
     rank: int | list[int] = opt(4, "lora / mlora: adapter rank of every synthesis layer, or a list with one "
                                    "rank per layer (e.g. [8,4,4,2])")
-    base: str = opt("", "lora / mlora / deepsdf_latent: the trained base (a `raywsl train-base` checkpoint "
-                        "folder); empty: <run.dir>/checkpoints/<base>_final, trained by `raywsl fit` if missing")
+    base: str = opt("", "lora / mlora / deepsdf_latent: a trained base (a `raywsl train-base` checkpoint "
+                        "folder) to use; empty: the one train-base makes for this config (trained by `raywsl "
+                        "fit` if missing)", fp=False)
 
 
 @dataclass
@@ -139,6 +150,8 @@ class BaseConfig:
     preset: str = opt("small", "preset of the base network field.type needs (the modulated base field for lora / "
                                "mlora, the DeepSDF decoder for deepsdf_latent): shapenet (the papers'), small, tiny",
                       choices=["shapenet", "small", "tiny"])
+    shapes: int = opt(0, "training shapes the base is trained on: the first N of the source's training order "
+                         "(0: the run's data.shapes); pin it to share one base across runs of several sizes", min=0)
     steps: int = opt(2000, "training steps", min=1)
     lr: float = opt(1e-3, "network learning rate (decays geometrically to base.lr_end)", min=0.0)
     latent_lr: float = opt(1e-3, "latent codes' learning rate", min=0.0)
@@ -229,6 +242,12 @@ class MlflowConfig:
 
 
 @dataclass
+class CacheConfig:
+    dir: str = opt("", "the artifact cache that runs and sweep trials share (local folder or fsspec URL); "
+                       "empty: 'cache' beside the run folders (runs/cache)", fp=False)
+
+
+@dataclass
 class RayConfig:
     address: str = opt("", "Ray cluster address; empty uses $RAY_ADDRESS or starts a local Ray", fp=False)
     num_cpus: int = opt(0, "logical CPUs of the local Ray; 0 picks 2x the cores (see runtime.py)",
@@ -249,27 +268,19 @@ class Config:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: MlflowConfig = dataclasses.field(default_factory=MlflowConfig)
 
     def validate(self) -> "Config":
-        from raywsl.ingest.sdf import SDF_BACKENDS  # registry lives with its backends
-
+        """Checks this module can make alone; registry names: raywsl.models.registry.check_config."""
         _check_fields(self)
-        _require("ingest.backend", self.ingest.backend in SDF_BACKENDS, self.ingest.backend,
-                 f"one of {sorted(SDF_BACKENDS)}")
         _require("ingest.near_sigmas", len(self.ingest.near_sigmas) == 2
                  and all(s > 0 for s in self.ingest.near_sigmas), self.ingest.near_sigmas,
                  "two positive numbers [fine, coarse]")
         mix = self.ingest.mix
         _require("ingest.mix", len(mix) == 3 and all(f >= 0 for f in mix) and abs(sum(mix) - 1) < 1e-6,
                  mix, "three non-negative fractions [near_fine, near_coarse, uniform] summing to 1")
-        from raywsl.fit.fields import FIELDS  # registry lives with its field types
-
-        _require("field.type", self.field.type in FIELDS, self.field.type, f"one of {sorted(FIELDS)}")
-        presets = FIELDS[self.field.type].PRESETS
-        _require("field.preset", self.field.preset in presets, self.field.preset,
-                 f"for field.type {self.field.type}: one of {sorted(presets)}")
         rank = self.field.rank
         _require("field.rank", (rank if isinstance(rank, int) else min(rank, default=0)) >= 1, rank,
                  "a positive integer, or a non-empty list of positive integers (one per layer)")
@@ -278,20 +289,39 @@ class Config:
         _require("base.stages", self.base.stages and all(len(st) == 3 and st[0] > 0 and st[1] >= 1 and st[2] >= 1
                                                          for st in self.base.stages),
                  self.base.stages, "a non-empty list of [fraction > 0, shapes >= 1, points >= 1]")
-        from raywsl.diffusion.dit import MODELS  # registries live with their models
-        from raywsl.diffusion.tokenizers import TOKENIZERS
-
-        _require("diffusion.tokenizer", self.diffusion.tokenizer in TOKENIZERS, self.diffusion.tokenizer,
-                 f"one of {sorted(TOKENIZERS)}")
-        _require("diffusion.model", self.diffusion.model in MODELS, self.diffusion.model, f"one of {sorted(MODELS)}")
         bad = sorted(set(self.eval.distances) - set(SET_DISTANCES))
         _require("eval.distances", self.eval.distances and not bad, self.eval.distances,
                  f"a non-empty list from {list(SET_DISTANCES)}")
+        source = self.data.source
+        if source.startswith(CORPUS_SCHEME):
+            n = source[len(CORPUS_SCHEME):]
+            _require("data.source", n.isdigit() and int(n) >= 1, source,
+                     "corpus:N (N a positive number of shapes) for the built-in generator, or meshes")
         return self
 
     @property
     def run_dir(self) -> str:
         return self.run.dir or f"runs/{self.run.name}"
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cache.dir or default_cache_dir(self.run_dir)
+
+    @property
+    def corpus_size(self) -> int | None:
+        """N of data.source "corpus:N" (the built-in generator), else None."""
+        source = self.data.source
+        return int(source[len(CORPUS_SCHEME):]) if source.startswith(CORPUS_SCHEME) else None
+
+    @property
+    def ingest_shapes(self) -> int:
+        """Training shapes ingest must cover for this run (0: all): data.shapes, or base.shapes if larger."""
+        return max(self.data.shapes, self.base.shapes) if self.data.shapes else 0
+
+    @property
+    def base_shapes(self) -> int:
+        """Training shapes the base is trained on (0: all of the source's)."""
+        return self.base.shapes or self.data.shapes
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,9 +465,3 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
     return rows
-
-
-def fingerprint(*parts: Any) -> str:
-    """A stable short hash of plain data (dicts, lists, numbers, strings), order-independent in dicts."""
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,14 +1,22 @@
 """Starting and stopping Ray: the embedded local default, or a cluster.
 
 One place decides how raywsl talks to Ray, so the CLI, the jobs and the tests start it the same way.
+Ray's own output (its workers' stdout / stderr, Ray Data's progress dumps, Ray Train's controller)
+goes to the run's log file, not the terminal, unless raywsl runs with -v (progress.py). The local Ray
+starts its dashboard: Ray Train's placement-group cleaner polls actor states through the State API,
+which the dashboard serves (without it every poll logs "Failed to query Ray Train Controller actor
+state").
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator
+
+from raywsl.progress import is_verbose, route_library_logs
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +39,12 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
     local Ray sized for this machine. Shuts down only what it started."""
     import ray
 
+    route_library_logs()  # Ray's loggers print to the terminal by their own handlers
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
+    verbose = is_verbose()
     global _started_local
     if address:
         log.info("connecting to Ray at %s", address)
@@ -44,20 +54,52 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
         ray.init(
             address="local",
             num_cpus=num_cpus or local_num_cpus(),
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_port=_free_port(),  # two local runs at once must not fight over 8265
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             log_to_driver=True,
         )
         _started_local = True
-        import ray.data
+    import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = True
+    route_library_logs()  # ray.data and ray.train configure theirs on import
+    if not verbose:
+        _workers_output_to_log()
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
     try:
         yield
     finally:
         _started_local = False
         ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _workers_output_to_log() -> None:
+    """Send the lines Ray relays from its workers (and its controller actors) to raywsl's log file
+    instead of the terminal. Uses Ray's internal stream dispatcher; if that moved, Ray prints them."""
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+        relay = logging.getLogger("ray.workers")
+
+        def to_log(data: dict) -> None:
+            who = data.get("actor_name") or data.get("task_name") or "worker"
+            for line in data.get("lines", []):
+                relay.debug("(%s pid=%s) %s", who, data.get("pid"), line)
+
+        dispatcher.add_handler("ray_print_logs", to_log)
+    except (ImportError, AttributeError, KeyError, ValueError) as e:
+        log.debug("Ray workers' output stays on the terminal: %s", e)
 
 
 def task_concurrency() -> int | None:
@@ -66,31 +108,79 @@ def task_concurrency() -> int | None:
     return (os.cpu_count() or 1) if _started_local else None
 
 
-def fit_torch_trainer(loop, config: dict, *, dataset, name: str, storage: str, workers: int, use_gpu: bool):
+def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int, use_gpu: bool,
+                      progress: tuple[str, int] | None = None):
     """Run `loop` under Ray Train (DDP; gloo on CPU, nccl on GPU) with `dataset` as its "train" shard
-    source. The run lives in storage/name: calling again with the same name resumes from its latest
-    checkpoint (the last two are kept; a crashed worker group is restarted twice). Raises the
-    training error, else returns Ray Train's Result."""
+    source. The run lives in storage/run: calling again with the same storage resumes from its latest
+    checkpoint (the last two are kept; a crashed worker group is restarted twice). `progress` (name,
+    total steps): show the steps rank 0 reports with `report_progress` to config["progress"]. Raises
+    the training error, else returns Ray Train's Result."""
+    import threading
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    result = TorchTrainer(
+    from raywsl import contract as C
+
+    trainer = TorchTrainer(
         loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+        run_config=ray.train.RunConfig(name=C.TRAIN_RUN, storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=2)),
-        datasets={"train": dataset}).fit()
+        datasets={"train": dataset})
+    stop = threading.Event()
+    watcher = None
+    if progress:
+        watcher = threading.Thread(target=_watch_progress, args=(config["progress"], *progress, stop), daemon=True)
+        watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join()
     if result.error:
         raise result.error
     return result
 
 
-def keep_final(result, folder: str) -> None:
-    """Copy the last checkpoint of a Ray Train result to `folder` (replacing what was there)."""
+def report_progress(path: str, step: int, total: int, loss: float) -> None:
+    """From a training loop (rank 0): the step it reached, for the driver's progress bar."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "total": total, "loss": loss}, f)
+    os.replace(tmp, path)
+
+
+def _watch_progress(path: str, name: str, total: int, stop) -> None:
+    from raywsl.progress import Progress
+
+    def step() -> int | None:
+        try:
+            with open(path) as f:
+                return int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    progress = None
+    while not stop.wait(1.0):
+        now = step()
+        if now is None:
+            continue
+        if progress is None:  # the first report: where a resumed run starts from
+            progress = Progress(name, total=total, unit="steps", start=now)
+        progress.set(now)
+    if progress is not None:
+        progress.set(step() or progress.count)
+        progress.close()
+
+
+def copy_checkpoint(result, folder: str) -> None:
+    """Copy the last checkpoint of a Ray Train result into `folder` (a stage's artifact being
+    written: cache.publishing renames it into place once complete)."""
     import shutil
 
     with result.checkpoint.as_directory() as src:
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(src, folder)
+        shutil.copytree(src, folder, dirs_exist_ok=True)
 

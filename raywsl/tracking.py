@@ -1,8 +1,9 @@
 """MLflow: one MLflow run per run folder, and helpers that log to it.
 
-`run_context(cfg, verb)` (used by the CLI around every stage verb) starts the run folder's MLflow
-run, or resumes it: its id is kept in the run folder (`layout.MLFLOW_RUN`), so ingest, fit, eval
-and later stages of one run folder all land in one MLflow run. The store is
+`run_context(cfg, verb, plan)` (used by the CLI around every stage verb) starts the run folder's MLflow
+run, or resumes it: its id is kept in the run folder (`contract.MLFLOW_RUN`), so ingest, fit, eval
+and later stages of one run folder with one config all land in one MLflow run, with every stage's
+fingerprint, reused flag and artifact as tags (`stage.<name>.*`). The store is
 `mlflow.tracking_uri`, by default a sqlite file next to the run folders (`runs/mlflow.db` for
 `runs/<name>`), so `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` compares runs.
 
@@ -12,6 +13,7 @@ so library code can call them unconditionally: a bare library call or a test nee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +25,12 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import mlflow
 import numpy as np
+
+from raywsl import cache
+from raywsl.cache import jsonable
+from raywsl.progress import route_library_logs
+
+route_library_logs()  # MLflow's own handlers print to the terminal
 
 log = logging.getLogger("raywsl.tracking")
 
@@ -37,38 +45,56 @@ def default_tracking_uri(run_dir: str) -> str:
 
 
 @contextmanager
-def run_context(cfg: Any, verb: str, restart: bool = False) -> Iterator[None]:
-    """Start or resume the run folder's MLflow run for one verb; log the config as params."""
-    from raywsl import layout as L
+def run_context(cfg: Any, verb: str, plan: Any, restart: bool = False) -> Iterator[None]:
+    """Start or resume the run folder's MLflow run for one verb. The run folder keeps its run (its id
+    in contract.MLFLOW_RUN) while the config stays the same; a command with other settings starts a new
+    MLflow run (tagged with the previous one), so params always say what produced the run's results.
+    An error ends the MLflow run as FAILED."""
     from raywsl.config import to_dict
 
     mc = cfg.mlflow
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # sqlite schema migrations are chatty
     remote_dir = "://" in cfg.run_dir
     if not mc.enabled or mlflow.active_run() is not None or (remote_dir and not mc.tracking_uri):
         yield  # disabled, already inside a run (a job, a sweep), or no local place for the store
         return
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # sqlite schema migrations are chatty
     uri = mc.tracking_uri or default_tracking_uri(cfg.run_dir)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(mc.experiment) is None and uri.startswith("sqlite:///"):
-        # artifacts beside the sqlite file, not in ./mlruns of whatever folder the command ran in
-        artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-        mlflow.create_experiment(mc.experiment, artifact_location=Path(artifacts).as_uri())
-    mlflow.set_experiment(mc.experiment)
-    id_file = Path(L.RunLayout(cfg.run_dir).mlflow_run)
-    run_id = id_file.read_text().strip() if id_file.exists() and not restart else None
+    params = flatten_config(to_dict(cfg))
+    id_file = Path(plan.run.mlflow_run)
+    previous = id_file.read_text().strip() if id_file.exists() and not restart else None
+    # Two commands starting at once on one sqlite file race to create its tables: one at a time.
+    db_lock = f"{uri[len('sqlite:///'):]}.lock" if uri.startswith("sqlite:///") else ""
+    with cache.file_lock(db_lock) if db_lock else contextlib.nullcontext():
+        if mlflow.get_experiment_by_name(mc.experiment) is None and uri.startswith("sqlite:///"):
+            # artifacts beside the sqlite file, not in ./mlruns of whatever folder the command ran in
+            artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+            mlflow.create_experiment(mc.experiment, artifact_location=Path(artifacts).as_uri())
+        mlflow.set_experiment(mc.experiment)
+        run = None
+        if previous:
+            try:
+                existing = mlflow.get_run(previous)
+                same = all(existing.data.params.get(k, v) == v for k, v in params.items())
+                run = mlflow.start_run(run_id=previous) if same else None
+            except mlflow.exceptions.MlflowException:  # an id of another store (a copied folder)
+                previous = None
+        if run is None:
+            run = mlflow.start_run(run_name=cfg.run.name,
+                                   tags={"raywsl.previous_run_id": previous} if previous else None)
+    cache.write_text(str(id_file), run.info.run_id)
+    status = "FAILED"
     try:
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run.name)
-    except mlflow.exceptions.MlflowException:  # the id is from another store (a copied folder): start afresh
-        run = mlflow.start_run(run_name=cfg.run.name)
-    id_file.write_text(run.info.run_id)
-    try:
-        mlflow.set_tag(f"raywsl.{verb}", "started")
-        _log_params(flatten_config(to_dict(cfg)))
+        mlflow.set_tags({f"raywsl.{verb}": "started", "raywsl.run_dir": str(plan.run.root),
+                         "raywsl.cache": str(plan.cache)})
+        mlflow.log_params({k: v for k, v in params.items() if k not in run.data.params})
         yield
         mlflow.set_tag(f"raywsl.{verb}", "finished")
+        status = "FINISHED"
     finally:
-        mlflow.end_run()
+        if status == "FAILED":
+            mlflow.set_tag(f"raywsl.{verb}", "failed")
+        mlflow.end_run(status=status)
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -79,16 +105,6 @@ def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{k}"] = str(v)[:6000]
     return out
-
-
-def _log_params(params: dict[str, str]) -> None:
-    """Params are write-once in MLflow: a later verb with another value of a key (an eval-only
-    override, say) is recorded as a tag instead of failing."""
-    existing = mlflow.active_run().data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
-    changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
-    if changed:
-        mlflow.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
 
 
 def _active() -> bool:
@@ -124,9 +140,14 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str
 
 
 def log_figure(path, artifact_dir: str = "figures") -> None:
-    """Upload an image file (a PNG from raywsl.eval.figures) as an artifact."""
-    if _active():
+    """Upload an image file (a PNG from raywsl.geometry.figures) as an artifact, if it exists."""
+    if _active() and os.path.exists(str(path)):
         mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    if _active():
+        mlflow.set_tags(dict(tags))
 
 
 def log_meshes(paths: Iterable, artifact_dir: str = "meshes") -> None:
@@ -134,17 +155,6 @@ def log_meshes(paths: Iterable, artifact_dir: str = "meshes") -> None:
     if _active():
         for path in paths:
             mlflow.log_artifact(str(path), artifact_path=artifact_dir)
-
-
-def jsonable(value: Any) -> Any:
-    """json.dumps fallback for numpy values and paths."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def log_json(obj: Any, name: str) -> None:

@@ -93,15 +93,37 @@ def kill9_when(argv: Sequence[str], ready: Callable[[], bool], timeout: float) -
 
 # ------------------------------------------------------------------------------------ shared run folders
 
+def plan_of(*overrides: str, base: bool = False):
+    """(config, plan) as the CLI makes them from `key=value` overrides (`base`: as `raywsl train-base`)."""
+    from raywsl.config import load_config
+    from raywsl.models.registry import check_config
+    from raywsl.stages import plan_for
+
+    cfg = check_config(load_config(None, list(overrides)))
+    return cfg, plan_for(cfg, base=base)
+
+
 def ingest_corpus(root, n: int, overrides: Sequence[str]):
-    """root/run: a run folder with the samples.zarr of n procedural corpus shapes (`raywsl ingest`)."""
+    """(root/run, args): a run folder whose cache (root/cache) holds the samples of n procedural corpus
+    shapes (`raywsl ingest`), and the config args (data.source, ingest keys) that name them."""
     from raywsl.cli import main
     from raywsl.data.corpus import write_corpus
 
     manifest = write_corpus(root / "corpus", n, seed=0, progress=False)
-    run = root / "run"
-    assert main(["ingest", f"data.source={manifest}", f"run.dir={run}", *overrides]) == 0
-    return run
+    run, args = root / "run", [f"data.source={manifest}", *overrides]
+    assert main(["ingest", f"run.dir={run}", *args]) == 0
+    return run, args
+
+
+def copy_ingested(run, parent, name: str = "run"):
+    """A fresh run folder parent/name whose cache (parent/cache) holds a copy of the samples the cache
+    of `run` holds: for tests that change stores, or must not find another test's artifacts."""
+    import shutil
+
+    from raywsl.contract import CACHE
+
+    shutil.copytree(run.parent / CACHE / "ingest", parent / CACHE / "ingest", dirs_exist_ok=True)
+    return parent / name
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +134,7 @@ def tiny_base(tmp_path_factory) -> str:
     import torch
 
     from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
-    from raywsl.base.modulated import ModulatedField
+    from raywsl.models.modulated import ModulatedField
 
     torch.manual_seed(0)
     net = ModulatedField.from_preset("tiny")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raywsl.base.modulated import DEMOD_EPS, ModulatedField, modulated_linear
+from raywsl.models.modulated import DEMOD_EPS, ModulatedField, modulated_linear
 
 
 def test_modulated_linear_equals_the_direct_formula():

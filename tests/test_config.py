@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from raywsl.cli import main
-from raywsl.config import Config, ConfigError, describe, fingerprint, load_config, to_dict
+from raywsl.config import Config, ConfigError, describe, load_config, to_dict
+from raywsl.contract import fingerprint
+from raywsl.models.registry import check_config
+
+
+def load(path=None, overrides=()):
+    """What the CLI does: the config's own checks, then the registries'."""
+    return check_config(load_config(path, overrides))
 
 
 def test_defaults_are_the_laptop_setup_and_valid():
@@ -38,7 +45,7 @@ def test_yaml_then_overrides(tmp_path):
 ])
 def test_bad_keys_and_values_name_key_value_and_allowed(override, words):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load(None, [override])
     for w in words:
         assert w in str(e.value)
 
@@ -97,11 +104,26 @@ def test_trained_init_only_for_fields_with_trained_rows():
 
 def test_shipped_configs_load():
     for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
-        load_config(path)
+        load(path)
 
 
-def test_diffusion_registries_are_checked():
+def test_registries_are_checked():
     with pytest.raises(ConfigError, match="diffusion.tokenizer.*one of"):
-        load_config(None, ["diffusion.tokenizer=lyr"])
+        load(None, ["diffusion.tokenizer=lyr"])
     with pytest.raises(ConfigError, match="diffusion.model"):
-        load_config(None, ["diffusion.model=huge"])
+        load(None, ["diffusion.model=huge"])
+    with pytest.raises(ConfigError, match="field.preset.*for field.type mlp"):
+        load(None, ["field.preset=shapenet"])
+
+
+def test_corpus_source_and_derived_keys():
+    cfg = load_config(None, ["data.source=corpus:12", "data.shapes=5"])
+    assert cfg.corpus_size == 12 and cfg.base_shapes == 5 and cfg.ingest_shapes == 5
+    cfg = load_config(None, ["data.shapes=5", "base.shapes=9"])
+    assert cfg.base_shapes == 9 and cfg.ingest_shapes == 9 and cfg.corpus_size is None
+    assert load_config(None, ["base.shapes=9"]).ingest_shapes == 0  # data.shapes 0: every shape
+    assert load_config(None, ["run.dir=a/b/run1"]).cache_dir == "a/b/cache"
+    assert load_config(None, ["run.dir=a/run1", "cache.dir=/c"]).cache_dir == "/c"
+    for bad in ("corpus:0", "corpus:x", "corpus:"):
+        with pytest.raises(ConfigError, match="data.source"):
+            load_config(None, [f"data.source={bad}"])

@@ -5,21 +5,21 @@ import re
 import numpy as np
 import pytest
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.store.datasource import RowStoreDatasource, read_rows
 from raywsl.store.rows import DONE, FAILED, PENDING, ArraySpec, RowStore, StoreError
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(60)]
 
 N, SHARD, M = 10, 4, 16  # shards [0,4) [4,8) [8,10): the last one is short
-NAMES = [L.POINTS, L.SDF, L.SCALE]
+NAMES = [C.POINTS, C.SDF, C.SCALE]
 
 
 def expected(n=N):
     rng = np.random.default_rng(0)
-    return {L.POINTS: rng.normal(size=(n, M, 3)).astype("float32"),
-            L.SDF: rng.normal(size=(n, M)).astype("float32"),
-            L.SCALE: rng.uniform(0.5, 2, size=n).astype("float32")}
+    return {C.POINTS: rng.normal(size=(n, M, 3)).astype("float32"),
+            C.SDF: rng.normal(size=(n, M)).astype("float32"),
+            C.SCALE: rng.uniform(0.5, 2, size=n).astype("float32")}
 
 
 @pytest.fixture
@@ -30,15 +30,15 @@ def store_path(tmp_path):
     store = RowStore.create(path, kind="samples", ids=ids, sources=[f"/m/{i}.ply" for i in ids],
                             categories=["chair" if i % 2 else "table" for i in range(N)],
                             shard_size=SHARD, fingerprint="fp",
-                            arrays=[ArraySpec(L.POINTS, (M, 3)), ArraySpec(L.SDF, (M,)),
-                                    ArraySpec(L.SCALE, ())])
+                            arrays=[ArraySpec(C.POINTS, (M, 3)), ArraySpec(C.SDF, (M,)),
+                                    ArraySpec(C.SCALE, ())])
     data = expected()
     for k in (0, 1, 2):
         rows = store.shard_rows(k)
         status = [FAILED if i == 1 else DONE for i in range(rows.start, rows.stop)]
         reason = ["bad mesh" if i == 1 else "" for i in range(rows.start, rows.stop)]
         store.write_shard(k, {name: v[rows] for name, v in data.items()}, status, reason)
-    store.group[L.SHARD_DONE][1] = 0  # shard 1: data and status written, never committed
+    store.group[C.SHARD_DONE][1] = 0  # shard 1: data and status written, never committed
     return path
 
 
@@ -52,30 +52,30 @@ def test_reads_every_row_as_written(ray_local, store_path):
     got = blocks(ds)
     assert [b["row"].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # one per shard
     cols = {k: np.concatenate([b[k] for b in got]) for k in got[0]}
-    assert set(cols) == {"row", L.SHAPE_ID, L.CATEGORY, L.STATUS, L.REASON, *NAMES}
+    assert set(cols) == {"row", C.SHAPE_ID, C.CATEGORY, C.STATUS, C.REASON, *NAMES}
     data = expected()
     for name in NAMES:
         assert cols[name].shape == data[name].shape and cols[name].dtype == np.float32
         np.testing.assert_array_equal(cols[name], data[name])
-    assert cols[L.POINTS].shape[1:] == (M, 3)
-    assert cols[L.SHAPE_ID].tolist() == [f"s{i}" for i in range(N)]
-    assert cols[L.CATEGORY].tolist()[:2] == ["table", "chair"]
-    assert cols["row"].dtype == np.int64 and cols[L.STATUS].dtype == np.int8
+    assert cols[C.POINTS].shape[1:] == (M, 3)
+    assert cols[C.SHAPE_ID].tolist() == [f"s{i}" for i in range(N)]
+    assert cols[C.CATEGORY].tolist()[:2] == ["table", "chair"]
+    assert cols["row"].dtype == np.int64 and cols[C.STATUS].dtype == np.int8
     # Shard 1 has no marker: pending whatever was written there (and no stale reason).
-    assert cols[L.STATUS].tolist() == [DONE, FAILED, DONE, DONE] + [PENDING] * 4 + [DONE, DONE]
-    assert cols[L.REASON].tolist() == ["", "bad mesh"] + [""] * 8
+    assert cols[C.STATUS].tolist() == [DONE, FAILED, DONE, DONE] + [PENDING] * 4 + [DONE, DONE]
+    assert cols[C.REASON].tolist() == ["", "bad mesh"] + [""] * 8
 
 
 def test_custom_ranges_are_one_block_each(ray_local, store_path):
     ranges = [(2, 6), (6, 10), (0, 1)]  # the first two span two shards each
-    ds = read_rows(store_path, [L.SDF], row_ranges=ranges)
+    ds = read_rows(store_path, [C.SDF], row_ranges=ranges)
     assert ds.materialize().num_blocks() == 3
     got = blocks(ds)
     assert [b["row"].tolist() for b in got] == [[0], [2, 3, 4, 5], [6, 7, 8, 9]]
     data = expected()
     for b in got:
-        np.testing.assert_array_equal(b[L.SDF], data[L.SDF][b["row"]])
-        assert L.POINTS not in b
+        np.testing.assert_array_equal(b[C.SDF], data[C.SDF][b["row"]])
+        assert C.POINTS not in b
 
 
 def test_big_range_is_not_split(ray_local, store_path):
@@ -115,8 +115,8 @@ def test_bad_ranges_are_refused(store_path, ranges):
 
 def test_bad_names_and_missing_store(store_path, tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(store_path)}.*'weights'"):
-        RowStoreDatasource(store_path, [L.POINTS, "weights"])
+        RowStoreDatasource(store_path, [C.POINTS, "weights"])
     with pytest.raises(ValueError, match="always read"):
-        RowStoreDatasource(store_path, [L.STATUS])
+        RowStoreDatasource(store_path, [C.STATUS])
     with pytest.raises(StoreError, match="no store here"):
         read_rows(str(tmp_path / "nowhere.zarr"), NAMES)

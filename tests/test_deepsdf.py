@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
-from raywsl.base.deepsdf import DeepSDFDecoder
+from raywsl.models.deepsdf import DeepSDFDecoder
 from raywsl.config import FitConfig
-from raywsl.fit.encoding import positional_encoding
-from raywsl.fit.engine import LOSSES, BatchedFitter, ShapeData
-from raywsl.fit.fields import FieldError, make_field
-from raywsl.layout import SHAPE_IDS
+from raywsl.models.encoding import positional_encoding
+from raywsl.fit.engine import BatchedFitter, ShapeData
+from raywsl.models.losses import LOSSES
+from raywsl.models.fields import FieldError, make_field
+from raywsl.contract import SHAPE_IDS
 
 RADII = [0.3, 0.45, 0.6, 0.75]
 

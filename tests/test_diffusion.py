@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from raywsl.diffusion.dit import EMA, MODELS, make_dit
-from raywsl.diffusion.gaussian import DiffusionSettings, GaussianDiffusion, bucket_losses, cosine_betas
+from raywsl.models.dit import EMA, MODELS, make_dit
+from raywsl.models.gaussian import DiffusionSettings, GaussianDiffusion, bucket_losses, cosine_betas
 
 PREDICTIONS = ["eps", "x0", "v"]
 

@@ -12,8 +12,8 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
-from raywsl.eval.extract import extract_mesh, extract_meshes
-from raywsl.eval.topology import topology
+from raywsl.geometry.extract import extract_mesh, extract_meshes
+from raywsl.geometry.topology import topology
 
 RES = 64  # cells per axis: h = 1/32 over [-1, 1]^3
 SPHERE_R = 0.6

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from raywsl.fit.fields import FIELDS, FieldError, Layout, make_field, positional_encoding
+from raywsl.models.fields import FIELDS, FieldError, make_field, positional_encoding
+from raywsl.store.layout import Layout, LayoutError
 
 # Fields on a trained base (lora, mlora) are tested in test_lora.py.
 ALL = [(t, p) for t, cls in sorted(FIELDS.items()) if not cls.base_model
@@ -84,9 +85,9 @@ def test_unknown_types_presets_and_bad_rows_are_clear_errors():
     with pytest.raises(FieldError, match="unknown preset 'huge' of field type 'mlp'"):
         make_field("mlp", "huge")
     field = make_field("mlp", "tiny")
-    with pytest.raises(FieldError, match=f"has {field.layout.size} values, got 10"):
+    with pytest.raises(LayoutError, match=f"has {field.layout.size} values, got 10"):
         field.layout.unflatten(torch.zeros(2, 10))
-    with pytest.raises(FieldError, match="missing"):
+    with pytest.raises(LayoutError, match="missing"):
         field.layout.flatten({})
 
 

@@ -14,7 +14,7 @@ from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from raywsl import tracking
-from raywsl.eval import figures
+from raywsl.geometry import figures
 
 
 def png_shape(path):

@@ -9,7 +9,7 @@ import torch
 from raywsl.config import FitConfig
 from raywsl.fit import engine
 from raywsl.fit.engine import BatchedFitter, ShapeData
-from raywsl.fit.fields import MLPField, make_field
+from raywsl.models.fields import MLPField, make_field
 from raywsl.fit.reference import fit_one
 
 FIELD = make_field("mlp", "tiny")
@@ -147,9 +147,9 @@ def test_compiled_step_equals_eager_through_refills_and_shrinking():
 
 def test_a_fitted_torus_reconstructs_with_small_chamfer():
     """Fit the `small` MLP to a torus' exact SDF, extract its mesh, compare with the true surface."""
-    from raywsl.eval.distances import chamfer
-    from raywsl.eval.extract import extract_mesh
-    from raywsl.eval.topology import topology
+    from raywsl.geometry.distances import chamfer
+    from raywsl.geometry.extract import extract_mesh
+    from raywsl.geometry.topology import topology
 
     rng = np.random.default_rng(0)
     big, small = 0.55, 0.2

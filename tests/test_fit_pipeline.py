@@ -1,12 +1,12 @@
 """End-to-end `raywsl fit` on a real local Ray: a small ingested corpus (+ one broken mesh) ->
 weights.zarr, recon/ and metrics.json, with every init strategy, resume after kill -9, two actors,
-fingerprint refusal, inspect, and shapes that diverge inside the job."""
+artifacts per config, inspect, and shapes that diverge inside the job. Every test that changes a store
+works in a cache of its own (`_copy`: a fresh run folder whose cache holds a copy of the samples)."""
 
 import csv
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,32 +15,40 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import kill9_when
+from conftest import copy_ingested, kill9_when, plan_of
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.cli import main
 from raywsl.data.corpus import write_corpus
 from raywsl.fit import pipeline
-from raywsl.fit.fields import Layout, make_field
+from raywsl.models.fields import make_field
+from raywsl.store.layout import Layout
 from raywsl.store.rows import DONE, FAILED, RowStore, StoreError
 
 pytestmark = pytest.mark.ray
 
 N_GOOD = 10
-BAD_ROW = 5  # the broken mesh sits in the middle of the manifest: weight shard 1 of [0,3) [3,6) [6,9) [9,11)
 N_ROWS = N_GOOD + 1
 SEED = 0
-INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4"]
+# No held-out shapes: every row is a training row, fitted (weight shards [0,3) [3,6) [6,9) [9,11)).
+INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4", "ingest.test_fraction=0"]
+SOURCE: dict[str, str] = {}  # "manifest": the ingested source (set by `ingested`)
+ROWS: dict[str, int] = {}  # "bad": the row of the broken mesh in the stores' fixed order (set by `ingested`)
+
+
+def fit_args(*extra: str) -> list[str]:
+    """The config of a fit of the ingested source: its data.source and ingest keys name the samples."""
+    return [f"data.source={SOURCE['manifest']}", *INGEST, *FIT, *extra]
 FIT = ["field.preset=tiny", "fit.steps=100", "fit.points_per_step=512", "fit.check_every=25",
        "fit.batch_size=4", "fit.shard_size=3", "fit.recon_count=2", "fit.recon_resolution=32"]
-FIT_ARRAYS = (L.ROW_WEIGHTS, L.FIT_LOSS, L.FIT_STEPS, L.FIT_RESTARTS, L.STATUS, L.REASON, L.SHARD_DONE)
+FIT_ARRAYS = (C.ROW_WEIGHTS, C.FIT_LOSS, C.FIT_STEPS, C.FIT_RESTARTS, C.STATUS, C.REASON, C.SHARD_DONE)
 
 
 # ------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
 def ingested(ray_local, tmp_path_factory):
-    """A run folder with samples.zarr of 10 corpus shapes and one garbage .ply (row BAD_ROW)."""
+    """A run folder with samples.zarr of 10 corpus shapes and one garbage .ply (row bad_row())."""
     root = tmp_path_factory.mktemp("fitcorpus")
     manifest = write_corpus(root / "corpus", N_GOOD, seed=0, progress=False)
     with open(manifest) as f:
@@ -48,18 +56,24 @@ def ingested(ray_local, tmp_path_factory):
                 for r in csv.DictReader(f)]
     bad = root / "garbage.ply"
     bad.write_bytes(b"this is not a mesh \x00\x01\x02" * 10)
-    rows.insert(BAD_ROW, {"id": "bad-garbage", "path": str(bad), "category": "bad"})
+    rows.insert(5, {"id": "bad-garbage", "path": str(bad), "category": "bad"})
     source = root / "all.csv"
     with open(source, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["id", "path", "category"])
         w.writeheader()
         w.writerows(rows)
     run = root / "run"
+    SOURCE["manifest"] = str(source)
     assert main(["ingest", f"data.source={source}", f"run.dir={run}", *INGEST]) == 0
-    samples = RowStore.open(str(run / L.SAMPLES))
+    samples = RowStore.open(str(run / C.SAMPLES))
+    ROWS["bad"] = samples.row_meta()[C.SHAPE_ID].tolist().index("bad-garbage")
     status = samples.status()
-    assert status[BAD_ROW] == FAILED and (np.delete(status, BAD_ROW) == DONE).all()
+    assert status[bad_row()] == FAILED and (np.delete(status, bad_row()) == DONE).all()
     return run
+
+
+def bad_row() -> int:
+    return ROWS["bad"]
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +84,16 @@ def fitted(ingested, tmp_path_factory):
 
     def get(*extra):
         if extra not in cache:
-            run = _copy(ingested, tmp_path_factory.mktemp("fitted"))
-            assert main(["fit", f"run.dir={run}", *FIT, *extra]) == 0
+            run = copy_ingested(ingested, tmp_path_factory.mktemp("fitted"))
+            assert main(["fit", f"run.dir={run}", *fit_args(), *extra]) == 0
             cache[extra] = run
         return cache[extra]
 
     return get
 
 
-def _copy(run: Path, parent: Path, name: str = "run") -> Path:
-    dst = parent / name
-    shutil.copytree(run, dst)
-    return dst
-
-
 def _arrays(run: Path, names=FIT_ARRAYS) -> dict[str, np.ndarray]:
-    g = zarr.open_group(str(run / L.WEIGHTS), mode="r")
+    g = zarr.open_group(str(run / C.WEIGHTS), mode="r")
     return {name: g[name][:] for name in names}
 
 
@@ -103,8 +111,8 @@ def _assert_stores_equal(a: Path | dict, b: Path | dict) -> None:
 def _initial_losses(field, rows: torch.Tensor, samples: RowStore, idx) -> np.ndarray:
     """l1 loss (fit.loss default) of each row of `rows` (one per entry of idx, or one shared row)
     on the stored samples of the shapes idx."""
-    pts = torch.from_numpy(samples.group[L.POINTS].get_orthogonal_selection((idx, slice(None), slice(None))))
-    sdf = torch.from_numpy(samples.group[L.SDF].get_orthogonal_selection((idx, slice(None))))
+    pts = torch.from_numpy(samples.group[C.POINTS].get_orthogonal_selection((idx, slice(None), slice(None))))
+    sdf = torch.from_numpy(samples.group[C.SDF].get_orthogonal_selection((idx, slice(None))))
     rows = rows.expand(len(idx), -1) if rows.shape[0] == 1 else rows
     with torch.no_grad():
         pred = field.forward(field.layout.unflatten(rows), pts)
@@ -112,65 +120,66 @@ def _initial_losses(field, rows: torch.Tensor, samples: RowStore, idx) -> np.nda
 
 
 def _good_rows() -> np.ndarray:
-    return np.array([i for i in range(N_ROWS) if i != BAD_ROW])
+    return np.array([i for i in range(N_ROWS) if i != bad_row()])
 
 
 # ------------------------------------------------------------------------------------ 1. init strategies
 
 @pytest.mark.parametrize("init", ["shared", "random", "warm", "warm-chosen"])
 def test_fit_every_init_strategy(ingested, fitted, init, capsys):
-    samples = RowStore.open(str(ingested / L.SAMPLES))
-    ids = [str(i) for i in samples.row_meta()[L.SHAPE_ID]]
+    samples = RowStore.open(str(ingested / C.SAMPLES))
+    ids = [str(i) for i in samples.row_meta()[C.SHAPE_ID]]
     extra = [f"fit.init={init.split('-')[0]}"]
     if init == "warm-chosen":
         extra.append(f"fit.warm_shape={ids[7]}")
     capsys.readouterr()
     run = fitted(*extra)
-    out = capsys.readouterr().out
-    assert f"{N_GOOD} done, 1 failed; recon Chamfer" in out
+    out = capsys.readouterr().err
+    assert f"{N_GOOD} done, 1 failed" in out and "recon_cd_median" in out
 
-    store = RowStore.open(str(run / L.WEIGHTS), kind="weights")
+    store = RowStore.open(str(run / C.WEIGHTS), kind="weights")
     g = store.group
     a = _arrays(run)
     good = _good_rows()
     status = store.status()
-    assert (status[good] == DONE).all() and status[BAD_ROW] == FAILED
+    assert (status[good] == DONE).all() and status[bad_row()] == FAILED
     assert store.pending_shards() == [] and store.n_shards == 4 and store.shard_size == 3
-    assert (a[L.FIT_STEPS][good] == 100).all() and a[L.FIT_STEPS][BAD_ROW] == 0
-    assert np.isfinite(a[L.FIT_LOSS][good]).all() and (a[L.FIT_LOSS][good] > 0).all()
-    assert (a[L.FIT_RESTARTS] == 0).all()
-    assert (a[L.REASON][good] == "").all()
-    reason = str(a[L.REASON][BAD_ROW])
+    assert (a[C.FIT_STEPS][good] == 100).all() and a[C.FIT_STEPS][bad_row()] == 0
+    assert np.isfinite(a[C.FIT_LOSS][good]).all() and (a[C.FIT_LOSS][good] > 0).all()
+    assert (a[C.FIT_RESTARTS] == 0).all()
+    assert (a[C.REASON][good] == "").all()
+    reason = str(a[C.REASON][bad_row()])
     assert reason.startswith("no samples to fit: ") and "cannot read" in reason and "garbage.ply" in reason
-    assert str(samples.group[L.REASON][BAD_ROW]) in reason  # ingest's own reason, passed on
-    assert not a[L.ROW_WEIGHTS][BAD_ROW].any()
-    assert np.isfinite(a[L.ROW_WEIGHTS][good]).all() and (np.abs(a[L.ROW_WEIGHTS][good]).sum(1) > 0).all()
-    assert a[L.ROW_WEIGHTS].dtype == np.float32 and a[L.FIT_STEPS].dtype == np.int32
-    np.testing.assert_array_equal(store.row_meta()[L.SHAPE_ID], ids)
+    assert str(samples.group[C.REASON][bad_row()]) in reason  # ingest's own reason, passed on
+    assert not a[C.ROW_WEIGHTS][bad_row()].any()
+    assert np.isfinite(a[C.ROW_WEIGHTS][good]).all() and (np.abs(a[C.ROW_WEIGHTS][good]).sum(1) > 0).all()
+    assert a[C.ROW_WEIGHTS].dtype == np.float32 and a[C.FIT_STEPS].dtype == np.int32
+    np.testing.assert_array_equal(store.row_meta()[C.SHAPE_ID], ids)
 
     # Attributes: what the field is and how the store was made.
     attrs = store.attrs
     field = make_field("mlp", "tiny")
     layout = Layout.from_json(attrs["layout"])
     assert attrs["field_type"] == "mlp" and attrs["field_preset"] == "tiny"
-    assert layout == field.layout and sum(layout.sizes) == attrs["params"] == g[L.ROW_WEIGHTS].shape[1] == 1601
-    assert g[L.ROW_WEIGHTS].shape == (N_ROWS, 1601)
+    assert layout == field.layout and sum(layout.sizes) == attrs["params"] == g[C.ROW_WEIGHTS].shape[1] == 1601
+    assert g[C.ROW_WEIGHTS].shape == (N_ROWS, 1601)
     assert attrs["init"] == extra[0].split("=")[1] and attrs["seed"] == SEED
-    assert attrs["samples_fingerprint"] == samples.fingerprint
+    assert attrs["samples_fingerprint"] == samples.fingerprint and attrs[C.Attr.HELD_OUT] == 0
     assert attrs["fit"]["steps"] == 100 and attrs["fit"]["shard_size"] == 3
-    anchor = {"shared": "", "random": "", "warm": ids[0], "warm-chosen": ids[7]}[init]
+    first_good = ids[int(_good_rows()[0])]  # the first training shape with samples
+    anchor = {"shared": "", "random": "", "warm": first_good, "warm-chosen": ids[7]}[init]
     assert attrs["warm_shape"] == anchor
 
     # Start rows, and the loss they give on the stored samples.
     seeded = field.init_rows(1, torch.Generator().manual_seed(SEED))
     if init == "random":
-        assert L.INIT_ROW not in g
+        assert C.INIT_ROW not in g
         starts = torch.stack([pipeline.init_row(field, "random", SEED, ids[i], None) for i in good])
         assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], seeded[0])
         torch.testing.assert_close(pipeline.init_row(field, "random", SEED, ids[0], None), starts[0],
                                    rtol=0, atol=0)  # seeded per shape: reproducible
     else:
-        init_row = torch.from_numpy(g[L.INIT_ROW][:])
+        init_row = torch.from_numpy(g[C.INIT_ROW][:])
         assert init_row.shape == (1601,) and torch.isfinite(init_row).all()
         starts = init_row.unsqueeze(0)
         if init == "shared":
@@ -182,27 +191,28 @@ def test_fit_every_init_strategy(ingested, fitted, init, capsys):
             k = ids.index(anchor)
             anchor_loss = _initial_losses(field, starts, samples, [k])[0]
             assert anchor_loss < 0.5 * _initial_losses(field, seeded, samples, [k])[0]
-            assert anchor_loss < 2 * a[L.FIT_LOSS][k]
+            assert anchor_loss < 2 * a[C.FIT_LOSS][k]
     # Fitting happened: every shape ends far below the loss of where it started and of the
     # seeded random draw.
     start_loss = _initial_losses(field, starts, samples, good)
     random_loss = _initial_losses(field, seeded, samples, good)
-    fitted_loss = a[L.FIT_LOSS][good]
+    fitted_loss = a[C.FIT_LOSS][good]
     if init in ("shared", "random"):
         assert (fitted_loss < 0.5 * start_loss).all(), (fitted_loss, start_loss)
     assert (fitted_loss < 0.5 * random_loss).all(), (fitted_loss, random_loss)
     # The stored weights are the fit's: their loss on all samples is close to the reported one.
-    final = _initial_losses(field, torch.from_numpy(a[L.ROW_WEIGHTS][good]), samples, good)
+    final = _initial_losses(field, torch.from_numpy(a[C.ROW_WEIGHTS][good]), samples, good)
     np.testing.assert_allclose(final, fitted_loss, rtol=0.5)
 
     # Reconstructions and metrics.
-    metrics = json.loads((run / L.METRICS).read_text())
+    metrics = json.loads((run / C.METRICS).read_text())
     assert metrics["recon_count"] == 2
     assert 0 < metrics["recon_cd_median"] < 0.1 and 0.2 < metrics["recon_iou_mean"] <= 1
-    assert [s["shape_id"] for s in metrics["recon"]["shapes"]] == ids[:2]
+    first_two = [ids[i] for i in good[:2]]
+    assert [s["shape_id"] for s in metrics["recon"]["shapes"]] == first_two
     assert metrics["fit_loss_median"] == pytest.approx(float(np.median(fitted_loss)), rel=1e-6)
-    recon = run / L.RECON
-    assert sorted(p.name for p in recon.glob("*.ply")) == sorted(f"{i}.ply" for i in ids[:2])
+    recon = run / "recon"
+    assert sorted(p.name for p in recon.glob("*.ply")) == sorted(f"{i}.ply" for i in first_two)
     assert (recon / "recon.png").stat().st_size > 1000
 
 
@@ -211,12 +221,13 @@ def test_fit_every_init_strategy(ingested, fitted, init, capsys):
 def _shard_files(run: Path, shards) -> dict[str, tuple[int, bytes]]:
     """(mtime_ns, bytes) of every storage object of the given weight shards."""
     out = {}
+    store = (run / C.WEIGHTS).resolve()
     for name in FIT_ARRAYS:
         for k in shards:
-            base = run / L.WEIGHTS / name / "c" / str(k)
+            base = store / name / "c" / str(k)
             for p in ([base] if base.is_file() else base.rglob("*") if base.exists() else []):
                 if p.is_file():
-                    out[str(p.relative_to(run))] = (p.stat().st_mtime_ns, p.read_bytes())
+                    out[str(p.relative_to(store))] = (p.stat().st_mtime_ns, p.read_bytes())
     return out
 
 
@@ -224,17 +235,17 @@ def test_kill9_then_resume_equals_uninterrupted(ingested, tmp_path, caplog):
     """kill -9 the fit driver (and its Ray) once some weight shards are committed; the rerun
     refits only the others and the store equals an uninterrupted run's, bit for bit."""
     # One shape per shard and more steps: shards commit one by one, slowly enough to kill between.
-    args = [*FIT, "fit.shard_size=1", "fit.steps=300", "fit.recon_count=0"]
-    killed = _copy(ingested, tmp_path, "killed")
+    args = [*fit_args(), "fit.shard_size=1", "fit.steps=300", "fit.recon_count=0"]
+    killed = copy_ingested(ingested, tmp_path, "killed")
 
     def committed() -> int:
         try:
-            return int(zarr.open_group(str(killed / L.WEIGHTS), mode="r")[L.SHARD_DONE][:].sum())
+            return int(zarr.open_group(str(killed / C.WEIGHTS), mode="r")[C.SHARD_DONE][:].sum())
         except Exception:  # not created yet, or being created
             return 0
 
     kill9_when(["fit", f"run.dir={killed}", *args], lambda: committed() >= 1, timeout=150)
-    partial = RowStore.open(str(killed / L.WEIGHTS))
+    partial = RowStore.open(str(killed / C.WEIGHTS))
     done_before = np.flatnonzero(partial.shards_done())
     assert 0 < len(done_before) < partial.n_shards == N_ROWS
     before = _shard_files(killed, done_before)
@@ -242,56 +253,62 @@ def test_kill9_then_resume_equals_uninterrupted(ingested, tmp_path, caplog):
 
     caplog.set_level(logging.INFO, logger="raywsl")
     assert main(["fit", f"run.dir={killed}", *args]) == 0
-    starts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit: 11 shapes")]
+    starts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit: 11 training shapes")]
     assert len(starts) == 1 and f"{N_ROWS} shards ({len(done_before)} done)" in starts[0]
     assert _shard_files(killed, done_before) == before  # committed shards were not refitted
 
-    full = _copy(ingested, tmp_path, "full")
+    full = copy_ingested(ingested, tmp_path / "other", "full")  # a cache of its own: an uninterrupted fit
     assert main(["fit", f"run.dir={full}", *args]) == 0
     _assert_stores_equal(killed, full)
-    s = RowStore.open(str(killed / L.WEIGHTS)).summary()
+    s = RowStore.open(str(killed / C.WEIGHTS)).summary()
     assert (s["done"], s["failed"], s["pending"]) == (N_GOOD, 1, 0)
-    g = zarr.open_group(str(killed / L.WEIGHTS), mode="r")
-    np.testing.assert_array_equal(g[L.INIT_ROW][:], zarr.open_group(str(full / L.WEIGHTS), mode="r")[L.INIT_ROW][:])
+    g = zarr.open_group(str(killed / C.WEIGHTS), mode="r")
+    np.testing.assert_array_equal(g[C.INIT_ROW][:], zarr.open_group(str(full / C.WEIGHTS), mode="r")[C.INIT_ROW][:])
 
 
 # ------------------------------------------------------------------------------------ 3. two actors
 
-def test_two_actors_equal_one(fitted, tmp_path, capsys):
+def test_two_actors_equal_one(fitted, ingested, tmp_path, capsys):
     one = fitted()
-    two = _copy(fitted(), tmp_path)
-    shutil.rmtree(two / L.WEIGHTS)
+    two = copy_ingested(ingested, tmp_path)
     capsys.readouterr()
-    assert main(["fit", f"run.dir={two}", *FIT, "fit.actors=2"]) == 0
-    assert f"{N_GOOD} done, 1 failed" in capsys.readouterr().out
+    assert main(["fit", f"run.dir={two}", *fit_args(), "fit.actors=2"]) == 0
+    assert f"{N_GOOD} done, 1 failed" in capsys.readouterr().err
     _assert_stores_equal(one, two)
-    s = RowStore.open(str(two / L.WEIGHTS)).summary()
+    s = RowStore.open(str(two / C.WEIGHTS)).summary()
     assert s["done"] + s["failed"] == s["rows"] == N_ROWS and s["pending"] == 0
     assert s["shards"] == {"size": 3, "total": 4, "done": 4}
     # fit.actors does not decide the output: both stores have the same fingerprint.
-    assert s["fingerprint"] == RowStore.open(str(one / L.WEIGHTS)).fingerprint
+    assert s["fingerprint"] == RowStore.open(str(one / C.WEIGHTS)).fingerprint
 
 
-# ------------------------------------------------------------------------------------ 4. fingerprint
+# ------------------------------------------------------------------------------------ 4. artifacts per config
 
-def test_fingerprint_mismatch_refused_then_restart(fitted, tmp_path, capsys):
-    run = _copy(fitted(), tmp_path)
+def test_another_config_is_another_artifact(fitted, ingested, tmp_path, capsys):
+    """A fit with other settings writes a weight store of its own beside the first (no refusal, no
+    overwrite); the first config again reuses its store; --restart refits."""
+    run = copy_ingested(ingested, tmp_path)
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 0
+    first = (run / C.WEIGHTS).resolve()
     before = _arrays(run)
     capsys.readouterr()
-    assert main(["fit", f"run.dir={run}", *FIT, "fit.steps=50"]) == 2
+    assert main(["fit", f"run.dir={run}", *fit_args(), "fit.steps=50"]) == 0
+    second = (run / C.WEIGHTS).resolve()
+    assert second != first and second.parent.parent == first.parent.parent  # <cache>/fit/<fp>/weights.zarr
+    _assert_stores_equal(before, {name: zarr.open_group(str(first))[name][:] for name in FIT_ARRAYS})
+    steps = RowStore.open(str(second)).group[C.FIT_STEPS][:]
+    assert (np.delete(steps, bad_row()) == 50).all()
+
+    capsys.readouterr()
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 0  # the first config again: nothing to fit
     err = capsys.readouterr().err
-    assert "raywsl fit: error:" in err and str(run / L.WEIGHTS) in err
-    assert "different config" in err and "--restart" in err
-    _assert_stores_equal(before, _arrays(run))  # the refused run changed nothing
+    assert "fit         reused" in err and (run / C.WEIGHTS).resolve() == first
+    stages = json.loads((run / C.STAGES_FILE).read_text())["stages"]
+    assert stages["fit"]["reused"] and stages["fit"]["artifact"] == str(first.parent)
 
-    # The same config again resumes (nothing to do) instead of refusing.
-    assert main(["fit", f"run.dir={run}", *FIT]) == 0
-
-    assert main(["fit", f"run.dir={run}", *FIT, "fit.steps=50", "--restart"]) == 0
-    assert f"{N_GOOD} done, 1 failed" in capsys.readouterr().out
-    store = RowStore.open(str(run / L.WEIGHTS))
-    steps = store.group[L.FIT_STEPS][:]
-    assert (np.delete(steps, BAD_ROW) == 50).all() and store.attrs["fit"]["steps"] == 50
+    assert main(["fit", f"run.dir={run}", *fit_args(), "--restart"]) == 0
+    assert "fit         computed" in capsys.readouterr().err
+    _assert_stores_equal(before, _arrays(run))  # refitted from scratch: the same weights
 
 
 # ------------------------------------------------------------------------------------ 5. inspect
@@ -299,21 +316,21 @@ def test_fingerprint_mismatch_refused_then_restart(fitted, tmp_path, capsys):
 def test_inspect_weight_store(fitted, capsys):
     run = fitted()
     capsys.readouterr()
-    assert main(["inspect", str(run / L.WEIGHTS), "--json"]) == 0
+    assert main(["inspect", str(run / C.WEIGHTS), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["kind"] == "weights" and info["path"] == str(run / L.WEIGHTS)
+    assert info["kind"] == "weights" and info["path"] == str(run / C.WEIGHTS)
     assert (info["rows"], info["done"], info["failed"], info["pending"]) == (N_ROWS, N_GOOD, 1, 0)
     assert info["shards"] == {"size": 3, "total": 4, "done": 4}
-    assert info["arrays"][L.ROW_WEIGHTS] == {"shape": [N_ROWS, 1601], "dtype": "float32"}
-    assert info["arrays"][L.FIT_STEPS] == {"shape": [N_ROWS], "dtype": "int32"}
-    assert info["arrays"][L.INIT_ROW] == {"shape": [1601], "dtype": "float32"}
-    assert [(f["row"], f["shape_id"]) for f in info["failures"]] == [(BAD_ROW, "bad-garbage")]
+    assert info["arrays"][C.ROW_WEIGHTS] == {"shape": [N_ROWS, 1601], "dtype": "float32"}
+    assert info["arrays"][C.FIT_STEPS] == {"shape": [N_ROWS], "dtype": "int32"}
+    assert info["arrays"][C.INIT_ROW] == {"shape": [1601], "dtype": "float32"}
+    assert [(f["row"], f["shape_id"]) for f in info["failures"]] == [(bad_row(), "bad-garbage")]
     assert info["failures"][0]["reason"].startswith("no samples to fit")
 
     assert main(["inspect", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert set(info["stores"]) == {"samples", "weights"} and info["stores"]["weights"]["done"] == N_GOOD
-    assert main(["inspect", str(run / L.WEIGHTS)]) == 0
+    assert main(["inspect", str(run / C.WEIGHTS)]) == 0
     assert "weights store" in capsys.readouterr().out
 
 
@@ -324,60 +341,62 @@ def test_one_shape_diverges_the_others_do_not_notice(fitted, ingested, tmp_path,
     its restart, its shard still commits, the job ends with exit 0, and every other shape (one of
     them shares its batch) is fitted as without it, up to float rounding."""
     clean = fitted()
-    run = _copy(ingested, tmp_path)
-    victim = 4  # shard 1 = rows 3, 4 and the broken mesh 5
-    sdf = zarr.open_group(str(run / L.SAMPLES), mode="r+")[L.SDF]
+    run = copy_ingested(ingested, tmp_path)
+    shard = bad_row() // 3
+    victim = next(r for r in range(3 * shard, min(N_ROWS, 3 * shard + 3)) if r != bad_row())  # shares its batch
+    _, plan = plan_of(f"run.dir={run}", *fit_args())
+    sdf = zarr.open_group(plan.samples, mode="r+")[C.SDF]
     values = sdf[victim]
     values[::7] = np.nan
     sdf[victim] = values
     capsys.readouterr()
-    assert main(["fit", f"run.dir={run}", *FIT, "fit.max_restarts=1"]) == 0
-    assert f"{N_GOOD - 1} done, 2 failed" in capsys.readouterr().out
+    assert main(["fit", f"run.dir={run}", *fit_args(), "fit.max_restarts=1"]) == 0
+    assert f"{N_GOOD - 1} done, 2 failed" in capsys.readouterr().err
     a, b = _arrays(run), _arrays(clean)
-    assert a[L.STATUS][victim] == FAILED and not a[L.ROW_WEIGHTS][victim].any()
-    reason = str(a[L.REASON][victim])
+    assert a[C.STATUS][victim] == FAILED and not a[C.ROW_WEIGHTS][victim].any()
+    reason = str(a[C.REASON][victim])
     assert "diverged" in reason and "non-finite" in reason and "after 1 restart(s)" in reason, reason
-    assert a[L.FIT_RESTARTS][victim] == 1
+    assert a[C.FIT_RESTARTS][victim] == 1
     others = [i for i in range(N_ROWS) if i != victim]
-    for name in (L.FIT_STEPS, L.STATUS):
+    for name in (C.FIT_STEPS, C.STATUS):
         np.testing.assert_array_equal(a[name][others], b[name][others], err_msg=name)
     # Equal up to float32 rounding: once the victim fails its slot is dropped, and a batch of
     # another size sums its matmuls in another order.
-    for name in (L.ROW_WEIGHTS, L.FIT_LOSS):
+    for name in (C.ROW_WEIGHTS, C.FIT_LOSS):
         np.testing.assert_allclose(a[name][others], b[name][others], rtol=1e-4, atol=1e-5, err_msg=name)
-    assert RowStore.open(str(run / L.WEIGHTS)).summary()["pending"] == 0
+    assert RowStore.open(str(run / C.WEIGHTS)).summary()["pending"] == 0
 
 
 def test_every_shape_diverges(ingested, tmp_path, capsys):
     """A learning rate that overflows every shape: all fail with 'diverged', the job still ends
     (every shard committed) and exits 1."""
-    run = _copy(ingested, tmp_path)
+    run = copy_ingested(ingested, tmp_path)
     capsys.readouterr()
     # 1.0e+12, not 1e12: YAML 1.1 reads 1e12 as a string
-    assert main(["fit", f"run.dir={run}", *FIT, "fit.lr=1.0e+12", "fit.max_restarts=0"]) == 1
-    assert f"0 done, {N_ROWS} failed" in capsys.readouterr().out
-    store = RowStore.open(str(run / L.WEIGHTS))
+    assert main(["fit", f"run.dir={run}", *fit_args(), "fit.lr=1.0e+12", "fit.max_restarts=0"]) == 1
+    assert f"0 done, {N_ROWS} failed" in capsys.readouterr().err
+    store = RowStore.open(str(run / C.WEIGHTS))
     a = _arrays(run)
     assert store.pending_shards() == [] and (store.status() == FAILED).all()
-    assert all(r for r in a[L.REASON])
+    assert all(r for r in a[C.REASON])
     good = _good_rows()
-    assert all("diverged" in str(r) and "with lr 1e+12" in str(r) for r in a[L.REASON][good])
-    assert (a[L.FIT_STEPS][good] == 25).all()  # caught at the first check
-    assert not a[L.ROW_WEIGHTS].any()
-    assert not (run / L.RECON).exists()
+    assert all("diverged" in str(r) and "with lr 1e+12" in str(r) for r in a[C.REASON][good])
+    assert (a[C.FIT_STEPS][good] == 25).all()  # caught at the first check
+    assert not a[C.ROW_WEIGHTS].any()
+    assert not (run / "recon").exists()
 
 
 def test_finite_blowup_in_first_interval_is_divergence(ingested, tmp_path):
-    run = _copy(ingested, tmp_path)
-    main(["fit", f"run.dir={run}", *FIT, "fit.lr=10000.0", "fit.max_restarts=0", "fit.recon_count=0"])
+    run = copy_ingested(ingested, tmp_path)
+    main(["fit", f"run.dir={run}", *fit_args(), "fit.lr=10000.0", "fit.max_restarts=0", "fit.recon_count=0"])
     a = _arrays(run)
-    samples = RowStore.open(str(run / L.SAMPLES))
+    samples = RowStore.open(str(ingested / C.SAMPLES))
     field = make_field("mlp", "tiny")
     good = _good_rows()
     start = _initial_losses(field, field.init_rows(1, torch.Generator().manual_seed(SEED)), samples, good)
-    blown = a[L.FIT_LOSS][good] > 1e3 * start
+    blown = a[C.FIT_LOSS][good] > 1e3 * start
     assert blown.any()  # lr 1e4 sends most shapes' losses to ~1e11 (from ~0.3)
-    assert (a[L.STATUS][good][blown] == FAILED).all(), a[L.FIT_LOSS][good]
+    assert (a[C.STATUS][good][blown] == FAILED).all(), a[C.FIT_LOSS][good]
 
 
 # ------------------------------------------------------------------------------------ interrupted starts
@@ -386,24 +405,24 @@ def test_resume_after_kill_between_init_row_create_and_write(fitted, ingested, t
     """The driver creates the `init` array, then writes the start row into it: a kill -9 between
     the two leaves an array that reads as the fill value (zeros). The rerun must not take zeros for
     the shared start; it equals an uninterrupted run."""
-    run = _copy(ingested, tmp_path)
+    run = copy_ingested(ingested, tmp_path)
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed before any shard was fitted")
 
     monkeypatch.setattr(pipeline, "_run_shards", crash)
     with pytest.raises(RuntimeError, match="killed before"):
-        main(["fit", f"run.dir={run}", *FIT])
+        main(["fit", f"run.dir={run}", *fit_args()])
     monkeypatch.undo()
-    init = run / L.WEIGHTS / L.INIT_ROW
+    init = (run / C.WEIGHTS).resolve() / C.INIT_ROW
     chunks = [p for p in (init / "c").rglob("*") if p.is_file()]
     assert chunks
     for p in chunks:  # the state a kill between create_array and the write leaves
         p.unlink()
-    assert main(["fit", f"run.dir={run}", *FIT]) == 0
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 0
     _assert_stores_equal(run, fitted())
-    np.testing.assert_array_equal(zarr.open_group(str(run / L.WEIGHTS))[L.INIT_ROW][:],
-                                  zarr.open_group(str(fitted() / L.WEIGHTS))[L.INIT_ROW][:])
+    np.testing.assert_array_equal(zarr.open_group(str(run / C.WEIGHTS))[C.INIT_ROW][:],
+                                  zarr.open_group(str(fitted() / C.WEIGHTS))[C.INIT_ROW][:])
 
 
 def test_fit_on_unfinished_ingest_is_refused(fitted, ingested, tmp_path, capsys):
@@ -411,17 +430,18 @@ def test_fit_on_unfinished_ingest_is_refused(fitted, ingested, tmp_path, capsys)
     weight rows for good: once ingest completes, the same fit finds nothing to do and they stay
     failed. Fit refuses instead (exit 2, naming the store and the fix), and works once ingest is
     complete."""
-    run = _copy(ingested, tmp_path)
-    marker = zarr.open_group(str(run / L.SAMPLES), mode="r+")[L.SHARD_DONE]
+    run = copy_ingested(ingested, tmp_path)
+    _, plan = plan_of(f"run.dir={run}", *fit_args())
+    marker = zarr.open_group(plan.samples, mode="r+")[C.SHARD_DONE]
     assert marker[:].tolist() == [1, 1, 1]
     marker[2] = 0  # as if ingest was killed before committing its last shard
     capsys.readouterr()
-    assert main(["fit", f"run.dir={run}", *FIT]) == 2
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 2
     err = capsys.readouterr().err
-    assert str(run / L.SAMPLES) in err and "raywsl ingest" in err and "3 shapes" in err, err
-    assert not (run / L.WEIGHTS).exists()
+    assert plan.samples in err and "raywsl ingest" in err and "3 of the shapes" in err, err
+    assert not (run / C.WEIGHTS).exists() and not run.exists()  # refused: nothing written
     marker[2] = 1  # ingest finished
-    assert main(["fit", f"run.dir={run}", *FIT]) == 0
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 0
     _assert_stores_equal(run, fitted())
 
 
@@ -431,41 +451,65 @@ def test_streaming_from_the_meshes_equals_fitting_the_stored_samples(fitted, ing
     """fit.samples=stream samples data.source inside the fit job (no samples.zarr is written) with
     ingest's sampler and seeds, so the weight store is bitwise the one fitted from the sample store."""
     stored = fitted()
-    samples = RowStore.open(str(ingested / L.SAMPLES))
-    run = tmp_path / "stream"
-    assert main(["fit", f"run.dir={run}", f"data.source={samples.attrs['data_source']}", "fit.samples=stream",
-                 *INGEST, *FIT]) == 0
-    assert not (run / L.SAMPLES).exists()
+    samples = RowStore.open(str(ingested / C.SAMPLES))
+    run = tmp_path / "stream"  # a cache without any samples
+    assert main(["fit", f"run.dir={run}", *fit_args(), "fit.samples=stream"]) == 0
+    assert not (run / C.SAMPLES).exists()
     _assert_stores_equal(run, stored)
-    weights = RowStore.open(str(run / L.WEIGHTS))
+    weights = RowStore.open(str(run / C.WEIGHTS))
     assert weights.attrs["samples_fingerprint"] == samples.fingerprint  # what ingest would have made
-    reason = str(weights.group[L.REASON][BAD_ROW])
+    reason = str(weights.group[C.REASON][bad_row()])
     assert "cannot read" in reason and "garbage.ply" in reason
-    metrics = json.loads((run / L.METRICS).read_text())
+    metrics = json.loads((run / C.METRICS).read_text())
     assert 0 < metrics["recon_cd_median"] < 0.1  # the truth for the reconstructions is resampled
+    assert not (tmp_path / C.CACHE / "ingest").exists()
 
 
 # ------------------------------------------------------------------------------------ MLflow
 
-def test_one_mlflow_run_per_run_folder(fitted, tmp_path):
+def test_one_mlflow_run_per_run_folder_and_config(fitted, ingested, tmp_path):
     """The CLI records the run folder in one MLflow run (sqlite next to the run folders): fit's
-    params, metrics and figures; a later verb on the same folder resumes that run."""
+    params, metrics, figures and every stage's fingerprint and reused flag; a later command with the
+    same config resumes that run, one with other settings starts a new run (its params say so)."""
     import mlflow
 
-    run = _copy(fitted(), tmp_path)  # its MLflow run is in another store: the first call starts one here
-    assert main(["fit", f"run.dir={run}", *FIT]) == 0  # nothing to refit: reconstructions only
-    run_id = (run / L.MLFLOW_RUN).read_text()
-    assert main(["fit", f"run.dir={run}", *FIT, "fit.recon_count=3"]) == 0
-    assert (run / L.MLFLOW_RUN).read_text() == run_id
+    run = copy_ingested(ingested, tmp_path)
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 0
+    run_id = (run / C.MLFLOW_RUN).read_text()
+    assert main(["fit", f"run.dir={run}", *fit_args()]) == 0  # nothing to refit: the same MLflow run
+    assert (run / C.MLFLOW_RUN).read_text() == run_id
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     record = client.get_run(run_id)
     assert record.data.params["fit.steps"] == "100" and record.data.params["field.preset"] == "tiny"
-    assert record.data.metrics["fit_done"] == N_GOOD and record.data.metrics["recon_count"] == 3
+    assert record.data.metrics["fit_done"] == N_GOOD and record.data.metrics["recon_count"] == 2
     assert 0 < record.data.metrics["recon_cd_median"] < 0.1
-    assert record.data.tags["raywsl.fit"] == "finished"
-    assert "param_changed.fit.recon_count" in record.data.tags  # write-once params: the change is a tag
+    assert record.data.tags["raywsl.fit"] == "finished" and record.info.status == "FINISHED"
+    assert record.data.tags["stage.fit.reused"] == "True"  # the last command found it done
+    assert len(record.data.tags["stage.fit.fingerprint"]) == 16
     figures = {a.path for a in client.list_artifacts(run_id, "figures")}
-    assert {"figures/recon.png", "figures/fit_loss.png"} <= figures
+    assert {"figures/recon.png", "figures/fit_loss.png", f"figures/{C.FIT_CURVE}"} <= figures
+
+    assert main(["fit", f"run.dir={run}", *fit_args(), "fit.recon_count=3"]) == 0
+    new_id = (run / C.MLFLOW_RUN).read_text()
+    new = client.get_run(new_id)
+    assert new_id != run_id and new.data.params["fit.recon_count"] == "3"
+    assert new.data.tags["raywsl.previous_run_id"] == run_id and new.data.metrics["recon_count"] == 3
+
+
+def test_a_failed_command_ends_its_mlflow_run_as_failed(ingested, tmp_path, monkeypatch):
+    import mlflow
+
+    run = copy_ingested(ingested, tmp_path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the fit job broke")
+
+    monkeypatch.setattr(pipeline, "_run_shards", crash)
+    with pytest.raises(RuntimeError, match="the fit job broke"):
+        main(["fit", f"run.dir={run}", *fit_args()])
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    record = client.get_run((run / C.MLFLOW_RUN).read_text())
+    assert record.info.status == "FAILED" and record.data.tags["raywsl.fit"] == "failed"
 
 
 # ------------------------------------------------------------------------------------ actor crash
@@ -474,14 +518,14 @@ def test_a_killed_actor_is_restarted_and_loses_no_rows(fitted, ingested, tmp_pat
     """The fitting actor's process dies (os._exit, as a segfault or an OOM kill would) in the
     middle of shard 1: Ray restarts the actor and retries the block; the store ends complete and
     bitwise equal to an undisturbed run."""
-    run = _copy(ingested, tmp_path)
+    run = copy_ingested(ingested, tmp_path)
     marker = tmp_path / "crashed"
     env = {**os.environ, "RAYWSL_CRASH_FIT_SHARD": "1", "RAYWSL_CRASH_MARKER": str(marker)}
-    proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "fit", f"run.dir={run}", *FIT,
+    proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "fit", f"run.dir={run}", *fit_args(),
                            "fit.recon_count=0"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()  # the actor did die once
-    assert f"{N_GOOD} done, 1 failed" in proc.stdout
+    assert f"{N_GOOD} done, 1 failed" in proc.stderr
     _assert_stores_equal(run, fitted())
 
 
@@ -490,38 +534,40 @@ def test_a_killed_actor_is_restarted_and_loses_no_rows(fitted, ingested, tmp_pat
 def test_weight_store_reads_back_as_fields_and_tensors(fitted):
     """`field_of` rebuilds the field from the store's attributes, `shard_tensors` reads a shard as
     tensors, and the bound fields give back the stored loss on the stored samples."""
-    from raywsl.store.weights import field_of, open_weights, shard_tensors
+    from raywsl.models.fields import field_of
+    from raywsl.store.weights import open_weights, shard_tensors
 
     run = fitted()
-    store = open_weights(str(run / L.WEIGHTS))
+    store = open_weights(str(run / C.WEIGHTS))
     field = field_of(store)
     assert field.layout == make_field("mlp", "tiny").layout
     shard = shard_tensors(store, 0)
     rows = store.shard_rows(0)
-    assert shard[L.ROW_WEIGHTS].shape == (rows.stop - rows.start, field.layout.size)
-    assert shard[L.ROW_WEIGHTS].dtype == torch.float32 and shard[L.STATUS].tolist() == [DONE] * 3
-    assert shard[L.SHAPE_ID] == [str(i) for i in store.row_meta(rows)[L.SHAPE_ID]]
-    samples = RowStore.open(str(run / L.SAMPLES))
-    points = torch.from_numpy(samples.group[L.POINTS][rows])
-    sdf = torch.from_numpy(samples.group[L.SDF][rows])
+    assert shard[C.ROW_WEIGHTS].shape == (rows.stop - rows.start, field.layout.size)
+    assert shard[C.ROW_WEIGHTS].dtype == torch.float32 and shard[C.STATUS].tolist() == [DONE] * 3
+    assert shard[C.SHAPE_ID] == [str(i) for i in store.row_meta(rows)[C.SHAPE_ID]]
+    samples = RowStore.open(str(run / C.SAMPLES))
+    points = torch.from_numpy(samples.group[C.POINTS][rows])
+    sdf = torch.from_numpy(samples.group[C.SDF][rows])
     with torch.no_grad():
-        loss = (field.bind(shard[L.ROW_WEIGHTS])(points) - sdf).abs().mean(1)
-    np.testing.assert_allclose(loss.numpy(), shard[L.FIT_LOSS].numpy(), rtol=0.5)  # all points vs the last windows
+        loss = (field.bind(shard[C.ROW_WEIGHTS])(points) - sdf).abs().mean(1)
+    np.testing.assert_allclose(loss.numpy(), shard[C.FIT_LOSS].numpy(), rtol=0.5)  # all points vs the last windows
     with pytest.raises(StoreError, match="a samples store, expected weights"):
-        open_weights(str(run / L.SAMPLES))
+        open_weights(str(run / C.SAMPLES))
 
 
 def test_asym_field_store_keeps_its_masks(fitted):
     """field.asym: the rows hold the trainable entries only, the masks are saved in the store
     (frozen/), and field_of rebuilds the same masked field from the store."""
-    from raywsl.store.weights import field_of, open_weights
+    from raywsl.models.fields import field_of
+    from raywsl.store.weights import open_weights
 
     run = fitted("field.asym=true", "field.kappa=2.0")
-    store = open_weights(str(run / L.WEIGHTS))
+    store = open_weights(str(run / C.WEIGHTS))
     field = field_of(store)
     assert field.asym and field.layout.size == store.attrs["params"] < make_field("mlp", "tiny").layout.size
-    assert store.group[L.ROW_WEIGHTS].shape[1] == field.layout.size
+    assert store.group[C.ROW_WEIGHTS].shape[1] == field.layout.size
     for name, tensor in field.frozen().items():
-        np.testing.assert_array_equal(store.group[L.FROZEN][name][:], tensor.numpy())
+        np.testing.assert_array_equal(store.group[C.FROZEN][name][:], tensor.numpy())
     assert store.attrs["frozen_fingerprint"] == field.frozen_fingerprint() != make_field("mlp", "tiny").frozen_fingerprint()
     assert (store.status() == DONE).sum() == N_GOOD

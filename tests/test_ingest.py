@@ -5,20 +5,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 
-from conftest import BROKEN_KINDS, HUGE_FACES, kill9_when, write_bad_meshes
-from raywsl import layout as L
+from conftest import BROKEN_KINDS, HUGE_FACES, kill9_when, plan_of, write_bad_meshes
+from raywsl import contract as C
 from raywsl.cli import main
 from raywsl.config import load_config
 from raywsl.data.corpus import write_corpus
 from raywsl.data.meshes import normalise
-from raywsl.ingest.pipeline import ingest
-from raywsl.ingest.sdf import signed_distance
-from raywsl.store.rows import DONE, FAILED, RowStore, StoreError
+from raywsl.geometry.sdf import signed_distance
+from raywsl.store.rows import DONE, FAILED, RowStore
+from raywsl.store.split import held_out
 
 pytestmark = pytest.mark.ray
 
@@ -49,7 +50,7 @@ def test_ingest_mixed_good_and_broken(ray_local, mixed_source, tmp_path, capsys)
     run_dir = tmp_path / "run"
     code = main(["ingest", f"data.source={mixed_source}", f"run.dir={run_dir}", *SMALL])
     assert code == 0
-    assert "21 done, 7 failed" in capsys.readouterr().out
+    assert "21 done, 7 failed" in capsys.readouterr().err
 
     code = main(["inspect", str(run_dir), "--json"])
     info = json.loads(capsys.readouterr().out)
@@ -57,49 +58,63 @@ def test_ingest_mixed_good_and_broken(ray_local, mixed_source, tmp_path, capsys)
     assert info["kind"] == "run" and info["config"]["ingest"]["points"] == 2048
     assert (s["rows"], s["done"], s["failed"], s["pending"]) == (28, 21, 7, 0)
     assert s["shards"] == {"size": 4, "total": 7, "done": 7}
-    assert s["arrays"][L.POINTS]["shape"] == [28, 2048, 3] and s["arrays"][L.NORMALS]["shape"] == [28, 512, 3]
+    assert s["arrays"][C.POINTS]["shape"] == [28, 2048, 3] and s["arrays"][C.NORMALS]["shape"] == [28, 512, 3]
     failures = {f["shape_id"]: f for f in s["failures"]}
     assert set(failures) == {f"bad-{k}" for k in BROKEN_KINDS}
     for kind, words in BROKEN_KINDS.items():
         f = failures[f"bad-{kind}"]
         assert words in f["reason"] and f["source"] in f["reason"], f
 
-    store = RowStore.open(str(run_dir / L.SAMPLES))
+    store = RowStore.open(str(run_dir / C.SAMPLES))
     status = store.status()
     meta = store.row_meta()
     g = store.group
+    # Rows in the fixed order of store/split.py: the held-out shapes first, the same split as by hash.
+    ids = meta[C.SHAPE_ID].tolist()
+    test = held_out(ids, 0, 0.2)
+    assert store.attrs[C.Attr.HELD_OUT] == test.sum() > 0 and test[: test.sum()].all()
+    assert sorted(ids) == sorted(r["id"] for r in csv.DictReader(open(mixed_source)))
     done = np.flatnonzero(status == DONE)
     assert len(done) == 21 and (status[status != DONE] == FAILED).all()
     failed = status == FAILED
-    assert not g[L.POINTS][:][failed].any() and (g[L.REASON][:][~failed] == "").all()
+    assert not g[C.POINTS][:][failed].any() and (g[C.REASON][:][~failed] == "").all()
     # Contents: normalised frame, exact signed distances, unit normals, a faithful center/scale.
     for i in done[[0, 7, -1]]:
-        uri = str(meta[L.SOURCE][i])
+        uri = str(meta[C.SOURCE][i])
         mesh = trimesh.load(uri, force="mesh")
-        center, scale = g[L.CENTER][i], g[L.SCALE][i]
+        center, scale = g[C.CENTER][i], g[C.SCALE][i]
         normed, c2, s2 = normalise(trimesh.Trimesh(mesh.vertices, mesh.faces), margin=0.03)
         np.testing.assert_allclose(center, c2, atol=1e-9)
         assert scale == pytest.approx(s2)
-        pts, sdf = g[L.POINTS][i], g[L.SDF][i]
+        pts, sdf = g[C.POINTS][i], g[C.SDF][i]
         np.testing.assert_allclose(sdf[:300], signed_distance(normed, pts[:300]), atol=1e-5)
-        surface = g[L.SURFACE][i]
+        surface = g[C.SURFACE][i]
         assert np.linalg.norm(surface, axis=1).max() <= 1 / 1.03 + 1e-5
-        np.testing.assert_allclose(np.linalg.norm(g[L.NORMALS][i], axis=1), 1, atol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(g[C.NORMALS][i], axis=1), 1, atol=1e-4)
         assert (sdf < 0).mean() > 0.05 and (sdf > 0).mean() > 0.05
-    assert str(meta[L.CATEGORY][done[-1]]) == "open"
+    assert str(meta[C.CATEGORY][ids.index("bad-open")]) == "open" and status[ids.index("bad-open")] == DONE
 
 
-def test_fingerprint_mismatch_refused_then_restart(ray_local, mixed_source, tmp_path, capsys):
+def test_another_config_is_another_artifact_and_restart_recomputes(ray_local, mixed_source, tmp_path, capsys):
     args = [f"data.source={mixed_source}", f"run.dir={tmp_path / 'run'}", "ingest.points=256",
             "ingest.surface_points=64", "ingest.shard_size=16"]
     assert main(["ingest", *args]) == 0
+    first = (tmp_path / "run" / C.SAMPLES).resolve()
+    assert main(["ingest", *args, "ingest.points=512"]) == 0  # no refusal: a store of its own
+    second = (tmp_path / "run" / C.SAMPLES).resolve()
+    assert second != first and RowStore.open(str(first)).group[C.POINTS].shape[1] == 256
+    assert RowStore.open(str(second)).group[C.POINTS].shape[1] == 512
+    stages = json.loads((tmp_path / "run" / C.STAGES_FILE).read_text())["stages"]
+    assert str(second).startswith(str(tmp_path / "cache" / "ingest")) and not stages["ingest"]["reused"]
+    assert main(["ingest", *args, "ingest.points=512"]) == 0
+    assert json.loads((tmp_path / "run" / C.STAGES_FILE).read_text())["stages"]["ingest"]["reused"]
     capsys.readouterr()
-    assert main(["ingest", *args, "ingest.points=512"]) == 2
-    assert "different config" in capsys.readouterr().err
-    with pytest.raises(StoreError):
-        ingest(load_config(None, [*args, "ingest.points=512"]))
+    created = RowStore.open(str(second)).attrs[C.Attr.CREATED]
+    marker = second / C.SHARD_DONE / "c" / "0"
+    before = marker.stat().st_mtime_ns
     assert main(["ingest", *args, "ingest.points=512", "--restart"]) == 0
-    assert RowStore.open(str(tmp_path / "run" / L.SAMPLES)).group[L.POINTS].shape[1] == 512
+    assert marker.stat().st_mtime_ns != before and "computed" in capsys.readouterr().err
+    assert RowStore.open(str(second)).attrs[C.Attr.CREATED] >= created
 
 
 def _store_arrays(path):
@@ -114,20 +129,23 @@ def test_kill9_then_resume_equals_uninterrupted(ray_local, tmp_path):
     args = [f"data.source={source}", "ingest.points=60000", "ingest.surface_points=256",
             "ingest.shard_size=2"]
     killed_dir = tmp_path / "killed"
+    _, plan = plan_of(*args, f"run.dir={killed_dir}")
 
     def committed() -> int:
-        marker = killed_dir / L.SAMPLES / L.SHARD_DONE
+        marker = Path(plan.samples) / C.SHARD_DONE
         return len([p for p in marker.rglob("*") if p.is_file() and p.name != "zarr.json"]) if marker.exists() else 0
 
     kill9_when(["ingest", *args, f"run.dir={killed_dir}"], lambda: committed() >= 2, timeout=120)
-    partial = RowStore.open(str(killed_dir / L.SAMPLES))
+    partial = RowStore.open(plan.samples)
     n_done_before = partial.n_shards - len(partial.pending_shards())
     assert 0 < n_done_before < partial.n_shards
 
-    resumed = ingest(load_config(None, [*args, f"run.dir={killed_dir}"]))
-    full = ingest(load_config(None, [*args, f"run.dir={tmp_path / 'full'}"]))
+    assert main(["ingest", *args, f"run.dir={killed_dir}"]) == 0
+    # the uninterrupted run in a cache of its own (the same config would reuse the resumed store)
+    assert main(["ingest", *args, f"run.dir={tmp_path / 'full'}", f"cache.dir={tmp_path / 'cache2'}"]) == 0
+    resumed, full = (RowStore.open(str(d / C.SAMPLES)).summary() for d in (killed_dir, tmp_path / "full"))
     assert resumed["done"] == full["done"] == 24 and resumed["pending"] == 0
-    a, b = _store_arrays(killed_dir / L.SAMPLES), _store_arrays(tmp_path / "full" / L.SAMPLES)
+    a, b = _store_arrays(killed_dir / C.SAMPLES), _store_arrays(tmp_path / "full" / C.SAMPLES)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -135,16 +153,17 @@ def test_kill9_then_resume_equals_uninterrupted(ray_local, tmp_path):
 
 def test_sdf_failure_is_one_rows_failure(tmp_path, monkeypatch):
     """A backend that raises on one shape fails that row with the reason; the shard still commits."""
+    import raywsl.geometry.sampling as sampling
     import raywsl.ingest.pipeline as pipeline
 
     source = write_corpus(tmp_path / "corpus", 4, seed=2)
     cfg = load_config(None, [f"data.source={source}", f"run.dir={tmp_path / 'run'}", "ingest.points=512",
                              "ingest.surface_points=64", "ingest.shard_size=4"])
-    store = RowStore.create(str(tmp_path / "run" / L.SAMPLES), kind="samples", fingerprint="x",
+    store = RowStore.create(str(tmp_path / "run" / C.SAMPLES), kind="samples", fingerprint="x",
                             ids=[f"s{i}" for i in range(4)], categories=[""] * 4, shard_size=4,
                             sources=sorted(str(p) for p in (tmp_path / "corpus" / "meshes").glob("*.ply")),
                             arrays=pipeline.sample_arrays(cfg))
-    real = pipeline.sample_shape
+    real = sampling.sample_shape
 
     def flaky(mesh, **kw):
         if len(flaky.calls) == 2:
@@ -154,7 +173,7 @@ def test_sdf_failure_is_one_rows_failure(tmp_path, monkeypatch):
         return real(mesh, **kw)
 
     flaky.calls = []
-    monkeypatch.setattr(pipeline, "sample_shape", flaky)
+    monkeypatch.setattr(sampling, "sample_shape", flaky)
     out = pipeline.ingest_shards({"shard": np.array([0])}, path=store.path, cfg=cfg)
     assert out["done"].tolist() == [3] and out["failed"].tolist() == [1]
     s = RowStore.open(store.path).summary()
@@ -174,7 +193,7 @@ def test_mesh_that_kills_its_worker_fails_alone(tmp_path):
                            f"run.dir={run_dir}", "ingest.points=512", "ingest.surface_points=64",
                            "ingest.shard_size=4"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "7 done, 1 failed" in proc.stdout
-    s = RowStore.open(str(run_dir / L.SAMPLES)).summary()
+    assert "7 done, 1 failed" in proc.stderr
+    s = RowStore.open(str(run_dir / C.SAMPLES)).summary()
     assert s["pending"] == 0 and [f["shape_id"] for f in s["failures"]] == ["capsule-0000003"]
     assert "worker process died while sampling this mesh" in s["failures"][0]["reason"]

@@ -6,7 +6,7 @@ import torch
 
 from raywsl.config import FitConfig
 from raywsl.fit.engine import BatchedFitter, ShapeData
-from raywsl.fit.fields import FieldError, make_field
+from raywsl.models.fields import FieldError, make_field
 
 
 @pytest.mark.parametrize("kind", ["lora", "mlora"])

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from raywsl.eval import generation as gen
-from raywsl.eval.distances import (chamfer, chamfer_batch, chamfer_matrix, chamfer_matrix_kdtree, emd,
+from raywsl.geometry.distances import (chamfer, chamfer_batch, chamfer_matrix, chamfer_matrix_kdtree, emd,
                                    emd_batch, emd_matrix)
 from raywsl.eval.generation import (coverage, generation_metrics, memorisation_rate, mmd, nearest, novelty,
                                     one_nna, reference_key, set_metrics)
-from raywsl.eval.shape import fscore, iou_from_sdf, normal_consistency
+from raywsl.geometry.shape import fscore, iou_from_sdf, normal_consistency
 
 F32 = dict(rtol=1e-5, atol=1e-6)  # float32 torch paths against float64 references
 
@@ -79,7 +79,7 @@ def shapes():
     """Clouds of real corpus shapes, as evaluation samples them (normalised, area-weighted)."""
     from raywsl.data.corpus import generate_shape
     from raywsl.data.meshes import normalise
-    from raywsl.ingest.sampling import sample_surface
+    from raywsl.geometry.sampling import sample_surface
 
     meshes = [normalise(generate_shape(i, seed=0).mesh, 0.03)[0] for i in range(6)]
     return np.stack([sample_surface(m, 256, np.random.default_rng(i))[0] for i, m in enumerate(meshes)])
@@ -138,7 +138,7 @@ def test_far_from_origin_and_float64_products(shapes, monkeypatch):
     far = shapes[:4] + np.float32(100)
     assert np.allclose(chamfer_matrix(far, device="cpu"), chamfer_matrix_kdtree(shapes[:4]), rtol=1e-3, atol=1e-6)
     # The CUDA branch computes products in float64 (immune to TF32): run that dtype path on the CPU.
-    import raywsl.eval.distances as distances
+    import raywsl.geometry.distances as distances
 
     monkeypatch.setattr(distances, "_product_dtype", lambda device: torch.float64)
     assert np.allclose(chamfer_matrix(shapes[:4], shapes[2:], device="cpu"),

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from raywsl.ingest.sampling import (DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, ShapeSamples, sample_query_points,
+from raywsl.geometry.sampling import (DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, ShapeSamples, sample_query_points,
                                     sample_shape, sample_surface, split_counts)
-from raywsl.ingest.sdf import SDF_BACKENDS, _is_closed, signed_distance
+from raywsl.geometry.sdf import SDF_BACKENDS, _is_closed, signed_distance
 
 # --- exact references ------------------------------------------------------------------------------
 

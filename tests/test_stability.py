@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import ingest_corpus
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.config import load_config
-from raywsl.eval import stability
-from raywsl.eval.stability import StabilityError, perturbed_init, run_stability
-from raywsl.fit.fields import FieldError, field_from_config
+from raywsl.fit import stability
+from raywsl.fit.stability import StabilityError, perturbed_init, run_stability
+from raywsl.models.fields import FieldError, field_from_config
 from raywsl.store.rows import RowStore, StoreError
 
 N_SHAPES = 3
-INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4"]
+INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4", "ingest.test_fraction=0"]
 SMALL = ["field.preset=tiny", "fit.steps=150", "fit.points_per_step=512", "fit.check_every=20",
          "fit.recon_resolution=32", "fit.device=cpu"]
 VARIANTS = ["mlp", "mlp-asym"]
@@ -26,14 +26,14 @@ LAMBDAS = [0.0, 1.0]
 
 @pytest.fixture(scope="module")
 def ingested(ray_local, tmp_path_factory):
-    """A run folder with samples.zarr of N_SHAPES corpus shapes."""
-    return ingest_corpus(tmp_path_factory.mktemp("stability"), N_SHAPES, INGEST)
+    """A run folder with samples.zarr of N_SHAPES corpus shapes (none held out)."""
+    return ingest_corpus(tmp_path_factory.mktemp("stability"), N_SHAPES, INGEST)[0]
 
 
 @pytest.fixture(scope="module")
 def result(ingested):
     cfg = load_config(None, [f"run.dir={ingested}", *SMALL])
-    return run_stability(cfg, VARIANTS, LAMBDAS, n_shapes=N_SHAPES)
+    return run_stability(cfg, VARIANTS, LAMBDAS, n_shapes=N_SHAPES, samples=str(ingested / C.SAMPLES))
 
 
 def _entry(result, variant, lam):
@@ -74,16 +74,17 @@ def test_variant_config_picks_type_asym_and_preset(tmp_path):
 
 def test_bad_arguments_are_clear_errors(tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path}", *SMALL])
+    nothing = str(tmp_path / "nothing.zarr")
     with pytest.raises(StabilityError, match=r"variants: unknown field type 'siren' in 'siren-asym'; known .*'mlp'"):
-        run_stability(cfg, ["siren-asym"], [0.5], 1)
+        run_stability(cfg, ["siren-asym"], [0.5], 1, nothing)
     with pytest.raises(StabilityError, match=r"lambdas: .*\[0, 1\], got \[1.5\]"):
-        run_stability(cfg, ["mlp"], [0.0, 1.5], 1)
+        run_stability(cfg, ["mlp"], [0.0, 1.5], 1, nothing)
     with pytest.raises(StabilityError, match="lambdas"):
-        run_stability(cfg, ["mlp"], [], 1)
+        run_stability(cfg, ["mlp"], [], 1, nothing)
     with pytest.raises(StabilityError, match="n_shapes"):
-        run_stability(cfg, ["mlp"], [0.5], 0)
-    with pytest.raises(StoreError, match="raywsl ingest"):  # nothing ingested in this run folder
-        run_stability(cfg, ["mlp"], [0.5], 1)
+        run_stability(cfg, ["mlp"], [0.5], 0, nothing)
+    with pytest.raises(StoreError, match="raywsl ingest"):  # nothing ingested there
+        run_stability(cfg, ["mlp"], [0.5], 1, nothing)
 
 
 # ------------------------------------------------------------------------------------ the experiment
@@ -122,7 +123,7 @@ def test_full_perturbation_lands_elsewhere(result):
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_outputs_on_disk(result, ingested):
-    out = ingested / L.STABILITY
+    out = ingested / C.STABILITY
     on_disk = json.loads((out / "stability.json").read_text())
     assert [(r["variant"], r["lambda"]) for r in on_disk["results"]] == \
         [(v, lam) for v in VARIANTS for lam in LAMBDAS]  # one entry per variant x λ, in the order asked
@@ -139,18 +140,16 @@ def test_outputs_on_disk(result, ingested):
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_uses_the_first_ingested_shapes(result, ingested):
-    samples = RowStore.open(str(ingested / L.SAMPLES))
-    ids = [str(i) for i in samples.row_meta()[L.SHAPE_ID]]
-    assert result["settings"]["shapes"] == ids[:N_SHAPES]
+def test_uses_the_first_training_shapes(result, ingested):
+    samples = RowStore.open(str(ingested / C.SAMPLES))
+    ids = [str(i) for i in samples.row_meta()[C.SHAPE_ID]]
+    assert result["settings"]["shapes"] == ids[:N_SHAPES]  # the training order (store/split.py)
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_mlora_keeps_its_constant_start_and_lambda_zero_is_a_fixed_point(ingested, tiny_base, tmp_path):
     run = tmp_path / "run"  # its own run folder (outputs), sharing the ingested samples
-    run.mkdir()
-    (run / L.SAMPLES).symlink_to(ingested / L.SAMPLES)
     cfg = load_config(None, [f"run.dir={run}", f"field.base={tiny_base}", "field.rank=2", *SMALL])
     field = field_from_config(stability.variant_config(cfg, "mlora"))
     i1 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed))[0]
@@ -158,17 +157,17 @@ def test_mlora_keeps_its_constant_start_and_lambda_zero_is_a_fixed_point(ingeste
     a0 = field.layout.unflatten(perturbed_init(i1, i2, 0.7))["block0.fc0.a0"]
     assert torch.equal(a0, torch.ones_like(a0))  # B A = 1 at the start, whatever λ
 
-    result = run_stability(cfg, ["mlora-asym"], [0.0, 0.5], n_shapes=2)
+    result = run_stability(cfg, ["mlora-asym"], [0.0, 0.5], n_shapes=2, samples=str(ingested / C.SAMPLES))
     r0 = _entry(result, "mlora-asym", 0.0)
     assert r0["fit_failed"] == 0 and r0["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
     assert r0["no_surface"] < 2
     for e in r0["shapes"]:
         assert e["barrier"] == pytest.approx(e["endpoint_cd"], rel=1e-9, nan_ok=True)
     assert result["variants"]["mlora-asym"]["params"] == field.layout.size
-    assert (run / L.STABILITY / "stability.json").exists()
+    assert (run / C.STABILITY / "stability.json").exists()
 
 
 def test_lora_on_a_missing_base_is_a_clear_error(ingested, tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path}", f"field.base={tmp_path / 'nowhere'}", *SMALL])
     with pytest.raises(FieldError, match="train-base"):
-        run_stability(cfg, ["lora"], [0.5], 1)
+        run_stability(cfg, ["lora"], [0.5], 1, str(ingested / C.SAMPLES))

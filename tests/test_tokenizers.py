@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from raywsl.diffusion.tokenizers import (TOKENIZERS, Standardizer, TokenizerError, make_tokenizer, rank_heads,
+from raywsl.store.standardize import Standardizer
+from raywsl.models.tokenizers import (TOKENIZERS, TokenizerError, make_tokenizer, rank_heads,
                                          sinusoidal)
-from raywsl.fit.fields import Layout, make_field
+from raywsl.models.fields import make_field
+from raywsl.store.layout import Layout
 
 
 def lora_layout(ranks, widths) -> Layout:

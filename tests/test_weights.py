@@ -8,7 +8,7 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from raywsl.eval import weights
-from raywsl.ingest.sampling import sample_surface
+from raywsl.geometry.sampling import sample_surface
 
 
 def brute_cosines(W):
@@ -140,7 +140,7 @@ def test_probes_adapt_folds_to_the_smallest_class():
 
 
 def kdtree_chamfer(x, y):
-    """Squared-distance Chamfer, the definition raywsl.eval.distances.chamfer implements."""
+    """Squared-distance Chamfer, the definition raywsl.geometry.distances.chamfer implements."""
     return float((cKDTree(y).query(x)[0] ** 2).mean() + (cKDTree(x).query(y)[0] ** 2).mean())
 
 

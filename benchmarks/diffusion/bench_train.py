@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.config import load_config
 from raywsl.diffusion.train import train
 
@@ -34,12 +34,12 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--use-gpu", action="store_true")
     args = ap.parse_args()
-    if not os.path.exists(os.path.join(args.run_dir, L.WEIGHTS)):
+    if not os.path.exists(os.path.join(args.run_dir, C.WEIGHTS)):
         sys.exit(f"{args.run_dir} has no weight store: run `make quickstart` first")
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
         tmp = tempfile.mkdtemp(prefix="bench-train-")
-        for name in (L.SAMPLES, L.WEIGHTS):
+        for name in (C.SAMPLES, C.WEIGHTS):
             shutil.copytree(os.path.join(args.run_dir, name), os.path.join(tmp, name))
         cfg = load_config(None, [f"run.dir={tmp}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
                                  f"train.checkpoint_every={args.steps // 3}", f"diffusion.model={args.model}",

@@ -39,10 +39,10 @@ import torch
 
 from raywsl.data.corpus import generate_shape
 from raywsl.data.meshes import normalise
-from raywsl.eval.distances import (DEFAULT_EPS, chamfer, chamfer_matrix, chamfer_matrix_kdtree, emd, emd_batch,
+from raywsl.geometry.distances import (DEFAULT_EPS, chamfer, chamfer_matrix, chamfer_matrix_kdtree, emd, emd_batch,
                                    resolve_device)
-from raywsl.eval.shape import fscore
-from raywsl.ingest.sampling import sample_surface, shape_rng
+from raywsl.geometry.shape import fscore
+from raywsl.geometry.sampling import sample_surface, shape_rng
 
 FULL = 2048 * 2048
 SYMMETRIC = 2048 * 2047 // 2

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from raywsl.eval.extract import extract_mesh
-from raywsl.eval.topology import topology
+from raywsl.geometry.extract import extract_mesh
+from raywsl.geometry.topology import topology
 
 
 def torus(p, cx, R=0.4, r=0.12):

@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_fit import analytic_shape, machine, sync  # noqa: E402
 
 from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings  # noqa: E402
-from raywsl.base.models import make_base  # noqa: E402
+from raywsl.models.bases import make_base  # noqa: E402
 from raywsl.config import FitConfig  # noqa: E402
 from raywsl.fit.engine import BatchedFitter, ShapeData, keep_freed_memory  # noqa: E402
-from raywsl.fit.fields import make_field  # noqa: E402
+from raywsl.models.fields import make_field  # noqa: E402
 
 
 def fresh_checkpoint(model: str, preset: str, folder: str) -> str:

@@ -81,9 +81,10 @@ import numpy as np
 import torch
 
 from raywsl.config import FitConfig
-from raywsl.fit.engine import (ADAM_BETAS, ADAM_EPS, LOSSES, SCHEDULES, BatchedFitter, ShapeData,
-                               keep_freed_memory, shuffled)
-from raywsl.fit.fields import Field, make_field
+from raywsl.fit.engine import (ADAM_BETAS, ADAM_EPS, SCHEDULES, BatchedFitter, ShapeData, keep_freed_memory,
+                               shuffled)
+from raywsl.models.losses import LOSSES
+from raywsl.models.fields import Field, make_field
 from raywsl.fit.reference import fit_one
 
 CPU_BATCH_SIZES = "1,4,16,64"

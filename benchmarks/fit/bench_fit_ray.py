@@ -57,12 +57,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.config import load_config
 from raywsl.data.corpus import write_corpus
 from raywsl.fit import pipeline
 from raywsl.fit.engine import BatchedFitter
-from raywsl.fit.fields import make_field
+from raywsl.models.fields import make_field
 from raywsl.ingest.pipeline import ingest
 from raywsl.runtime import ray_session
 from raywsl.store.rows import RowStore
@@ -121,12 +121,12 @@ def bare_fit(cfg, threads: int, path: str) -> tuple[float, int]:
     """The pipeline's work without Ray: read each weight shard's samples, fit_block, write_shard."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    samples = RowStore.open(L.RunLayout(cfg.run_dir).samples, kind="samples")
+    samples = RowStore.open(C.RunLayout(cfg.run_dir).samples, kind="samples")
     field = make_field(cfg.field.type, cfg.field.preset)
     meta = samples.row_meta()
-    store = RowStore.create(path, kind="weights", fingerprint="bench", ids=[str(i) for i in meta[L.SHAPE_ID]],
-                            sources=[str(s) for s in meta[L.SOURCE]],
-                            categories=[str(c) for c in meta[L.CATEGORY]], shard_size=cfg.fit.shard_size,
+    store = RowStore.create(path, kind="weights", fingerprint="bench", ids=[str(i) for i in meta[C.SHAPE_ID]],
+                            sources=[str(s) for s in meta[C.SOURCE]],
+                            categories=[str(c) for c in meta[C.CATEGORY]], shard_size=cfg.fit.shard_size,
                             arrays=pipeline.weight_arrays(field))
     # the shared start row as pipeline._shared_start makes it (fit.init=shared; random needs none)
     shared = field.init_rows(1, pipeline.init_generator(cfg.seed))[0] if cfg.fit.init == "shared" else None
@@ -136,9 +136,9 @@ def bare_fit(cfg, threads: int, path: str) -> tuple[float, int]:
     for k in range(store.n_shards):
         rows = store.shard_rows(k)
         g = samples.group
-        batch = {"row": np.arange(rows.start, rows.stop), L.SHAPE_ID: g[L.SHAPE_ID][rows].astype(object),
-                 L.STATUS: status_all[rows], L.REASON: g[L.REASON][rows].astype(object),
-                 L.POINTS: g[L.POINTS][rows], L.SDF: g[L.SDF][rows]}
+        batch = {"row": np.arange(rows.start, rows.stop), C.SHAPE_ID: g[C.SHAPE_ID][rows].astype(object),
+                 C.STATUS: status_all[rows], C.REASON: g[C.REASON][rows].astype(object),
+                 C.POINTS: g[C.POINTS][rows], C.SDF: g[C.SDF][rows]}
         arrays, status, reason, stats = pipeline.fit_block(fitter, field, cfg, batch, shared)
         store.write_shard(k, arrays, status, reason)
         shape_steps += stats["shape_steps"]
@@ -223,13 +223,13 @@ def main() -> None:
         r = ray_fit(cfg, args.threads)
         print(f"Ray: {r['total']:.1f} s", file=sys.stderr, flush=True)
 
-        ray_store = RowStore.open(L.RunLayout(cfg.run_dir).weights, kind="weights")
+        ray_store = RowStore.open(C.RunLayout(cfg.run_dir).weights, kind="weights")
         bare_store = RowStore.open(str(work / "bare_weights.zarr"), kind="weights")
-        w_ray, w_bare = ray_store.group[L.ROW_WEIGHTS][:], bare_store.group[L.ROW_WEIGHTS][:]
+        w_ray, w_bare = ray_store.group[C.ROW_WEIGHTS][:], bare_store.group[C.ROW_WEIGHTS][:]
         diff = float(np.abs(w_ray - w_bare).max())
-        loss_ray = float(np.nanmean(ray_store.group[L.FIT_LOSS][:]))
-        loss_bare = float(np.nanmean(bare_store.group[L.FIT_LOSS][:]))
-        ray_steps = int(ray_store.group[L.FIT_STEPS][:].sum())
+        loss_ray = float(np.nanmean(ray_store.group[C.FIT_LOSS][:]))
+        loss_bare = float(np.nanmean(bare_store.group[C.FIT_LOSS][:]))
+        ray_steps = int(ray_store.group[C.FIT_STEPS][:].sum())
         threads, omp = r["actor_threads"]
 
         print(f"Actor torch threads: {threads} (OMP_NUM_THREADS={omp}); bare run: {args.threads}")

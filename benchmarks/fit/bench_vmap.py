@@ -16,7 +16,7 @@ import time
 import torch
 
 from raywsl.fit.engine import keep_freed_memory
-from raywsl.fit.fields import make_field, positional_encoding
+from raywsl.models.fields import make_field, positional_encoding
 
 
 def main() -> None:

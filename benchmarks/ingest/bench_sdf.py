@@ -61,8 +61,8 @@ import igl  # noqa: E402
 import numpy as np  # noqa: E402
 import trimesh  # noqa: E402
 
-from raywsl.ingest.sampling import DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, sample_shape  # noqa: E402
-from raywsl.ingest.sdf import signed_distance  # noqa: E402
+from raywsl.geometry.sampling import DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, sample_shape  # noqa: E402
+from raywsl.geometry.sdf import signed_distance  # noqa: E402
 
 BOX_HALF = np.array([0.6, 0.4, 0.8])
 TORUS = (0.6, 0.25)  # major, minor radius, around the z axis

@@ -1,2 +1,2 @@
-"""Shared base fields trained across shapes (auto-decoders): the modulated base field of the LoRA
-paper (`modulated.py`), on which LoRA / multiplicative-LoRA fields are fitted per shape."""
+"""The train-base stage: the base network a field type needs and one latent per shape, trained as an
+auto-decoder (autodecoder.py) under Ray Train (train.py). The networks live in raywsl/models/."""

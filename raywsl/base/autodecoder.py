@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raywsl.fit.engine import LOSSES
+from raywsl.models.losses import LOSSES
 
-from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE
+from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE
 
 
 @dataclass

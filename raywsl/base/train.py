@@ -1,15 +1,17 @@
 """`raywsl train-base`: a base network and one latent per shape, trained under Ray Train.
 
-The base is the one the configured field type needs (base/models.py): the modulated base field for
-lora / mlora, the DeepSDF decoder for deepsdf_latent (the modulated one for field types without one).
+The base is the one the configured field type needs (models/bases.py): the modulated base field for
+lora / mlora, the DeepSDF decoder for deepsdf_latent. It is trained on the first base.shapes training
+shapes of the source (store/split.py; by default the run's data.shapes), never on held-out ones.
 
     samples.zarr --RowStore Datasource--> Ray Train workers (base.workers; gloo on CPU, nccl on GPU)
         each worker: its shard of shapes (read once and kept in memory up to base.cache_gb, else
                      streamed epoch after epoch), S shapes x K random points, one AutoDecoder step;
                      gradients (network and latents) averaged across workers with all_reduce
         rank 0: a checkpoint every base.checkpoint_every steps, reported with ray.train.report
-    --> checkpoints/<base>/ (Ray Train's run folder) and checkpoints/<base>_final/ (the last state,
-        with shape_ids.json: the shape of each latent), <base> = base (modulated) or deepsdf
+    --> <cache>/train-base/<fp>.work/ (Ray Train's run folder, resumable) until the last step, then
+        the final state published as the artifact <cache>/train-base/<fp>/ (state.pt, info.json,
+        shape_ids.json: the shape of each latent), shown in the run folder as checkpoints/base_final
 
 Every worker holds the whole network and the whole latent table, and the gradient averaging keeps
 them identical (what DDP does; done by hand because the latents are not part of a module). A
@@ -22,47 +24,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 
-from raywsl import layout as L
+from raywsl import cache
+from raywsl import contract as C
 from raywsl.base.autodecoder import AutoDecoder, AutoDecoderSettings
-from raywsl.base.models import make_base
 from raywsl.config import Config, build, to_dict
-from raywsl.runtime import fit_torch_trainer, keep_final, ray_session
+from raywsl.models.bases import make_base
+from raywsl.models.registry import base_model
+from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, report_progress
 from raywsl.store.datasource import cache_shard, stream_shard
-from raywsl.store.rows import DONE, RowStore, StoreError
+from raywsl.store.rows import DONE, PENDING, RowStore, StoreError
+from raywsl.store.split import shards_of, training_range
 
 log = logging.getLogger(__name__)
-
-def base_model(cfg: Config) -> str:
-    """The base network cfg.field.type is fitted on (modulated when it needs none)."""
-    from raywsl.fit.fields import FIELDS
-
-    return FIELDS[cfg.field.type].base_model or "modulated"
-
-
-def ensure_base(cfg: Config) -> None:
-    """Train the base network cfg.field.type needs when none is given (field.base) and the run
-    folder has none yet: what `raywsl fit` does before fitting a lora / mlora / deepsdf_latent field."""
-    from raywsl.fit.fields import FIELDS
-
-    model = FIELDS[cfg.field.type].base_model
-    final = L.RunLayout(cfg.run_dir).base_final(model) if model else ""
-    if not model or cfg.field.base or os.path.exists(os.path.join(final, L.CHECKPOINT_STATE)):
-        return
-    log.info("field.type %s needs a trained %s base and %s has none: training it first (raywsl train-base)",
-             cfg.field.type, model, cfg.run_dir)
-    train_base(cfg)
 
 
 def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
     torch.manual_seed(cfg.seed)  # the network's init: the same on every worker
-    net = make_base(base_model(cfg), cfg.base.preset)
+    net = make_base(base_model(cfg) or "modulated", cfg.base.preset)  # modulated: the default base
     b = cfg.base
     settings = AutoDecoderSettings(steps=b.steps, lr=b.lr, latent_lr=b.latent_lr, lr_end=b.lr_end,
                                    latent_reg=b.latent_reg, latent_std=b.latent_std, ema=b.ema,
@@ -71,44 +55,58 @@ def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
     return AutoDecoder(net, lambda net, x, z: net.decode(x, z), n_shapes, net.config["latent"], settings)
 
 
-def train_base(cfg: Config, restart: bool = False) -> dict[str, Any]:
-    """Train (or resume training) the base field of `cfg.run_dir`; returns the final metrics."""
+def base_rows(cfg: Config, plan: C.Plan) -> tuple[RowStore, range]:
+    """The sample store and the rows the base trains on; refused (StoreError) unless they are ingested."""
+    try:
+        samples = RowStore.open(plan.samples, kind="samples")
+    except StoreError as e:
+        raise StoreError(f"{e}: the samples of this config are not ingested; run `raywsl ingest` with this "
+                         f"config first") from e
+    rows = training_range(samples, cfg.base_shapes)
+    status = samples.status()[rows.start:rows.stop]
+    if (status == PENDING).any():
+        raise StoreError(f"{samples.path}: {int((status == PENDING).sum())} of the shapes the base trains on are "
+                         f"not ingested yet: run `raywsl ingest` with this config to finish them first")
+    if not (status == DONE).any():
+        raise StoreError(f"{samples.path}: no ingested training shape to train the base on")
+    return samples, rows
+
+
+def train_base(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[str, Any]:
+    """Train (or resume training) the base of `plan` and write its final state into `out`; returns
+    the final metrics."""
     from raywsl.store.datasource import read_rows
 
-    run = L.RunLayout(cfg.run_dir)
-    try:
-        samples = RowStore.open(run.samples, kind="samples")
-    except StoreError as e:
-        raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first") from e
-    status = samples.status()
-    n_done = int((status == DONE).sum())
-    if n_done == 0:
-        raise StoreError(f"{samples.path}: no ingested shape to train on")
-    model = base_model(cfg)
-    storage, name = os.path.abspath(run.checkpoints), L.BASE_RUNS[model]
-    if restart and os.path.exists(os.path.join(storage, name)):
-        shutil.rmtree(os.path.join(storage, name))
-    log.info("train-base: the %s base (preset %s) on %d shapes, %d steps, %d workers", model, cfg.base.preset,
-             n_done, cfg.base.steps, cfg.base.workers)
+    samples, rows = base_rows(cfg, plan)
+    keep = np.zeros(samples.n_rows, bool)
+    keep[rows.start:rows.stop] = samples.status()[rows.start:rows.stop] == DONE
+    n_shapes = int(keep.sum())
+    work = cache.work_dir(plan["train-base"])
+    if restart:
+        cache.remove(work)
+    log.info("train-base: the %s base (preset %s) on %d shapes, %d steps, %d workers", plan.base_model,
+             cfg.base.preset, n_shapes, cfg.base.steps, cfg.base.workers)
+    ranges = [(samples.shard_rows(k).start, samples.shard_rows(k).stop) for k in shards_of(samples, rows)]
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-        data = read_rows(samples.path, [L.POINTS, L.SDF]).map_batches(_ingested, batch_size=None)
-        data.context.enable_progress_bars = False  # one bar per epoch per worker otherwise
-        result = fit_torch_trainer(_train_loop, {"cfg": to_dict(cfg), "n_shapes": n_done,
-                                                 "latent_of_row": np.cumsum(status == DONE).tolist()},
-                                   dataset=data, name=name, storage=storage, workers=cfg.base.workers,
-                                   use_gpu=cfg.base.use_gpu)
-    final = run.base_final(model)
-    keep_final(result, final)
-    with open(os.path.join(final, L.SHAPE_IDS), "w") as f:  # latent i is the i-th ingested shape
-        json.dump([str(i) for i in samples.row_meta()[L.SHAPE_ID][status == DONE]], f)
-    log.info("train-base: %s -> %s", result.metrics, final)
+        data = read_rows(samples.path, [C.POINTS, C.SDF], row_ranges=ranges).map_batches(
+            _select, fn_kwargs={"keep": keep}, batch_size=None)
+        result = fit_torch_trainer(_train_loop, {"cfg": to_dict(cfg), "n_shapes": n_shapes,
+                                                 "latent_of_row": np.cumsum(keep).tolist(),
+                                                 "progress": C.join(os.path.abspath(work), C.TRAIN_PROGRESS)},
+                                   dataset=data, storage=os.path.abspath(work), workers=cfg.base.workers,
+                                   use_gpu=cfg.base.use_gpu, progress=("train-base", cfg.base.steps))
+    copy_checkpoint(result, out)
+    with open(os.path.join(out, C.SHAPE_IDS), "w") as f:  # latent i is the i-th shape kept
+        json.dump([str(i) for i in samples.row_meta()[C.SHAPE_ID][keep]], f)
+    cache.update_json(os.path.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
+    log.info("train-base: %s -> %s", result.metrics, plan["train-base"].path)
     return dict(result.metrics)
 
 
-def _ingested(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Only the rows ingest sampled (failed meshes have no samples)."""
-    keep = batch[L.STATUS] == DONE
-    return {name: values[keep] for name, values in batch.items()}
+def _select(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    """Only the rows the base trains on (ingested, in its training range)."""
+    mask = keep[batch["row"]]
+    return {name: values[mask] for name, values in batch.items()}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -135,7 +133,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     sampler = np.random.default_rng([cfg.seed, rank, trainer.step_count])  # per worker and resume point
-    columns = ["row", L.POINTS, L.SDF]
+    columns = ["row", C.POINTS, C.SDF]
     cached = cache_shard(shard, columns, int(cfg.base.cache_gb * 2**30))
     streamed = None if cached else stream_shard(shard, columns, max(int(stage[1]) for stage in trainer.s.stages))
     loss_sum, n = 0.0, 0
@@ -158,6 +156,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             metrics = {"step": step, "loss": loss_sum / max(n, 1), "resumed_from": resumed_from}
             loss_sum = 0.0
             if rank == 0:
+                report_progress(config["progress"], step, trainer.s.steps, metrics["loss"])
                 with tempfile.TemporaryDirectory() as folder:
                     trainer.save(folder)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

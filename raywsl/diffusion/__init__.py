@@ -1,3 +1,2 @@
-"""Weight-space diffusion: tokenizers (weight row <-> tokens, driven by the store's layout), the DiT
-denoiser, the Gaussian diffusion process and its samplers, training under Ray Train (`raywsl train`)
-and sampling to meshes (`raywsl sample`)."""
+"""The train and sample stages: the denoiser (raywsl/models/denoiser.py) trained on weight rows under
+Ray Train (train.py), and new rows sampled from it and decoded to meshes (sample.py)."""

@@ -1,16 +1,17 @@
 """`raywsl train`: the diffusion denoiser on the weight store's training rows, under Ray Train.
 
-    weights.zarr --driver--> training rows: fitted (status done) and not held out (data/splits.py);
-                             per-parameter mean / std over them (the Standardizer)
+    weights.zarr --driver--> training rows: the run's training shapes (data.shapes; store/split.py),
+                             fitted; per-parameter mean / std over them (the Standardizer)
                  --RowStore Datasource--> Ray Train workers (scaling.num_workers; DDP: gloo on CPU,
                              nccl on GPU), each with its shard of rows (kept in memory up to
-                             train.cache_gb, else streamed)
+                             CACHE_BYTES, else streamed)
         each step: batch_size / workers rows per worker, standardised, one DDPM loss (t uniform);
                    AdamW, gradients averaged by DDP; EMA of the denoiser
         rank 0: a checkpoint every train.checkpoint_every steps (reported with ray.train.report),
                 with the loss history (overall and per timestep bucket)
-    --> checkpoints/diffusion/ (Ray Train's run folder), checkpoints/diffusion_final/ (the last state),
-        recon/diffusion_loss.png, and the losses in MLflow
+    --> <cache>/train/<fp>.work/ (Ray Train's run folder, resumable) until the last step, then the
+        final state published as the artifact <cache>/train/<fp>/ (state.pt, info.json and
+        diffusion_loss.png), shown in the run folder as checkpoints/diffusion_final; losses in MLflow
 
 A killed run resumes from its latest checkpoint when the same command runs again (Ray Train
 restores a run by its storage path and name), with the step count intact; every step's rows, t and
@@ -20,10 +21,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from typing import Any
@@ -31,148 +30,113 @@ from typing import Any
 import numpy as np
 import torch
 
-from raywsl import layout as L
-from raywsl.config import Config, build, fingerprint, to_dict
-from raywsl.data.splits import DEFAULT_TEST_FRACTION, held_out
-from raywsl.diffusion.tokenizers import Standardizer
-from raywsl.runtime import fit_torch_trainer, keep_final, ray_session
-from raywsl.store.rows import DONE, RowStore, StoreError
+from raywsl import cache
+from raywsl import contract as C
+from raywsl import tracking
+from raywsl.config import Config, build, to_dict
+from raywsl.geometry import figures
+from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, report_progress
+from raywsl.store.rows import RowStore, StoreError
+from raywsl.store.split import training_rows
+from raywsl.store.standardize import Standardizer
 from raywsl.store.weights import open_weights
 
 log = logging.getLogger(__name__)
 
-RUN_NAME = L.DIFFUSION_RUN  # Ray Train's run folder under checkpoints/
 CACHE_BYTES = 2 << 30  # a worker keeps its shard of rows in memory up to this size, else streams it
 BUCKETS = 10  # timestep buckets of the logged loss
-
-
-def split_settings(cfg: Config) -> tuple[int, float]:
-    """(seed, test fraction) fixed when the run's samples.zarr was made (the config's without one)."""
-    try:
-        attrs = RowStore.open(L.RunLayout(cfg.run_dir).samples, kind="samples").attrs
-        return int(attrs.get("seed", cfg.seed)), float(attrs.get("test_fraction", DEFAULT_TEST_FRACTION))
-    except StoreError:
-        return cfg.seed, cfg.ingest.test_fraction
-
-
-def training_rows(store: RowStore, cfg: Config) -> np.ndarray:
-    """Indices of the rows diffusion trains on: fitted, and in the training split."""
-    seed, fraction = split_settings(cfg)
-    test = held_out(store.row_meta()[L.SHAPE_ID], seed, fraction)
-    return np.flatnonzero((store.status() == DONE) & ~test)
 
 
 def fit_standardizer(store: RowStore, keep: np.ndarray, enabled: bool) -> Standardizer:
     """Per-parameter mean / std over the rows where `keep` (N,) holds, read shard by shard (never the
     whole store at once)."""
     if not enabled:
-        return Standardizer.identity(store.group[L.ROW_WEIGHTS].shape[1])
+        return Standardizer.identity(store.group[C.ROW_WEIGHTS].shape[1])
 
     def shards():
         for k in range(store.n_shards):
             span = store.shard_rows(k)
             if keep[span].any():
-                yield store.group[L.ROW_WEIGHTS][span][keep[span]]
+                yield store.group[C.ROW_WEIGHTS][span][keep[span]]
 
     return Standardizer.fit(shards())
 
 
-def train(cfg: Config, restart: bool = False, replace_stale: bool = False) -> dict[str, Any]:
-    """Train (or resume training) the denoiser of `cfg.run_dir`; returns the final metrics. Nothing
-    to do when checkpoints/diffusion_final was trained on the same store with the same settings; an
-    interrupted training of other settings is refused unless restart (or replace_stale: `raywsl run`)."""
+def training_set(cfg: Config, plan: C.Plan) -> tuple[RowStore, np.ndarray]:
+    """The weight store and the rows diffusion trains on; refused (StoreError) unless the run's
+    training shapes are fitted."""
+    try:
+        store = open_weights(plan.weights)
+    except StoreError as e:
+        raise StoreError(f"{e}: the weights of this config are not fitted; run `raywsl fit` with this "
+                         f"config first") from e
+    rows = training_rows(store, cfg.data.shapes)
+    if len(rows) < max(2, cfg.scaling.num_workers):
+        raise StoreError(f"{store.path}: {len(rows)} fitted training rows for data.shapes={cfg.data.shapes}; "
+                         f"diffusion needs at least max(2, scaling.num_workers): run `raywsl fit` with this "
+                         f"config first")
+    return store, rows
+
+
+def train(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[str, Any]:
+    """Train (or resume training) the denoiser of `plan` and write its final state into `out`;
+    returns the final metrics."""
     from raywsl.store.datasource import read_rows
 
-    run = L.RunLayout(cfg.run_dir)
-    try:
-        store = open_weights(run.weights)
-    except StoreError as e:
-        raise StoreError(f"{e}: run `raywsl fit` with this run.dir first") from e
-    rows = training_rows(store, cfg)
-    if len(rows) < max(2, cfg.scaling.num_workers):
-        raise StoreError(f"{store.path}: {len(rows)} fitted training rows; diffusion needs at least "
-                         f"max(2, scaling.num_workers)")
-    fp = train_fingerprint(cfg, store)
-    storage, final = os.path.abspath(run.checkpoints), L.join(run.checkpoints, L.DIFFUSION_FINAL)
-    done = _info(final)
-    if done.get("fingerprint") == fp and not restart:
-        log.info("train: %s is up to date (same weights and settings); nothing to do", final)
-        return done["metrics"]
-    marker = os.path.join(storage, RUN_NAME + ".fingerprint")  # what the Ray Train run folder belongs to
-    previous = open(marker).read() if os.path.exists(marker) else None
-    if previous not in (None, fp) and not (restart or replace_stale):
-        raise StoreError(f"{os.path.join(storage, RUN_NAME)} holds the training of another config or weight "
-                         f"store: rerun with --restart to start it again")
-    if restart or previous != fp:  # else: resume the interrupted run
-        shutil.rmtree(os.path.join(storage, RUN_NAME), ignore_errors=True)
-    os.makedirs(storage, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(fp)
+    store, rows = training_set(cfg, plan)
+    work = os.path.abspath(cache.work_dir(plan["train"]))
+    if restart:
+        cache.remove(work)
     keep = np.zeros(store.n_rows, bool)
     keep[rows] = True
     std = fit_standardizer(store, keep, cfg.diffusion.standardize)
     log.info("train: %d training rows of %d parameters (%s field), tokenizer %s, DiT %s, %d steps of %d rows, "
-             "%d workers", len(rows), store.group[L.ROW_WEIGHTS].shape[1], store.attrs["field_type"],
+             "%d workers", len(rows), store.group[C.ROW_WEIGHTS].shape[1], store.attrs[C.Attr.FIELD_TYPE],
              cfg.diffusion.tokenizer, cfg.diffusion.model, cfg.train.steps, cfg.train.batch_size,
              cfg.scaling.num_workers)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-        data = read_rows(store.path, [L.ROW_WEIGHTS]).map_batches(
+        data = read_rows(store.path, [C.ROW_WEIGHTS]).map_batches(
             _select, fn_kwargs={"keep": keep}, batch_size=None)
-        data.context.enable_progress_bars = False
-        config = {"cfg": to_dict(cfg), "layout": store.attrs["layout"], "fingerprint": fp,
-                  "standardizer": {k: v.tolist() for k, v in std.state().items()}}
-        result = fit_torch_trainer(_train_loop, config, dataset=data, name=RUN_NAME, storage=storage,
-                                   workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu)
-    keep_final(result, final)
-    info = _info(final)
-    info["metrics"] = dict(result.metrics)
-    with open(os.path.join(final, L.CHECKPOINT_INFO), "w") as f:
-        json.dump(info, f, indent=2)
-    _report(cfg, final)
-    log.info("train: %s -> %s", result.metrics, final)
+        config = {"cfg": to_dict(cfg), "layout": store.attrs[C.Attr.LAYOUT], "fingerprint": plan["train"].fingerprint,
+                  "standardizer": {k: v.tolist() for k, v in std.state().items()},
+                  "progress": C.join(work, C.TRAIN_PROGRESS)}
+        result = fit_torch_trainer(_train_loop, config, dataset=data, storage=work, workers=cfg.scaling.num_workers,
+                                   use_gpu=cfg.scaling.use_gpu, progress=("train", cfg.train.steps))
+    copy_checkpoint(result, out)
+    cache.update_json(os.path.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
+    _report(cfg, out)
+    log.info("train: %s -> %s", result.metrics, plan["train"].path)
     return dict(result.metrics)
 
 
-def train_fingerprint(cfg: Config, store: RowStore) -> str:
-    """What the trained denoiser depends on: the weight store, the split, the seed and the settings."""
-    return fingerprint("diffusion", store.fingerprint, split_settings(cfg), cfg.seed,
-                       to_dict(cfg.diffusion, fingerprint_only=True), to_dict(cfg.train, fingerprint_only=True))
-
-
-def _info(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, L.CHECKPOINT_INFO)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def _select(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
-    """Only the training rows (fitted, not held out)."""
+    """Only the training rows (fitted, in the run's training range)."""
     mask = keep[batch["row"]]
     return {name: values[mask] for name, values in batch.items()}
 
 
-def _report(cfg: Config, final: str) -> None:
-    """The loss history of the final checkpoint as curves (recon/diffusion_loss.png) and MLflow metrics."""
-    from raywsl import tracking
-    from raywsl.eval import figures
-
-    history = _info(final)["history"]
+def _report(cfg: Config, folder: str) -> None:
+    """The loss history of the final checkpoint as curves: diffusion_loss.png in the artifact."""
+    history = cache.read_json(os.path.join(folder, C.CHECKPOINT_INFO), {}).get("history", [])
     if not history:
         return
     steps = [h["step"] for h in history]
     curves = {"loss (all t)": (steps, [h["loss"] for h in history])}
     for name in history[-1]["buckets"]:
         curves[f"t {name}"] = (steps, [h["buckets"].get(name, float("nan")) for h in history])
-    path = L.join(L.RunLayout(cfg.run_dir).recon, "diffusion_loss.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    figures.plot_curves(curves, path, xlabel="step", ylabel=f"{cfg.diffusion.prediction} MSE",
-                        title="denoiser training loss, per timestep bucket")
-    tracking.log_figure(path)
-    for h in history:
+    figures.plot_curves(curves, os.path.join(folder, C.DIFFUSION_LOSS), xlabel="step",
+                        ylabel=f"{cfg.diffusion.prediction} MSE", title="denoiser training loss, per timestep bucket")
+
+
+def log_train(folder: str) -> dict[str, Any]:
+    """The trained denoiser's losses and figure, to the active MLflow run (also when it was reused);
+    returns its final metrics."""
+    info = cache.read_json(C.join(folder, C.CHECKPOINT_INFO), {})
+    for h in info.get("history", []):
         tracking.log_metrics({"diffusion_loss": h["loss"],
                               **{f"diffusion_loss_{k}": v for k, v in h["buckets"].items()}}, step=h["step"])
+    tracking.log_figure(C.join(folder, C.DIFFUSION_LOSS))
+    return info.get("metrics", {})
 
 
 # ------------------------------------------------------------------------------------ one worker
@@ -181,10 +145,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raywsl.diffusion.dit import EMA
-    from raywsl.diffusion.gaussian import bucket_losses
-    from raywsl.diffusion.model import build_denoiser, load_checkpoint, make_diffusion, save_checkpoint
-    from raywsl.fit.fields import Layout
+    from raywsl.models.dit import EMA
+    from raywsl.models.gaussian import bucket_losses
+    from raywsl.models.denoiser import build_denoiser, load_checkpoint, make_diffusion, save_checkpoint
+    from raywsl.store.layout import Layout
     from raywsl.store.datasource import cache_shard, stream_shard
 
     cfg = build(Config, config["cfg"])
@@ -214,17 +178,17 @@ def _train_loop(config: dict[str, Any]) -> None:
     per_worker = max(1, tc.batch_size // world)
 
     shard = ray.train.get_dataset_shard("train")
-    cached = cache_shard(shard, [L.ROW_WEIGHTS], CACHE_BYTES)
-    streamed = None if cached else stream_shard(shard, [L.ROW_WEIGHTS], per_worker)
+    cached = cache_shard(shard, [C.ROW_WEIGHTS], CACHE_BYTES)
+    streamed = None if cached else stream_shard(shard, [C.ROW_WEIGHTS], per_worker)
     window_loss, window_t = [], []
     clock, clock_step = time.perf_counter(), step
     while step < tc.steps:
         gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rank, step]).integers(2**62)))
         if cached:
-            pick = torch.randint(0, len(cached[L.ROW_WEIGHTS]), (per_worker,), generator=gen).numpy()
-            rows = cached[L.ROW_WEIGHTS][pick]
+            pick = torch.randint(0, len(cached[C.ROW_WEIGHTS]), (per_worker,), generator=gen).numpy()
+            rows = cached[C.ROW_WEIGHTS][pick]
         else:
-            rows = next(streamed)[L.ROW_WEIGHTS]
+            rows = next(streamed)[C.ROW_WEIGHTS]
         x0 = std.forward(torch.from_numpy(np.asarray(rows, np.float32))).to(device)
         losses, t = diffusion.training_losses(model, x0, generator=gen)
         loss = losses.mean()
@@ -241,6 +205,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             history.append({"step": step, "loss": float(all_losses.mean()),
                             "buckets": {k: v[0] for k, v in buckets.items() if v[1]}})
             window_loss, window_t = [], []
+            if rank == 0:
+                report_progress(config["progress"], step, tc.steps, history[-1]["loss"])
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             rate = (step - clock_step) / (time.perf_counter() - clock)  # since the last checkpoint
             clock, clock_step = time.perf_counter(), step

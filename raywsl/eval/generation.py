@@ -3,7 +3,7 @@
 
 Notation: generated set G (P in the papers), reference set R (Q); D_gr[i, j] = D(g_i, r_j), D_gg and
 D_rr within each set. The functions take matrices, so any distance works; `generation_metrics`
-builds them from point clouds with `raywsl.eval.distances` (CD and EMD, conventions there).
+builds them from point clouds with `raywsl.geometry.distances` (CD and EMD, conventions there).
 
 - MMD (minimum matching distance, "mMD"): mean over references of the distance to their nearest
   generated shape, mean_j min_i D_gr[i, j]. Lower is better.
@@ -43,7 +43,7 @@ from typing import Callable
 import fsspec
 import numpy as np
 
-from raywsl.eval.distances import (DEFAULT_EPS, chamfer_matrix, chamfer_matrix_kdtree, emd_matrix,
+from raywsl.geometry.distances import (DEFAULT_EPS, chamfer_matrix, chamfer_matrix_kdtree, emd_matrix,
                                     resolve_device)
 
 DEFAULT_MEMORISATION_THRESHOLD = 1e-3  # for library callers; `raywsl eval` calibrates its own (module doc)

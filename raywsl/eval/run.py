@@ -5,9 +5,13 @@
     training meshes (optional) ----------- the same ------------------> clouds ----> novelty, memorisation
     generated meshes -----------------------------------------------------------> topology validity
 
-Writes into the run folder: `eval/points_generated.npy` and `eval/points_reference.npy` (the exact
-clouds used, (n, points, 3)), `eval/ids_*.json` (which shape each cloud is), PNG figures in `eval/`,
-and every figure with its convention into `metrics.json` (merged with what other stages wrote).
+Inside a run (eval.generated and eval.reference empty) the generated set is the sample artifact, the
+reference set the source's held-out shapes and the training set the run's training shapes
+(store/split.py), and the output is the eval artifact (eval/ in the run folder, shared by runs with
+the same samples and eval settings); given sets of meshes, the output is the run folder's own eval/.
+It holds `points_generated.npy` and `points_reference.npy` (the exact clouds used, (n, points, 3)),
+`ids_*.json` (which shape each cloud is), PNG figures, and `metrics.json`: every figure with its
+convention (merged into the run's metrics.json).
 A mesh that cannot be loaded (or has no surface) is left out of the set metrics and counted in
 `valid_share`, so a generator that produces garbage is never rewarded by silently shrinking.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +29,21 @@ import fsspec
 import numpy as np
 import trimesh
 
-from raywsl import layout as L
+from raywsl import cache
+from raywsl import contract as C
+from raywsl import tracking
 from raywsl.config import Config
 from raywsl.data.meshes import MeshError, load_mesh, normalise
 from raywsl.data.sources import resolve_source
-from raywsl.tracking import jsonable
-from raywsl.ingest.sampling import sample_surface, shape_rng
+from raywsl.geometry import figures
+from raywsl.geometry.distances import DEFAULT_EPS, chamfer
+from raywsl.geometry.sampling import sample_surface, shape_rng
+from raywsl.geometry.topology import topology
+from raywsl.eval.generation import generation_metrics, novelty
+from raywsl.eval.weights import nearest_training
+from raywsl.store.rows import RowStore, StoreError
+from raywsl.store.split import training_rows, write_split_manifests
+from raywsl.store.weights import open_weights
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +116,6 @@ def resampling_noise(s: ShapeSet, cfg: Config, quantile: float = 0.95, max_shape
     A generated shape that copies a training shape is at this sampling noise from it, not at 0, and
     the noise depends on the point count and the shapes (at 2,048 points on the corpus it spans 5e-4
     to 3e-3), so a fixed threshold either misses copies or flags novel shapes."""
-    from raywsl.eval.distances import chamfer
-
     valid = [(i, m) for i, m in zip(s.ids, s.meshes) if m is not None]
     pick = np.linspace(0, len(valid) - 1, min(len(valid), max_shapes)).round().astype(int)
     noise = []
@@ -115,73 +127,55 @@ def resampling_noise(s: ShapeSet, cfg: Config, quantile: float = 0.95, max_shape
     return float(np.quantile(noise, quantile))
 
 
-def update_metrics_file(path: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Merge `values` into the run's metrics.json (other stages write their own keys there)."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    current = json.loads(fs.cat_file(fs_path)) if fs.exists(fs_path) else {}
-    current.update(values)
-    with fs.open(fs_path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True, default=jsonable)
-    return current
+def is_external(cfg: Config) -> bool:
+    """Sets of meshes given by the config (eval.generated / eval.reference), not the run's own."""
+    return bool(cfg.eval.generated or cfg.eval.reference)
 
 
-def _split_sets(cfg: Config):
-    """eval settings whose reference (and, unless set, training) meshes are the run's held-out (and
-    training) split, as manifests in eval/ written from samples.zarr."""
+def _split_sets(cfg: Config, plan: C.Plan | None, out: str):
+    """eval settings whose reference (and, unless set, training) meshes are the source's held-out
+    shapes (and the run's training shapes), as manifests in `out` written from the sample store."""
     import dataclasses
 
-    from raywsl.data.splits import write_split_manifests
-    from raywsl.store.rows import RowStore, StoreError
-
-    run = L.RunLayout(cfg.run_dir)
     try:
-        samples = RowStore.open(run.samples, kind="samples")
+        samples = RowStore.open(plan.samples, kind="samples") if plan else None
     except StoreError:
-        raise EvalError("eval.reference is empty and the run folder has no samples.zarr: set it to the "
-                        "reference meshes (folder, glob or manifest)") from None
-    sets = write_split_manifests(samples, run.eval)
+        samples = None
+    if samples is None:
+        raise EvalError("eval.reference is empty and this config has no ingested samples: set it to the "
+                        "reference meshes (folder, glob or manifest), or run `raywsl ingest` first") from None
+    sets = write_split_manifests(samples, out, cfg.data.shapes)
     log.info("eval: reference = the held-out split (%s), training = %s", sets["reference"],
              cfg.eval.training or sets["training"])
     return dataclasses.replace(cfg.eval, reference=sets["reference"], training=cfg.eval.training or sets["training"])
 
 
-def _add_samples_without_surface(gen: ShapeSet, run: L.RunLayout) -> None:
+def _add_samples_without_surface(gen: ShapeSet, generated: str) -> None:
     """Sampled rows whose field had no surface have no mesh file; `raywsl sample` lists them in
-    generated/summary.json. They count as invalid generated shapes (valid_share), not as absent."""
-    from raywsl.diffusion.sample import SUMMARY_FILE
-
-    fs, path = fsspec.core.url_to_fs(L.join(run.generated, SUMMARY_FILE))
-    if not fs.exists(path):
-        return
-    for entry in json.loads(fs.cat_file(path))["samples"]:
+    summary.json. They count as invalid generated shapes (valid_share), not as absent."""
+    for entry in cache.read_json(C.join(generated, C.SAMPLES_SUMMARY), {}).get("samples", []):
         if not entry["surface"] and entry["id"] not in gen.ids:
             gen.ids.append(entry["id"])
             gen.meshes.append(None)
             gen.reasons.append(entry["reason"] or "no surface")
 
 
-def _weight_diagnostics(cfg: Config) -> dict[str, Any]:
-    """Weight-space collapse signals of sampled rows (generated/rows.npy, from `raywsl sample`) against
-    the training rows: distinct nearest training rows and the attractor share (papers/002, §3.3)."""
-    from raywsl.diffusion.sample import ROWS_FILE
-    from raywsl.diffusion.train import training_rows
-    from raywsl.eval.weights import nearest_training
-    from raywsl.store.rows import StoreError
-    from raywsl.store.weights import open_weights
-
-    run = L.RunLayout(cfg.run_dir)
-    fs, path = fsspec.core.url_to_fs(L.join(run.generated, ROWS_FILE))
-    if cfg.eval.generated or not fs.exists(path):
-        return {}
+def _weight_diagnostics(cfg: Config, plan: C.Plan) -> dict[str, Any]:
+    """Weight-space collapse signals of the sampled rows (rows.npy of the sample artifact) against the
+    run's training rows: distinct nearest training rows and the attractor share (papers/002, §3.3)."""
+    path = plan["sample"].join(C.ROWS)
     try:
-        store = open_weights(run.weights)
+        store = open_weights(plan.weights)
     except StoreError:
         return {}
-    with fs.open(path, "rb") as f:
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        return {}
+    with fs.open(p, "rb") as f:
         generated = np.load(f)
-    rows = training_rows(store, cfg)
-    training = store.group[L.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
-    if generated.shape[1] != training.shape[1]:
+    rows = training_rows(store, cfg.data.shapes)
+    training = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
+    if generated.shape[1] != training.shape[1] or not len(rows):
         return {}
     near = nearest_training(generated, training)
     return {"weights_distinct_nearest": int(near["distinct_nearest"]),
@@ -191,37 +185,35 @@ def _weight_diagnostics(cfg: Config) -> dict[str, Any]:
             "weights_cos_to_training_mean": float(np.mean(near["cos_to_training_mean"]))}
 
 
-def evaluate(cfg: Config) -> dict[str, Any]:
-    """Evaluate `eval.generated` (default: <run.dir>/generated) against `eval.reference`; returns the
-    figures written to metrics.json."""
-    from raywsl import tracking
-    from raywsl.eval import figures
-    from raywsl.eval.distances import DEFAULT_EPS
-    from raywsl.eval.generation import generation_metrics, novelty
-    from raywsl.eval.topology import topology
-
-    ec, run = cfg.eval, L.RunLayout(cfg.run_dir)
-    if not ec.reference:  # the run's own held-out split, when it has ingested shapes
-        ec = _split_sets(cfg)
+def evaluate(cfg: Config, plan: C.Plan | None, out: str) -> dict[str, Any]:
+    """Evaluate the run's samples (or eval.generated) against the held-out split (or eval.reference),
+    writing into `out`; returns the figures (also out/metrics.json)."""
+    ec = cfg.eval
+    own = not is_external(cfg)
+    if not ec.reference:  # the source's held-out split, when it has ingested shapes
+        ec = _split_sets(cfg, plan, out)
+    generated = ec.generated or (plan["sample"].path if plan else "")
+    if own and not cache.is_complete(generated):
+        raise EvalError(f"no samples for this config ({generated}): run `raywsl sample` with this config first")
     t0 = time.perf_counter()
-    gen = load_set(ec.generated or run.generated, "generated", cfg)
-    if not ec.generated:
-        _add_samples_without_surface(gen, run)
+    gen = load_set(generated, "generated", cfg)
+    if own:
+        _add_samples_without_surface(gen, generated)
     ref = load_set(ec.reference, "reference", cfg)
     for s in (gen, ref):
         if len(s.clouds) == 0:
             raise EvalError(f"the {s.name} set has no valid mesh; first failure: {s.reasons[0]}")
-    fs, out = fsspec.core.url_to_fs(run.eval)
-    fs.makedirs(out, exist_ok=True)
+    fs, out_path = fsspec.core.url_to_fs(out)
+    fs.makedirs(out_path, exist_ok=True)
     for s in (gen, ref):
-        with fs.open(L.join(out, f"points_{s.name}.npy"), "wb") as f:
+        with fs.open(C.join(out_path, f"points_{s.name}.npy"), "wb") as f:
             np.save(f, s.clouds)
-        with fs.open(L.join(out, f"ids_{s.name}.json"), "w") as f:
+        with fs.open(C.join(out_path, f"ids_{s.name}.json"), "w") as f:
             json.dump(s.valid_ids, f)
 
     matrices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     result: dict[str, Any] = generation_metrics(gen.clouds, ref.clouds, distances=ec.distances,
-                                                device=ec.device, cache=L.join(out, "cache"),
+                                                device=ec.device, cache=C.join(out, "cache"),
                                                 emd_eps=ec.emd_eps or DEFAULT_EPS, emd_exact=ec.emd_eps == 0,
                                                 matrices=matrices)
     topo = [topology(m) for m in gen.meshes]
@@ -238,33 +230,61 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         result.update({"memorisation_rate": nov.memorisation_rate, "memorisation_threshold": threshold,
                        "novelty_cd_median": float(np.median(nov.nearest_cd)),
                        "novelty_distinct_nearest": int(len(np.unique(nov.nearest_index)))})
-
-    result.update(_weight_diagnostics(cfg))
+    if own:
+        result.update(_weight_diagnostics(cfg, plan))
 
     # Pictures: the shapes themselves, and how far each shape is from its nearest reference
     # (generated vs the reference set's own leave-one-out spread, the scale to read them against).
     n = ec.render
     if n:
-        figures.render_meshes(gen.meshes[:n], L.join(out, "generated.png"), titles=gen.ids[:n])
-        figures.render_meshes(ref.meshes[:n], L.join(out, "reference.png"), titles=ref.ids[:n])
+        figures.render_meshes(gen.meshes[:n], C.join(out, "generated.png"), titles=gen.ids[:n])
+        figures.render_meshes(ref.meshes[:n], C.join(out, "reference.png"), titles=ref.ids[:n])
     d_gr, _, d_rr = matrices["cd"] if "cd" in matrices else matrices[ec.distances[0]]
     loo = np.where(np.eye(len(d_rr), dtype=bool), np.inf, d_rr).min(axis=1) if len(d_rr) > 1 else d_rr[:, 0]
     figures.plot_histogram({"generated -> nearest reference": d_gr.min(axis=1),
                             "reference -> nearest other reference": loo},
-                           L.join(out, "nearest_reference.png"), xlabel="Chamfer distance" if "cd" in matrices else ec.distances[0])
+                           C.join(out, "nearest_reference.png"), xlabel="Chamfer distance" if "cd" in matrices else ec.distances[0])
+    if own:
+        _weights_figure(cfg, plan, out)
 
     result["eval_seconds"] = time.perf_counter() - t0
     conventions = {k: v.format(points=ec.points, emd_eps=ec.emd_eps, normalised="normalised into the unit sphere"
                                if ec.normalise else "in their own frame") for k, v in CONVENTIONS.items()}
-    details = {"generated": ec.generated or run.generated, "reference": ec.reference, "training": ec.training,
+    details = {"generated": generated, "reference": ec.reference, "training": ec.training,
                "conventions": conventions,
                "invalid_generated": [{"shape_id": i, "reason": r} for i, r in zip(gen.ids, gen.reasons) if r],
                "invalid_reference": [{"shape_id": i, "reason": r} for i, r in zip(ref.ids, ref.reasons) if r],
                "topology_generated": topo}
-    update_metrics_file(run.metrics, {**result, "eval": details})
-    tracking.log_metrics(result)
-    for name in ("generated.png", "reference.png", "nearest_reference.png"):
-        if fs.exists(L.join(out, name)):
-            tracking.log_figure(L.join(out, name))
+    cache.write_json(C.join(out, C.STAGE_METRICS), {**result, "eval": details})
     log.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
     return result
+
+
+def _weights_figure(cfg: Config, plan: C.Plan, out: str) -> None:
+    """weights_pca.png: the training rows (by category) and the sampled rows in one PCA plane."""
+    try:
+        store = open_weights(plan.weights)
+    except StoreError:
+        return
+    rows = training_rows(store, cfg.data.shapes)
+    if len(rows) < 3:
+        return
+    W = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
+    labels = [f"train: {c}" for c in store.row_meta()[C.CATEGORY][rows]]
+    generated = plan["sample"].join(C.ROWS)
+    if os.path.exists(generated):
+        G = np.load(generated)
+        if G.shape[1] == W.shape[1]:
+            W, labels = np.concatenate([W, G]), labels + ["sampled"] * len(G)
+    figures.plot_embedding(W, labels, C.join(out, C.WEIGHTS_PCA),
+                           title=f"{store.attrs[C.Attr.FIELD_TYPE]} rows: training and sampled")
+
+
+def log_eval(folder: str) -> dict[str, Any]:
+    """The eval artifact's figures and metrics, to the active MLflow run (also when it was reused);
+    returns its metrics."""
+    metrics = cache.read_json(C.join(folder, C.STAGE_METRICS), {})
+    tracking.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    for name in ("generated.png", "reference.png", "nearest_reference.png", C.WEIGHTS_PCA):
+        tracking.log_figure(C.join(folder, name))
+    return metrics

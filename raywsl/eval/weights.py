@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import trimesh
 
-from raywsl.ingest.sampling import sample_surface
+from raywsl.geometry.sampling import sample_surface
 
 # Products are tiled so that no temporary holds more than this many elements (128 MiB of float64).
 CHUNK_ELEMENTS = 1 << 24
@@ -241,7 +241,7 @@ def lmc_barrier(
     A decode that returns None or a mesh without faces (no surface at that point of the path)
     scores inf and is flagged in `missing`. Every alpha samples with the same seed."""
     if distance is None:
-        from raywsl.eval.distances import chamfer as distance
+        from raywsl.geometry.distances import chamfer as distance
     dtype = np.result_type(np.asarray(w_a).dtype, np.float32)  # decode gets the weights' own precision
     w_a, w_b = np.asarray(w_a, dtype=np.float64), np.asarray(w_b, dtype=np.float64)
     reference = np.asarray(reference_points, dtype=np.float32)

@@ -34,8 +34,9 @@ import torch
 from torch import Tensor
 
 from raywsl.config import FitConfig
-from raywsl.fit.fields import Field
-from raywsl.ingest.sampling import shape_rng
+from raywsl.models.fields import Field
+from raywsl.models.losses import LOSSES
+from raywsl.geometry.sampling import shape_rng
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +70,6 @@ class FitResult:
     @property
     def ok(self) -> bool:
         return self.row is not None
-
-
-# ------------------------------------------------------------------------------------ losses
-
-def _l1(pred: Tensor, sdf: Tensor, clamp: float) -> Tensor:
-    return (pred - sdf).abs()
-
-
-def _clamped_l1(pred: Tensor, sdf: Tensor, clamp: float) -> Tensor:
-    return (pred.clamp(-clamp, clamp) - sdf.clamp(-clamp, clamp)).abs()
-
-
-def _mse(pred: Tensor, sdf: Tensor, clamp: float) -> Tensor:
-    return (pred - sdf).square()
-
-
-def _bce(logits: Tensor, sdf: Tensor, clamp: float) -> Tensor:
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, (sdf < 0).to(logits.dtype),
-                                                                reduction="none")
-
-
-LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
-    "l1": _l1, "clamped_l1": _clamped_l1, "mse": _mse, "bce": _bce}
 
 
 # ------------------------------------------------------------------------------------ schedules

@@ -1,13 +1,13 @@
 """Where fitting gets its SDF samples (`fit.samples`): the sample store, or ingest's sampler on the fly.
 
-    store   <run.dir>/samples.zarr, written by `raywsl ingest`, read by the RowStore Datasource
+    store   the sample store of the plan (samples.zarr), written by `raywsl ingest`, read by the
+            RowStore Datasource
     stream  the meshes of `data.source` sampled inside the fit job (Ray Data tasks on CPUs feeding
             the fitting actors), never stored: a million-shape run need not keep terabytes of
             samples. The samples are the ones ingest would store (same sampler, same per-shape seeds).
 
-Both give the fit job the same things: the shapes (ids, sources, categories), a fingerprint of the
-samples (stream: the one ingest would give the same config), the anchor shape's samples for warm
-start, a Ray Dataset with exactly one block per weight shard (columns `row`, `shape_id`,
+Both give the fit job the same things: the shapes (ids, sources, categories) in the stores' row
+order with the number held out (store/split.py), the anchor shape's samples for warm start, a Ray Dataset with exactly one block per weight shard (columns `row`, `shape_id`,
 `category`, `status`, `reason`, `points`, `sdf`, as `store.datasource`), and the ground truth of a
 few shapes for the reconstructions.
 """
@@ -19,31 +19,37 @@ from typing import Any
 
 import numpy as np
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.config import Config
+from raywsl.geometry.sampling import sample_mesh
 from raywsl.store.rows import DONE, FAILED, PENDING, RowStore, StoreError
+from raywsl.store.split import held_out_count, shards_of, store_order, training_range
 
-TRUTH = (L.POINTS, L.SDF, L.SURFACE, L.CENTER, L.SCALE)  # what the reconstructions compare against
+TRUTH = (C.POINTS, C.SDF, C.SURFACE, C.CENTER, C.SCALE)  # what the reconstructions compare against
 SAMPLE_RETRIES = 2  # retries of a sampling task whose worker died
 
 
 class StoreInput:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, plan: C.Plan):
         self.cfg = cfg
-        path = L.RunLayout(cfg.run_dir).samples
+        path = plan.samples
         try:
             self.samples = RowStore.open(path, kind="samples")
         except StoreError as e:
-            raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first (or set fit.samples=stream)") from e
-        unsampled = int((self.samples.status() == PENDING).sum())
+            raise StoreError(f"{e}: the samples of this config are not ingested; run `raywsl ingest` with "
+                             f"this config first (or set fit.samples=stream)") from e
+        self.held_out = int(self.samples.attrs[C.Attr.HELD_OUT])
+        shards = shards_of(self.samples, training_range(self.samples, cfg.data.shapes), cfg.fit.shard_size)
+        status = self.samples.status()
+        unsampled = sum(int((status[k * cfg.fit.shard_size:(k + 1) * cfg.fit.shard_size] == PENDING).sum())
+                        for k in shards)
         if unsampled:  # fitting them now would commit them as failed rows that no rerun would refit
-            raise StoreError(f"{path}: {unsampled} shapes are not ingested yet (ingest was interrupted): "
-                             f"rerun `raywsl ingest` with this run.dir to finish it, then fit")
+            raise StoreError(f"{path}: {unsampled} of the shapes in the weight shards this run fits are not "
+                             f"ingested yet: run `raywsl ingest` with this config to finish them, then fit")
         meta = self.samples.row_meta()
-        self.ids = [str(i) for i in meta[L.SHAPE_ID]]
-        self.sources = [str(s) for s in meta[L.SOURCE]]
-        self.categories = [str(c) for c in meta[L.CATEGORY]]
-        self.fingerprint = self.samples.fingerprint
+        self.ids = [str(i) for i in meta[C.SHAPE_ID]]
+        self.sources = [str(s) for s in meta[C.SOURCE]]
+        self.categories = [str(c) for c in meta[C.CATEGORY]]
         self.where = path
 
     def usable(self) -> np.ndarray:
@@ -51,12 +57,12 @@ class StoreInput:
         return self.samples.status() == DONE
 
     def anchor(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.samples.group[L.POINTS][k], self.samples.group[L.SDF][k]
+        return self.samples.group[C.POINTS][k], self.samples.group[C.SDF][k]
 
     def dataset(self, ranges: list[tuple[int, int]]):
         from raywsl.store.datasource import read_rows
 
-        return read_rows(self.samples.path, [L.POINTS, L.SDF], row_ranges=ranges)
+        return read_rows(self.samples.path, [C.POINTS, C.SDF], row_ranges=ranges)
 
     def truth(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {name: self.samples.group[name].get_orthogonal_selection(
@@ -64,17 +70,17 @@ class StoreInput:
 
 
 class StreamInput:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, plan: C.Plan):
         from raywsl.data.sources import resolve_source
-        from raywsl.ingest.pipeline import samples_fingerprint
 
         self.cfg = cfg
-        self.refs = resolve_source(cfg.data.source)
-        self.ids = [r.shape_id for r in self.refs]
-        self.sources = [r.uri for r in self.refs]
-        self.categories = [r.category for r in self.refs]
-        self.fingerprint = samples_fingerprint(cfg, self.refs)
-        self.where = cfg.data.source
+        refs = resolve_source(plan.source)
+        refs = [refs[k] for k in store_order([r.shape_id for r in refs], cfg.seed)]
+        self.ids = [r.shape_id for r in refs]
+        self.sources = [r.uri for r in refs]
+        self.categories = [r.category for r in refs]
+        self.held_out = held_out_count(self.ids, cfg.seed, cfg.ingest.test_fraction)
+        self.where = plan.source
 
     def usable(self) -> np.ndarray:
         return np.ones(len(self.ids), dtype=bool)  # unknown until sampled: the anchor may still fail
@@ -84,7 +90,7 @@ class StreamInput:
         if values is None:
             raise StoreError(f"fit.init=warm: the anchor shape {self.ids[k]} cannot be sampled ({reason}); "
                              f"pick another with fit.warm_shape")
-        return values[L.POINTS], values[L.SDF]
+        return values[C.POINTS], values[C.SDF]
 
     def dataset(self, ranges: list[tuple[int, int]]):
         import ray
@@ -109,10 +115,8 @@ INPUTS: dict[str, type] = {"store": StoreInput, "stream": StreamInput}
 
 
 def _sample(shape_id: str, uri: str, cfg: Config) -> tuple[dict[str, np.ndarray] | None, str]:
-    from raywsl.ingest.pipeline import sample_row
-
     os.environ.setdefault("IGL_NUM_THREADS", "1")  # one SDF thread per task, as in ingest
-    return sample_row(shape_id, uri, cfg)
+    return sample_mesh(shape_id, uri, cfg.ingest, cfg.seed)
 
 
 def sample_block(batch: dict[str, np.ndarray], ids: list[str], sources: list[str], categories: list[str],
@@ -126,7 +130,7 @@ def sample_block(batch: dict[str, np.ndarray], ids: list[str], sources: list[str
     for i, k in enumerate(range(start, stop)):
         values, reason[i] = _sample(ids[k], sources[k], cfg)
         if values is not None:
-            points[i], sdf[i], status[i] = values[L.POINTS], values[L.SDF], DONE
-    return {"row": np.arange(start, stop), L.SHAPE_ID: np.array(ids[start:stop], dtype=object),
-            L.CATEGORY: np.array(categories[start:stop], dtype=object), L.STATUS: status,
-            L.REASON: np.array(reason, dtype=object), L.POINTS: points, L.SDF: sdf}
+            points[i], sdf[i], status[i] = values[C.POINTS], values[C.SDF], DONE
+    return {"row": np.arange(start, stop), C.SHAPE_ID: np.array(ids[start:stop], dtype=object),
+            C.CATEGORY: np.array(categories[start:stop], dtype=object), C.STATUS: status,
+            C.REASON: np.array(reason, dtype=object), C.POINTS: points, C.SDF: sdf}

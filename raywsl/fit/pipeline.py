@@ -1,20 +1,21 @@
-"""`raywsl fit`: the sample store -> one fitted field per shape in `weights.zarr`, as a Ray Data job.
+"""`raywsl fit`: the sample store -> one fitted field per shape in the weight store, as a Ray Data job.
 
     samples.zarr (or data.source sampled on the fly: fit.samples=stream, see inputs.py)
-                 --driver--> weights.zarr created (one row per shape, shards of fit.shard_size)
-                 --driver--> the shared start row (shared: a seeded init; warm: the anchor shape,
-                             fitted once in one Ray task and broadcast through the object store)
-    pending weight shards --RowStoreDatasource--> one block of samples per shard
+                 --driver--> weights.zarr created in the cache (same rows as the sample store, shards
+                             of fit.shard_size), and the shared start row (shared: a seeded init;
+                             warm: the anchor shape, fitted once in one Ray task), kept in the store
+    the pending weight shards of this run's training shapes (data.shapes; never the held-out ones)
+                 --RowStoreDatasource--> one block of samples per shard
                  --map_batches(FitActor pool)--> each actor fits its block B shapes at a time
                              (continuous batching), writes the shard, then its done marker
-    done rows --driver--> recon/: meshes of the first fit.recon_count fields, Chamfer and IoU
-                          against the ground truth, into metrics.json and MLflow
+    --> fit_loss_curve.png beside the store: the mean loss of the shapes fitted this time
 
 The weight store is a RowStore (store/rows.py), so resuming is the ingest story: shards with a done
-marker are skipped, the others are refitted from scratch. A shard's content depends only on its
-rows, the seed and the config (per-shape init and point order are seeded by shape id, and a block is
-always one whole shard), so a resumed store equals an uninterrupted one. Actor processes that die
-are restarted by Ray and their block is retried (bounded), losing no rows.
+marker are skipped, the others are refitted from scratch, and a later run with more shapes fits only
+the shards it lacks. A shard's content depends only on its rows, the seed and the config (per-shape
+init and point order are seeded by shape id, and a block is always one whole shard), so a resumed or
+extended store equals one fitted at once. Actor processes that die are restarted by Ray and their
+block is retried (bounded), losing no rows. The reconstructions are a stage of their own (recon.py).
 """
 
 from __future__ import annotations
@@ -25,21 +26,22 @@ import time
 import warnings
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
-from raywsl import __version__
-from raywsl import layout as L
-from raywsl.config import Config, fingerprint, to_dict
+from raywsl import __version__, cache
+from raywsl import contract as C
+from raywsl import tracking
+from raywsl.config import Config, to_dict
 from raywsl.fit.engine import BatchedFitter, FitResult, ShapeData
-from raywsl.base.train import ensure_base
-from raywsl.fit.fields import Field, field_from_config
-from raywsl.ingest.sampling import shape_rng
+from raywsl.fit.inputs import INPUTS
+from raywsl.geometry import figures
+from raywsl.geometry.sampling import shape_rng
+from raywsl.models.fields import Field, field_from_config
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session
-from raywsl.fit.inputs import INPUTS
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
+from raywsl.store.split import shards_of, training_range
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,13 @@ ACTOR_RESTARTS = 2
 
 
 def weight_arrays(field: Field) -> list[ArraySpec]:
-    return [ArraySpec(L.ROW_WEIGHTS, (field.layout.size,)), ArraySpec(L.FIT_LOSS, ()),
-            ArraySpec(L.FIT_STEPS, (), "int32"), ArraySpec(L.FIT_RESTARTS, (), "int32")]
+    return [ArraySpec(C.ROW_WEIGHTS, (field.layout.size,)), ArraySpec(C.FIT_LOSS, ()),
+            ArraySpec(C.FIT_STEPS, (), "int32"), ArraySpec(C.FIT_RESTARTS, (), "int32")]
+
+
+def plan_field(cfg: Config, plan: C.Plan) -> Field:
+    """The field of `cfg`, on the plan's trained base when its type needs one."""
+    return field_from_config(cfg, base=plan["train-base"].path if "train-base" in plan else "")
 
 
 # ------------------------------------------------------------------------------------ init strategies
@@ -83,44 +90,65 @@ def fit_anchor(field: Field, cfg: Config, anchor: ShapeData) -> FitResult:
 
 # ------------------------------------------------------------------------------------ the job
 
-def fit(cfg: Config, restart: bool = False) -> dict[str, Any]:
-    """Run (or resume) fitting for `cfg`; returns the weight store's summary."""
-    run = L.RunLayout(cfg.run_dir)
-    inp = INPUTS[cfg.fit.samples](cfg)
-    ensure_base(cfg)
-    field = field_from_config(cfg)
-    anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
-    fp = fingerprint("weights", inp.fingerprint, cfg.seed, to_dict(cfg.field, fingerprint_only=True),
-                     to_dict(cfg.fit, fingerprint_only=True), field.frozen_fingerprint(), anchor_id)
-    store = RowStore.open_or_create(
-        run.weights, kind="weights", fingerprint=fp, restart=restart,
-        ids=inp.ids, sources=inp.sources, categories=inp.categories,
-        shard_size=cfg.fit.shard_size, arrays=weight_arrays(field),
-        attrs={"field_type": cfg.field.type, "field_preset": cfg.field.preset, "field_config": field.config,
-               "layout": field.layout.to_json(), "params": field.layout.size, "init": cfg.fit.init,
-               "warm_shape": anchor_id, "seed": cfg.seed, "fit": to_dict(cfg.fit),
-               "samples_fingerprint": inp.fingerprint, "frozen_fingerprint": field.frozen_fingerprint(),
-               "versions": {"raywsl": __version__, "torch": torch.__version__}})
-    _save_frozen(store, field)
-    pending = store.pending_shards()
-    log.info("fit: %d shapes from %s (%s), %s/%s field (%d parameters), init %s%s, %d shards (%d done) -> %s",
-             store.n_rows, inp.where, cfg.fit.samples, cfg.field.type, cfg.field.preset, field.layout.size,
-             cfg.fit.init, f" from {anchor_id}" if anchor_id else "", store.n_shards,
-             store.n_shards - len(pending), store.path)
+def check_inputs(cfg: Config, plan: C.Plan) -> Any:
+    """The fit's input, refused (StoreError) if the samples this run needs are not there."""
+    return INPUTS[cfg.fit.samples](cfg, plan)
+
+
+def fit(cfg: Config, plan: C.Plan) -> dict[str, Any]:
+    """Fit (or resume fitting) the training shapes of this run; returns the counts over them and
+    `computed`, the number of shards fitted now."""
+    inp = check_inputs(cfg, plan)
+    field = plan_field(cfg, plan)
+    store = _create_store(cfg, plan, inp, field)
+    if store.attrs[C.Attr.FROZEN_FINGERPRINT] != field.frozen_fingerprint():
+        raise StoreError(f"{store.path} was fitted with other frozen parts (a changed trained base or masks) "
+                         f"than {cfg.field.type} has now: rerun with --restart to fit it again")
+    rows = training_range(store, cfg.data.shapes)
+    shards = shards_of(store, rows)
+    done = store.shards_done()
+    pending = [k for k in shards if not done[k]]
+    anchor_id = store.attrs[C.Attr.WARM_SHAPE]
+    log.info("fit: %d training shapes from %s (%s), %s/%s field (%d parameters), init %s%s, %d shards "
+             "(%d done) -> %s", len(rows), inp.where, cfg.fit.samples, cfg.field.type, cfg.field.preset,
+             field.layout.size, cfg.fit.init, f" from {anchor_id}" if anchor_id else "", len(shards),
+             len(shards) - len(pending), store.path)
     if pending:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-            shared = _shared_start(store, field, cfg, inp, anchor_id)
-            _run_shards(store, inp, pending, cfg, shared)
-    summary = store.summary()
+            _shared_start(store, field, cfg, inp, anchor_id)
+            _run_shards(store, inp, pending, cfg, plan)
+    summary = store.rows_summary(rows)
     for f in summary["failures"][:20]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
     if summary["pending"]:
         log.warning("%d rows are pending (shards that did not finish): rerun the same command", summary["pending"])
-    if cfg.fit.recon_count and summary["done"]:
-        from raywsl.fit.recon import reconstruct
+    return {**summary, "computed": len(pending)}
 
-        summary["recon"] = reconstruct(cfg, store, inp, field)
-    return summary
+
+def _create_store(cfg: Config, plan: C.Plan, inp: Any, field: Field) -> RowStore:
+    art = plan["fit"]
+    try:
+        return RowStore.open(plan.weights, mode="r+", kind="weights")
+    except StoreError:
+        if cache.is_complete(art.path):
+            raise StoreError(f"{plan.weights} cannot be opened (damaged?): rerun with --restart to "
+                             f"delete it and fit again") from None
+    anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
+    base_fp = plan["train-base"].fingerprint if "train-base" in plan else ""
+    with cache.publishing(art, {"rows": len(inp.ids)}) as folder:
+        store = RowStore.create(
+            C.join(folder, C.WEIGHTS), kind="weights", fingerprint=art.fingerprint,
+            ids=inp.ids, sources=inp.sources, categories=inp.categories,
+            shard_size=cfg.fit.shard_size, arrays=weight_arrays(field),
+            attrs={C.Attr.FIELD_TYPE: cfg.field.type, C.Attr.FIELD_PRESET: cfg.field.preset,
+                   C.Attr.FIELD_CONFIG: field.config, C.Attr.LAYOUT: field.layout.to_json(),
+                   C.Attr.PARAMS: field.layout.size, C.Attr.INIT: cfg.fit.init, C.Attr.WARM_SHAPE: anchor_id,
+                   C.Attr.SEED: cfg.seed, C.Attr.FIT: to_dict(cfg.fit), C.Attr.HELD_OUT: inp.held_out,
+                   C.Attr.SAMPLES_FINGERPRINT: plan["ingest"].fingerprint, C.Attr.BASE_FINGERPRINT: base_fp,
+                   C.Attr.FROZEN_FINGERPRINT: field.frozen_fingerprint(),
+                   C.Attr.VERSIONS: {"raywsl": __version__, "torch": torch.__version__}})
+        _save_frozen(store, field)
+    return RowStore.open(plan.weights, mode="r+", kind="weights")
 
 
 def _save_frozen(store: RowStore, field: Field) -> None:
@@ -128,14 +156,16 @@ def _save_frozen(store: RowStore, field: Field) -> None:
     frozen = field.frozen()
     if not frozen:
         return
-    group = store.group.require_group(L.FROZEN)
-    for name, tensor in frozen.items():  # rewritten on every run: a kill mid-way leaves nothing half-done
+    group = store.group.require_group(C.FROZEN)
+    for name, tensor in frozen.items():
         values = tensor.numpy()
         group.create_array(name, shape=values.shape, dtype=values.dtype, compressors=None,
                            overwrite=True)[...] = values
 
 
 def _anchor_id(cfg: Config, inp: Any) -> str:
+    """The warm-start anchor: fit.warm_shape, or the first training shape with samples (the same for
+    every data.shapes, so one weight store serves them all)."""
     usable = inp.usable()
     if cfg.fit.warm_shape:
         if cfg.fit.warm_shape not in inp.ids:
@@ -143,21 +173,17 @@ def _anchor_id(cfg: Config, inp: Any) -> str:
         if not usable[inp.ids.index(cfg.fit.warm_shape)]:
             raise StoreError(f"fit.warm_shape {cfg.fit.warm_shape!r} has no samples (ingest failed or pending)")
         return cfg.fit.warm_shape
-    done = np.flatnonzero(usable)
+    done = np.flatnonzero(usable[inp.held_out:])
     if not len(done):
-        raise StoreError(f"{inp.where}: no shape was ingested successfully; nothing to fit")
-    return inp.ids[int(done[0])]
+        raise StoreError(f"{inp.where}: no training shape was ingested successfully; nothing to fit")
+    return inp.ids[inp.held_out + int(done[0])]
 
 
-def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_id: str) -> torch.Tensor | None:
-    """The start row every shape shares (None for random init), made once and kept in the store so
-    a resumed run never refits the anchor."""
-    if cfg.fit.init == "random":
-        return None
-    if L.INIT_ROW in store.group:
-        stored = store.group[L.INIT_ROW]
-        if stored.nchunks_initialized == stored.nchunks:  # else killed between creating and writing it
-            return torch.from_numpy(stored[:])
+def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_id: str) -> None:
+    """The start row every shape shares (not for random init), made once and kept in the store (the
+    actors read it there), so a resumed or extended run never refits the anchor."""
+    if cfg.fit.init == "random" or shared_row(store) is not None:
+        return
     row = field.init_rows(1, init_generator(cfg.seed))[0]
     if cfg.fit.init == "warm":
         import ray
@@ -172,10 +198,19 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_i
         log.info("fit: warm-start anchor %s fitted in %.1fs (loss %.4g)", anchor_id,
                  time.perf_counter() - t0, result.loss)
         row = torch.from_numpy(np.array(result.row))  # ray.get gives a read-only array
-    arr = store.group.create_array(L.INIT_ROW, shape=(field.layout.size,), dtype="float32", compressors=None,
+    arr = store.group.create_array(C.INIT_ROW, shape=(field.layout.size,), dtype="float32", compressors=None,
                                     overwrite=True)
     arr[:] = row.numpy()
-    return row
+
+
+def shared_row(store: RowStore) -> torch.Tensor | None:
+    """The stored shared start row, or None (random init; or killed between creating and writing it)."""
+    if C.INIT_ROW not in store.group:
+        return None
+    stored = store.group[C.INIT_ROW]
+    if stored.nchunks_initialized != stored.nchunks:
+        return None
+    return torch.from_numpy(stored[:])
 
 
 def _gpus_per_actor(cfg: Config) -> float:
@@ -184,48 +219,43 @@ def _gpus_per_actor(cfg: Config) -> float:
     return 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, shared: torch.Tensor | None) -> None:
+def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, plan: C.Plan) -> None:
     import ray
 
     ranges = [(store.shard_rows(k).start, store.shard_rows(k).stop) for k in pending]
     ray.data.DataContext.get_current().max_errored_blocks = len(ranges)
     ds = inp.dataset(ranges)
-    shared_ref = ray.put(shared) if shared is not None else None
     gpus = _gpus_per_actor(cfg)
+    base = plan["train-base"].path if "train-base" in plan else ""
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these yet (ray < 2.64 pinned)
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(
             FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor, num_gpus=gpus or None,
             compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-            fn_constructor_kwargs={"path": store.path, "cfg": cfg, "shared": shared_ref})
-    progress = Progress("fit", total=sum(b - a for a, b in ranges), unit="shapes")
+            fn_constructor_kwargs={"path": store.path, "cfg": cfg, "base": base})
     checks = curve_length(cfg)
     curve_sum, curve_count = np.zeros(checks), np.zeros(checks)
-    for row in ds.iter_rows():
-        progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
-        log.debug("shard %d: %d done, %d failed in %.1fs (%.0f shape-steps/s)", row["shard"], row["done"],
-                  row["failed"], row["seconds"], row["shape_steps"] / max(row["seconds"], 1e-9))
-        if len(row["curve_sum"]) == checks:  # a shard committed earlier reports no curve
-            curve_sum += row["curve_sum"]
-            curve_count += row["curve_count"]
-    progress.close()
-    _plot_loss_curve(cfg, curve_sum, curve_count)
+    with Progress("fit", total=sum(b - a for a, b in ranges), unit="shapes") as progress:
+        for row in ds.iter_rows():
+            progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
+            log.debug("shard %d: %d done, %d failed in %.1fs (%.0f shape-steps/s)", row["shard"], row["done"],
+                      row["failed"], row["seconds"], row["shape_steps"] / max(row["seconds"], 1e-9))
+            if len(row["curve_sum"]) == checks:  # a shard committed earlier reports no curve
+                curve_sum += row["curve_sum"]
+                curve_count += row["curve_count"]
+    _plot_loss_curve(cfg, plan, curve_sum, curve_count)
 
 
-def _plot_loss_curve(cfg: Config, curve_sum: np.ndarray, curve_count: np.ndarray) -> None:
-    """recon/fit_loss_curve.png: the mean training loss over the shapes still fitting at each check."""
-    from raywsl import tracking
-    from raywsl.eval import figures
-
+def _plot_loss_curve(cfg: Config, plan: C.Plan, curve_sum: np.ndarray, curve_count: np.ndarray) -> None:
+    """fit_loss_curve.png beside the weight store: the mean training loss over the shapes still
+    fitting at each check, of the shapes fitted this time."""
     if not curve_count.any():
         return
     steps = (np.arange(len(curve_sum)) + 1) * cfg.fit.check_every
     mean = np.where(curve_count > 0, curve_sum / np.maximum(curve_count, 1), np.nan)
-    path = L.join(L.RunLayout(cfg.run_dir).recon, "fit_loss_curve.png")
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-    figures.plot_curves({f"mean {cfg.fit.loss} loss (shapes fitted this run)": (steps.tolist(), mean.tolist())},
+    path = plan["fit"].join(C.FIT_CURVE)
+    figures.plot_curves({f"mean {cfg.fit.loss} loss (shapes fitted this time)": (steps.tolist(), mean.tolist())},
                         path, xlabel="step", ylabel=f"{cfg.fit.loss} loss", title="fitting")
     tracking.log_figure(path)
     for step, value in zip(steps, mean):
@@ -237,15 +267,13 @@ class FitActor:
     """A fitting actor: holds the field and a BatchedFitter (its buffers and compiled step) for its
     whole life, and fits one weight shard per call."""
 
-    def __init__(self, path: str, cfg: Config, shared: Any):
-        import ray
-
+    def __init__(self, path: str, cfg: Config, base: str):
         torch.set_num_threads(cfg.fit.cpus_per_actor)  # Ray sets OMP_NUM_THREADS; say it explicitly
         self.store = RowStore.open(path, mode="r+", kind="weights")
         self.cfg = cfg
-        self.field = field_from_config(cfg)
+        self.field = field_from_config(cfg, base=base)
         self.fitter = BatchedFitter(self.field, cfg.fit, cfg.fit.device)
-        self.shared = ray.get(shared) if isinstance(shared, ray.ObjectRef) else shared
+        self.shared = shared_row(self.store)  # written by the driver before the actors start
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
@@ -255,7 +283,7 @@ class FitActor:
         if list(rows) != list(range(expected.start, expected.stop)):  # the datasource's contract
             raise RuntimeError(f"fit: a block of rows {rows[0]}..{rows[-1]} is not exactly shard {k}")
         if self.store.shards_done()[k]:  # a retried block may find its shard already committed
-            status = self.store.read_shard(k, [L.STATUS])[L.STATUS]
+            status = self.store.read_shard(k, [C.STATUS])[C.STATUS]
             return _shard_summary(k, status, t0)
         _maybe_crash(k)
         arrays, status, reason, stats = fit_block(self.fitter, self.field, self.cfg, batch, self.shared)
@@ -282,24 +310,24 @@ def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str,
     reason = [""] * n
     shapes = []
     for i in range(n):
-        shape_id = str(batch[L.SHAPE_ID][i])
-        if batch[L.STATUS][i] != DONE:
-            why = str(batch[L.REASON][i]) or "ingest did not finish it"
+        shape_id = str(batch[C.SHAPE_ID][i])
+        if batch[C.STATUS][i] != DONE:
+            why = str(batch[C.REASON][i]) or "ingest did not finish it"
             reason[i] = f"no samples to fit: {why}"
             continue
-        shapes.append(ShapeData(first + i, shape_id, batch[L.POINTS][i], batch[L.SDF][i],
+        shapes.append(ShapeData(first + i, shape_id, batch[C.POINTS][i], batch[C.SDF][i],
                                 init_row(field, cfg.fit.init, cfg.seed, shape_id, shared)))
-    arrays = {L.ROW_WEIGHTS: np.zeros((n, field.layout.size), np.float32),
-              L.FIT_LOSS: np.full(n, np.nan, np.float32),
-              L.FIT_STEPS: np.zeros(n, np.int32), L.FIT_RESTARTS: np.zeros(n, np.int32)}
+    arrays = {C.ROW_WEIGHTS: np.zeros((n, field.layout.size), np.float32),
+              C.FIT_LOSS: np.full(n, np.nan, np.float32),
+              C.FIT_STEPS: np.zeros(n, np.int32), C.FIT_RESTARTS: np.zeros(n, np.int32)}
     checks = curve_length(cfg)
     stats = {"shape_steps": 0, "curve_sum": np.zeros(checks), "curve_count": np.zeros(checks)}
     for r in fitter.fit(shapes):
         i = r.key - first
-        arrays[L.FIT_LOSS][i], arrays[L.FIT_STEPS][i], arrays[L.FIT_RESTARTS][i] = r.loss, r.steps, r.restarts
+        arrays[C.FIT_LOSS][i], arrays[C.FIT_STEPS][i], arrays[C.FIT_RESTARTS][i] = r.loss, r.steps, r.restarts
         stats["shape_steps"] += r.steps
         if r.ok:
-            arrays[L.ROW_WEIGHTS][i], status[i] = r.row, DONE
+            arrays[C.ROW_WEIGHTS][i], status[i] = r.row, DONE
             curve = np.asarray(r.curve[:checks])
             stats["curve_sum"][: len(curve)] += curve
             stats["curve_count"][: len(curve)] += 1

@@ -1,90 +1,80 @@
-"""Reconstructions: decode fitted fields to meshes and compare them with the ground truth.
+"""The recon stage: decode fitted fields to meshes and compare them with the ground truth.
 
-For the first `fit.recon_count` fitted shapes: extract the mesh of each field (evaluation toolkit),
-write it to `recon/<shape_id>.ply` in the shape's original frame, and measure, in the normalised
-frame, Chamfer distance against the ingested surface points and volumetric IoU from SDF signs at the
-ingested query points. Figures: `recon/recon.png` (the meshes) and `recon/fit_loss.png` (the
-distribution of final fitting losses). Everything also goes to metrics.json and the active MLflow run.
+For the first `fit.recon_count` fitted training shapes (in the training order, so a run with more
+shapes reconstructs the same ones): extract the mesh of each field, write it to `<shape_id>.ply` in
+the shape's original frame, and measure, in the normalised frame, Chamfer distance against the
+ingested surface points (geometry/shape.py's convention) and volumetric IoU from SDF signs at the
+ingested query points. Figures: `recon.png` (the meshes) and `fit_loss.png` (the distribution of the
+final fitting losses of the run's training shapes). The artifact (recon/ in the run folder) holds them
+with `metrics.json`; the figures also go to the active MLflow run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
-from raywsl import layout as L
-from raywsl.config import Config
+from raywsl import cache
+from raywsl import contract as C
 from raywsl import tracking
-from raywsl.eval import figures
-from raywsl.eval.distances import chamfer
-from raywsl.eval.extract import extract_meshes
-from raywsl.eval.run import update_metrics_file
-from raywsl.eval.shape import iou_from_sdf
-from raywsl.fit.fields import Field
-from raywsl.ingest.sampling import sample_surface, shape_rng
-from raywsl.store.rows import DONE, RowStore
+from raywsl.config import Config
+from raywsl.fit.inputs import INPUTS
+from raywsl.geometry import figures
+from raywsl.geometry.extract import decode_rows
+from raywsl.geometry.shape import RECON_POINTS, iou_from_sdf, surface_chamfer, thin_surface
+from raywsl.models.fields import field_of
+from raywsl.store.rows import StoreError
+from raywsl.store.split import training_rows
+from raywsl.store.weights import open_weights
 
 log = logging.getLogger(__name__)
 
-RECON_POINTS = 2048  # surface points per shape for the Chamfer distance (the evaluation default)
-DECODE_BATCH = 8  # fields decoded at once
+CONVENTIONS = {"cd": f"Chamfer (eval convention) between {RECON_POINTS} points of the decoded mesh and the "
+                     f"ingested surface points, normalised frame",
+               "iou": "IoU of sdf < 0 at the ingested query points"}
 
 
-def surface_chamfer(mesh, truth: np.ndarray, seed: int, shape_id: str) -> tuple[float, str]:
-    """Chamfer distance of a decoded mesh to the (thinned) ground-truth surface points `truth`, by
-    this module's convention; (nan, reason) when the mesh has no surface to sample."""
-    if mesh is None:
-        return float("nan"), "no surface"
+def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
+    """Write the reconstructions of the run's first fitted training shapes into `out`; returns the
+    figures (also in out/metrics.json)."""
     try:
-        cloud = sample_surface(mesh, RECON_POINTS, shape_rng(seed, shape_id))[0]
-    except ValueError as e:  # no faces, or zero area
-        return float("nan"), f"no surface: {e}"
-    return chamfer(cloud, truth), ""
-
-
-def thin_surface(surface: np.ndarray) -> np.ndarray:
-    """The ingested surface points as reconstructions are compared against them: every k-th, ~RECON_POINTS."""
-    return surface[:: max(1, len(surface) // RECON_POINTS)]
-
-
-def reconstruct(cfg: Config, store: RowStore, inp: Any, field: Field) -> dict[str, Any]:
-    """`inp`: the fit's input (fit/inputs.py), which gives the ground truth of the shapes."""
-    run = L.RunLayout(cfg.run_dir)
-    rows = np.flatnonzero(store.status() == DONE)[: cfg.fit.recon_count]
-    fs, out = fsspec.core.url_to_fs(run.recon)
-    fs.makedirs(out, exist_ok=True)
-    ids = store.row_meta()[L.SHAPE_ID]
+        store = open_weights(plan.weights)
+    except StoreError as e:
+        raise StoreError(f"{e}: run `raywsl fit` with this config first") from e
+    fitted = training_rows(store, cfg.data.shapes)
+    if not len(fitted):
+        raise StoreError(f"{store.path}: no fitted training shape to reconstruct: run `raywsl fit` with this "
+                         f"config first")
+    field = field_of(store)
+    inp = INPUTS[cfg.fit.samples](cfg, plan)
+    rows = fitted[: cfg.fit.recon_count]
+    ids = store.row_meta()[C.SHAPE_ID]
     device = "cuda" if cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
+    weights = torch.from_numpy(store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None))))
+    extracted = decode_rows(field.bind, weights, cfg.fit.recon_resolution, device)
+    truth = inp.truth(rows)
+    with torch.no_grad():
+        pred_sdf = torch.cat([field.bind(weights[k:k + 8].to(device))(
+            torch.from_numpy(truth[C.POINTS][k:k + 8]).to(device)).cpu() for k in range(0, len(rows), 8)]).numpy()
     per_shape, meshes = [], []
-    for start in range(0, len(rows), DECODE_BATCH):
-        chunk = rows[start:start + DECODE_BATCH]
-        weights = torch.from_numpy(store.group[L.ROW_WEIGHTS].get_orthogonal_selection((chunk, slice(None))))
-        fields = field.bind(weights.to(device))
-        truth = inp.truth(chunk)
-        center, scale, gt_sdf, gt_surface = truth[L.CENTER], truth[L.SCALE], truth[L.SDF], truth[L.SURFACE]
-        with torch.no_grad():
-            normalised = extract_meshes(fields, len(chunk), cfg.fit.recon_resolution, device=device)
-            pred_sdf = fields(torch.from_numpy(truth[L.POINTS]).to(device)).cpu().numpy()
-        for j, (row, ex) in enumerate(zip(chunk, normalised)):
-            shape_id = str(ids[row])
-            entry = {"row": int(row), "shape_id": shape_id, "iou": iou_from_sdf(pred_sdf[j], gt_sdf[j]),
-                     "cd": float("nan"), "reason": ex.reason}
-            if ex.mesh is not None:
-                entry["cd"], why = surface_chamfer(ex.mesh, thin_surface(gt_surface[j]), cfg.seed, shape_id)
-                entry["reason"] = entry["reason"] or why
-                original = ex.mesh.copy()
-                original.vertices = original.vertices / scale[j] + center[j]
-                with fs.open(L.join(out, f"{shape_id}.ply"), "wb") as f:
-                    f.write(original.export(file_type="ply"))
-            per_shape.append(entry)
-            meshes.append(ex.mesh)
-
+    for j, (row, ex) in enumerate(zip(rows, extracted)):
+        shape_id = str(ids[row])
+        entry = {"row": int(row), "shape_id": shape_id, "iou": iou_from_sdf(pred_sdf[j], truth[C.SDF][j]),
+                 "cd": float("nan"), "reason": ex.reason}
+        if ex.mesh is not None:
+            entry["cd"], why = surface_chamfer(ex.mesh, thin_surface(truth[C.SURFACE][j]), cfg.seed, shape_id)
+            entry["reason"] = entry["reason"] or why
+            original = ex.mesh.copy()
+            original.vertices = original.vertices / truth[C.SCALE][j] + truth[C.CENTER][j]
+            original.export(os.path.join(out, f"{shape_id}.ply"), file_type="ply")
+        per_shape.append(entry)
+        meshes.append(ex.mesh)
     cds = np.array([e["cd"] for e in per_shape])
-    loss = store.group[L.FIT_LOSS][:][store.status() == DONE]
+    loss = store.group[C.FIT_LOSS].get_orthogonal_selection((fitted,))
     result = {
         "recon_count": len(per_shape),
         "recon_cd_mean": float(np.nanmean(cds)) if np.isfinite(cds).any() else float("nan"),
@@ -93,15 +83,19 @@ def reconstruct(cfg: Config, store: RowStore, inp: Any, field: Field) -> dict[st
         "recon_no_surface": int(sum(e["reason"] != "" for e in per_shape)),
         "fit_loss_median": float(np.median(loss)), "fit_loss_p95": float(np.quantile(loss, 0.95)),
     }
-    figures.render_meshes(meshes, L.join(out, "recon.png"), titles=[e["shape_id"] for e in per_shape])
-    figures.plot_histogram({"final loss": loss}, L.join(out, "fit_loss.png"), xlabel=f"{cfg.fit.loss} loss")
-    update_metrics_file(run.metrics, {**result, "recon": {
-        "conventions": {"cd": f"Chamfer (eval convention) between {RECON_POINTS} points of the decoded mesh "
-                              f"and the ingested surface points, normalised frame",
-                        "iou": "IoU of sdf < 0 at the ingested query points"},
-        "shapes": per_shape}})
-    tracking.log_metrics(result)
-    for name in ("recon.png", "fit_loss.png"):
-        tracking.log_figure(L.join(out, name))
+    figures.render_meshes(meshes, os.path.join(out, C.RECON_GRID), titles=[e["shape_id"] for e in per_shape])
+    figures.plot_histogram({"final loss": loss}, os.path.join(out, C.RECON_LOSSES), xlabel=f"{cfg.fit.loss} loss")
+    cache.write_json(os.path.join(out, C.STAGE_METRICS),
+                     {**result, "recon": {"conventions": CONVENTIONS, "shapes": per_shape}})
     log.info("recon: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result
+
+
+def log_recon(folder: str) -> dict[str, Any]:
+    """The recon artifact's figures and metrics, to the active MLflow run (also when it was reused);
+    returns its metrics."""
+    metrics = cache.read_json(C.join(folder, C.STAGE_METRICS), {})
+    tracking.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    for name in (C.RECON_GRID, C.RECON_LOSSES):
+        tracking.log_figure(C.join(folder, name))
+    return metrics

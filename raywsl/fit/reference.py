@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from raywsl.config import FitConfig
-from raywsl.fit.engine import ADAM_BETAS, ADAM_EPS, LOSSES, SCHEDULES, FitResult, ShapeData, shuffled
-from raywsl.fit.fields import Field
+from raywsl.fit.engine import ADAM_BETAS, ADAM_EPS, SCHEDULES, FitResult, ShapeData, shuffled
+from raywsl.models.losses import LOSSES
+from raywsl.models.fields import Field
 
 
 def fit_one(field: Field, shape: ShapeData, cfg: FitConfig, device: str = "cpu") -> FitResult:

@@ -1,13 +1,17 @@
-"""`raywsl ingest`: meshes -> SDF samples in `samples.zarr`, as a Ray Data job.
+"""`raywsl ingest`: meshes -> SDF samples in the sample store (samples.zarr), as a Ray Data job.
 
-    manifest (data.source) --driver--> samples.zarr created, one row per mesh, all shards pending
-    pending shard ids --Ray Data--> ingest_shards (one task per shard: load, normalise, sample,
-                                    write the shard, then its done marker) --> per-shard summaries
+    the source's meshes --driver--> samples.zarr created in the cache (atomically), one row per mesh
+                                    in the fixed order of store/split.py (held-out shapes first),
+                                    every shard pending
+    the shards this run needs (held-out rows + its data.shapes training rows) that are pending
+                        --Ray Data--> ingest_shards (one task per shard: load, normalise, sample,
+                                      write the shard, then its done marker) --> per-shard summaries
 
-The driver only creates the store and prints progress; the workers write their own shards, so
-nothing large flows back through Ray. Re-running the same command resumes: shards with a done
-marker are skipped, the others are recomputed from scratch. Sampling is seeded per shape (from
-`seed` and the shape id), so a resumed store equals an uninterrupted one, whatever the scheduling.
+The driver only creates the store and shows progress; the workers write their own shards, so nothing
+large flows back through Ray. A later run that needs more shapes fills the shards it lacks; a killed
+run resumes (shards with a done marker are skipped, the others recomputed from scratch). Sampling is
+seeded per shape (from `seed` and the shape id), so a resumed or extended store equals one made at
+once, whatever the scheduling.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from raywsl import layout as L
-from raywsl.config import Config, fingerprint, to_dict
-from raywsl.data.meshes import MeshError, load_mesh, normalise
+from raywsl import cache
+from raywsl import contract as C
+from raywsl.config import Config, to_dict
 from raywsl.data.sources import MeshRef, resolve_source
-from raywsl.ingest.sampling import sample_shape, shape_rng
+from raywsl.geometry.sampling import sample_mesh
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session, task_concurrency
-from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
+from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
+from raywsl.store.split import held_out_count, shards_of, store_order
 
 log = logging.getLogger(__name__)
 
@@ -38,36 +43,69 @@ TASK_RETRIES = 2  # retries of a shard task whose worker process died
 
 def sample_arrays(cfg: Config) -> list[ArraySpec]:
     m, s = cfg.ingest.points, cfg.ingest.surface_points
-    return [ArraySpec(L.POINTS, (m, 3)), ArraySpec(L.SDF, (m,)), ArraySpec(L.SURFACE, (s, 3)),
-            ArraySpec(L.NORMALS, (s, 3)), ArraySpec(L.CENTER, (3,), "float64"), ArraySpec(L.SCALE, (), "float64")]
+    return [ArraySpec(C.POINTS, (m, 3)), ArraySpec(C.SDF, (m,)), ArraySpec(C.SURFACE, (s, 3)),
+            ArraySpec(C.NORMALS, (s, 3)), ArraySpec(C.CENTER, (3,), "float64"), ArraySpec(C.SCALE, (), "float64")]
 
 
-def samples_fingerprint(cfg: Config, refs: list[MeshRef]) -> str:
-    """What decides the samples: the seed, the ingest settings and the meshes (ids, URIs, labels)."""
-    return fingerprint("samples", cfg.seed, to_dict(cfg.ingest, fingerprint_only=True),
-                       [(r.shape_id, r.uri, r.category) for r in refs])
+def source_fingerprint(refs: list[MeshRef]) -> str:
+    """What identifies a source: its meshes' ids, URIs and labels."""
+    return C.fingerprint("source", sorted((r.shape_id, r.uri, r.category) for r in refs))
 
 
-def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
-    """Run (or resume) ingest for `cfg`; returns the store summary (as `raywsl inspect --json`)."""
-    run = L.RunLayout(cfg.run_dir)
-    refs = resolve_source(cfg.data.source)
-    fp = samples_fingerprint(cfg, refs)
-    store = RowStore.open_or_create(
-        run.samples, kind="samples", fingerprint=fp, restart=restart,
-        ids=[r.shape_id for r in refs], sources=[r.uri for r in refs],
-        categories=[r.category for r in refs], shard_size=cfg.ingest.shard_size,
-        arrays=sample_arrays(cfg),
-        attrs={"data_source": cfg.data.source, "seed": cfg.seed, "ingest": to_dict(cfg.ingest),
-               "test_fraction": cfg.ingest.test_fraction,
-               "normalisation": "normalised = (v - center) * scale; sdf < 0 inside"})
-    pending = store.pending_shards()
-    log.info("ingest: %d meshes in %d shards -> %s (%d shards already done)",
-             store.n_rows, store.n_shards, store.path, store.n_shards - len(pending))
+def ordered_refs(cfg: Config, refs: list[MeshRef]) -> list[MeshRef]:
+    """The source's meshes in the stores' row order (store/split.py)."""
+    return [refs[k] for k in store_order([r.shape_id for r in refs], cfg.seed)]
+
+
+def needed_rows(store: RowStore, cfg: Config) -> range:
+    """The rows a run needs ingested: the held-out ones, then its training shapes, up to the end of
+    the last weight shard fit will fill (fit works whole shards: a row it finds without samples would
+    be committed as failed)."""
+    n = cfg.ingest_shapes
+    if not n:
+        return range(store.n_rows)
+    stop = int(store.attrs[C.Attr.HELD_OUT]) + n
+    return range(min(store.n_rows, -(-stop // cfg.fit.shard_size) * cfg.fit.shard_size))
+
+
+def create_store(cfg: Config, plan: C.Plan) -> RowStore:
+    """The sample store of `plan`, created in the cache (complete or not at all) if it is not there."""
+    art = plan["ingest"]
+    try:
+        return RowStore.open(plan.samples, mode="r+", kind="samples")
+    except StoreError:
+        if cache.is_complete(art.path):
+            raise StoreError(f"{plan.samples} cannot be opened (damaged?): rerun with --restart to "
+                             f"delete it and ingest again") from None
+    refs = ordered_refs(cfg, resolve_source(plan.source))
+    ids = [r.shape_id for r in refs]
+    with cache.publishing(art, {"rows": len(refs)}) as folder:
+        RowStore.create(
+            C.join(folder, C.SAMPLES), kind="samples", fingerprint=art.fingerprint,
+            ids=ids, sources=[r.uri for r in refs], categories=[r.category for r in refs],
+            shard_size=cfg.ingest.shard_size, arrays=sample_arrays(cfg),
+            attrs={C.Attr.DATA_SOURCE: cfg.data.source, C.Attr.SEED: cfg.seed, C.Attr.INGEST: to_dict(cfg.ingest),
+                   C.Attr.TEST_FRACTION: cfg.ingest.test_fraction,
+                   C.Attr.HELD_OUT: held_out_count(ids, cfg.seed, cfg.ingest.test_fraction),
+                   C.Attr.NORMALISATION: "normalised = (v - center) * scale; sdf < 0 inside"})
+    return RowStore.open(plan.samples, mode="r+", kind="samples")
+
+
+def ingest(cfg: Config, plan: C.Plan) -> dict[str, Any]:
+    """Fill the rows of the sample store this run needs; returns the counts over those rows (as
+    `raywsl inspect --json` has them) and `computed`, the number of shards ingested now."""
+    store = create_store(cfg, plan)
+    rows = needed_rows(store, cfg)
+    shards = shards_of(store, rows)
+    done = store.shards_done()
+    pending = [k for k in shards if not done[k]]
+    log.info("ingest: %d of %d meshes needed (%d held out) in %d shards -> %s (%d shards already done)",
+             len(rows), store.n_rows, int(store.attrs[C.Attr.HELD_OUT]), len(shards), store.path,
+             len(shards) - len(pending))
     if pending:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
             _run_shards(store, pending, cfg)
-    summary = store.summary()
+    summary = store.rows_summary(rows)
     for f in summary["failures"][:MAX_LOGGED_FAILURES]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
     if summary["failed"] > MAX_LOGGED_FAILURES:
@@ -76,7 +114,7 @@ def ingest(cfg: Config, restart: bool = False) -> dict[str, Any]:
     if summary["pending"]:
         log.warning("%d rows are pending (shards that did not finish): rerun the same command to "
                     "retry them", summary["pending"])
-    return summary
+    return {**summary, "computed": len(pending)}
 
 
 def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> None:
@@ -117,13 +155,13 @@ def _find_crashing_rows(store: RowStore, shards: list[int], cfg: Config) -> dict
     the culprits. Returns {row: reason}."""
     import ray
 
-    probe = ray.remote(num_cpus=1, max_retries=0)(sample_row)
+    probe = ray.remote(num_cpus=1, max_retries=0)(sample_mesh)
     refs = {}
     for k in shards:
         rows = store.shard_rows(k)
         meta = store.row_meta(rows)
-        for row, shape_id, uri in zip(range(rows.start, rows.stop), meta[L.SHAPE_ID], meta[L.SOURCE]):
-            refs[row] = (str(uri), probe.remote(str(shape_id), str(uri), cfg))
+        for row, shape_id, uri in zip(range(rows.start, rows.stop), meta[C.SHAPE_ID], meta[C.SOURCE]):
+            refs[row] = (str(uri), probe.remote(str(shape_id), str(uri), cfg.ingest, cfg.seed))
     crashing = {}
     for row, (uri, ref) in refs.items():
         try:
@@ -146,7 +184,7 @@ def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config,
     for k in batch["shard"].tolist():
         t0 = time.perf_counter()
         if store.shards_done()[k]:  # a retried task may find its shard already committed
-            status = store.read_shard(k, [L.STATUS])[L.STATUS]
+            status = store.read_shard(k, [C.STATUS])[C.STATUS]
         else:
             status = _ingest_shard(store, k, cfg, skip or {})
         out["shard"].append(k)
@@ -163,35 +201,14 @@ def _ingest_shard(store: RowStore, k: int, cfg: Config, skip: dict[int, str]) ->
     arrays = {spec.name: np.zeros((n, *spec.row_shape), spec.dtype) for spec in sample_arrays(cfg)}
     status = np.full(n, FAILED, dtype="int8")
     reason = [""] * n
-    for i, (shape_id, uri) in enumerate(zip(meta[L.SHAPE_ID].tolist(), meta[L.SOURCE].tolist())):
+    for i, (shape_id, uri) in enumerate(zip(meta[C.SHAPE_ID].tolist(), meta[C.SOURCE].tolist())):
         if rows.start + i in skip:
             reason[i] = skip[rows.start + i]
             continue
-        values, reason[i] = sample_row(shape_id, uri, cfg)
+        values, reason[i] = sample_mesh(shape_id, uri, cfg.ingest, cfg.seed)
         if values:
             for name, value in values.items():
                 arrays[name][i] = value
             status[i] = DONE
     store.write_shard(k, arrays, status, reason)
     return status
-
-
-def sample_row(shape_id: str, uri: str, cfg: Config) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Load, normalise and sample one mesh: (arrays, "") or (None, the reason it failed)."""
-    ic = cfg.ingest
-    if os.environ.get("RAYWSL_CRASH_SHAPE") == shape_id:  # fault injection for the crash test
-        os._exit(139)
-    try:
-        mesh, center, scale = normalise(load_mesh(uri, ic.max_faces), ic.margin)
-    except MeshError as e:
-        return None, str(e)
-    try:
-        s = sample_shape(mesh, points=ic.points, surface_points=ic.surface_points,
-                         near_sigmas=tuple(ic.near_sigmas), mix=tuple(ic.mix), backend=ic.backend,
-                         rng=shape_rng(cfg.seed, shape_id))
-        if not (np.isfinite(s.sdf).all() and np.isfinite(s.points).all()):
-            raise ValueError("non-finite signed distances")
-    except Exception as e:  # one shape's failure must not take the shard down
-        return None, f"{uri}: SDF sampling failed ({type(e).__name__}: {e})"
-    return {L.POINTS: s.points, L.SDF: s.sdf, L.SURFACE: s.surface, L.NORMALS: s.normals,
-            L.CENTER: center, L.SCALE: scale}, ""

@@ -3,7 +3,7 @@
 `ray.data.read_zarr` only knows zarr 2, so this small Datasource reads our zarr-3 row stores.
 It is how fit (and anything else that works shard by shard) gets its input:
 
-    ds = read_rows(run.samples, [L.POINTS, L.SDF], row_ranges=None)  # one range per store shard
+    ds = read_rows(run.samples, [C.POINTS, C.SDF], row_ranges=None)  # one range per store shard
 
 Contract: one ReadTask per [start, stop) range, and each task yields exactly ONE block holding
 every row of its range, in order. Consumers rely on it: the fit actor writes whole shards, so a
@@ -21,11 +21,11 @@ import ray.data
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.store.rows import PENDING, RowStore
 
 # Always in a block; the rest of the store's arrays can be asked for by name.
-META_COLUMNS = ("row", L.SHAPE_ID, L.CATEGORY, L.STATUS, L.REASON)
+META_COLUMNS = ("row", C.SHAPE_ID, C.CATEGORY, C.STATUS, C.REASON)
 _STRING_BYTES_PER_ROW = 64  # a guess for shape_id + category + reason, for size estimates only
 
 
@@ -35,7 +35,7 @@ class RowStoreDatasource(Datasource):
         super().__init__()
         store = RowStore.open(path)  # StoreError if there is no complete store at `path`
         self.path, self.names = path, list(names)
-        arrays = {name: arr for name, arr in store.group.arrays() if name != L.SHARD_DONE}
+        arrays = {name: arr for name, arr in store.group.arrays() if name != C.SHARD_DONE}
         for name in self.names:
             if name in META_COLUMNS:
                 raise ValueError(f"{path}: {name!r} is always read; do not ask for it in names")
@@ -82,10 +82,10 @@ def _read_range(path: str, names: list[str], start: int, stop: int) -> Iterator[
     store = RowStore.open(path)
     g, rows = store.group, slice(start, stop)
     status = store.status()[rows]  # RowStore's rule: a shard without its marker is pending
-    reason = _strings(g[L.REASON][rows])
+    reason = _strings(g[C.REASON][rows])
     reason[status == PENDING] = ""  # nothing of an uncommitted shard is meaningful
-    batch = {"row": np.arange(start, stop, dtype="int64"), L.SHAPE_ID: _strings(g[L.SHAPE_ID][rows]),
-             L.CATEGORY: _strings(g[L.CATEGORY][rows]), L.STATUS: status, L.REASON: reason}
+    batch = {"row": np.arange(start, stop, dtype="int64"), C.SHAPE_ID: _strings(g[C.SHAPE_ID][rows]),
+             C.CATEGORY: _strings(g[C.CATEGORY][rows]), C.STATUS: status, C.REASON: reason}
     for name in names:
         values = g[name][rows]
         batch[name] = _strings(values) if values.dtype.kind == "T" else values
@@ -125,20 +125,24 @@ def read_rows(path: str, names: Sequence[str], row_ranges: Sequence[tuple[int, i
 # ------------------------------------------------------------------------------------ in Ray Train workers
 
 def cache_shard(shard, columns: Sequence[str], limit: int) -> dict[str, np.ndarray] | None:
-    """A Ray Train worker's whole dataset shard ({column: array}), read once, if its `columns` fit in
-    `limit` bytes; else None (then stream it with `stream_shard`). Training steps then sample from
-    memory instead of paying a Ray Data epoch per step on small sets."""
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    """A Ray Train worker's whole dataset shard ({column: array}, rows in the store's order), read once,
+    if its `columns` fit in `limit` bytes; else None (then stream it with `stream_shard`). Training
+    steps then sample from memory instead of paying a Ray Data epoch per step on small sets. Blocks
+    arrive in whatever order Ray Data's workers finish them: sorting by row makes "row k of the cache"
+    the same on every run, so a seeded step draws the same rows after a resume."""
+    names = list(dict.fromkeys(["row", *columns]))
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in names}
     size = 0
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
         size += sum(batch[c].nbytes for c in columns)
         if size > limit:
             return None
-        for c in columns:
+        for c in names:
             parts[c].append(batch[c])
-    if not parts[columns[0]]:
+    if not parts["row"]:
         raise RuntimeError("a Ray Train worker got no rows: use fewer workers than rows")
-    return {c: np.concatenate(p) for c, p in parts.items()}
+    order = np.argsort(np.concatenate(parts["row"]), kind="stable")
+    return {c: np.concatenate(parts[c])[order] for c in columns}
 
 
 def stream_shard(shard, columns: Sequence[str], rows: int) -> Iterator[dict[str, np.ndarray]]:

@@ -1,17 +1,19 @@
 """`raywsl inspect PATH`: what is in a store or a run folder.
 
 The `--json` form is stable (documented in the README): a store gives its `RowStore.summary()`;
-a run folder gives {"kind": "run", "path", "config", "stores": {kind: summary}}.
+a run folder gives {"kind": "run", "path", "config", "stores": {kind: summary}, "stages": stages.json},
+its stores found through stages.json (the artifacts it used).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import fsspec
 import yaml
 
-from raywsl import layout as L
+from raywsl import contract as C
 from raywsl.store.rows import RowStore, StoreError
 
 
@@ -19,15 +21,19 @@ def inspect_path(path: str, max_failures: int | None = None) -> dict[str, Any]:
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):
         raise StoreError(f"{path}: no such file or folder")
-    if fs.exists(L.join(fs_path, "zarr.json")):
+    if fs.exists(C.join(fs_path, "zarr.json")):
         return _summary(RowStore.open(path), max_failures)
-    config_path = L.join(fs_path, L.CONFIG)
-    stores = {kind: _summary(RowStore.open(L.join(path, name)), max_failures)
-              for kind, name in L.STORES.items() if fs.exists(L.join(fs_path, name))}
-    if not stores and not fs.exists(config_path):
+    config_path = C.join(fs_path, C.CONFIG)
+    stages_path = C.join(fs_path, C.STAGES_FILE)
+    stages = json.loads(fs.cat_file(stages_path)).get("stages", {}) if fs.exists(stages_path) else {}
+    stores = {}
+    for kind, stage, name in (("samples", "ingest", C.SAMPLES), ("weights", "fit", C.WEIGHTS)):
+        if stage in stages:
+            stores[kind] = _summary(RowStore.open(C.join(stages[stage]["artifact"], name)), max_failures)
+    if not stages and not fs.exists(config_path):
         raise StoreError(f"{path}: neither a raywsl store nor a run folder")
     config = yaml.safe_load(fs.cat_file(config_path)) if fs.exists(config_path) else None
-    return {"kind": "run", "path": path, "config": config, "stores": stores}
+    return {"kind": "run", "path": path, "config": config, "stores": stores, "stages": stages}
 
 
 def _summary(store: RowStore, max_failures: int | None) -> dict[str, Any]:
@@ -43,6 +49,9 @@ def format_summary(info: dict[str, Any]) -> str:
     """The human-readable form of `inspect_path`'s result."""
     if info["kind"] == "run":
         lines = [f"run folder {info['path']}" + ("" if info["config"] else " (no config.yaml)")]
+        for stage, e in info.get("stages", {}).items():
+            lines.append(f"  {stage:11s} {'reused' if e['reused'] else 'computed':8s} {e['seconds']:8.1f} s  "
+                         f"{e['artifact']}")
         for s in info["stores"].values():
             lines += ["", *format_summary(s).splitlines()]
         return "\n".join(lines)

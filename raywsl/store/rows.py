@@ -11,8 +11,8 @@ cut into shards of `shard_size` consecutive rows. A shard is the unit of work an
   leaves rows that look done. Rewriting a pending shard overwrites exactly its own objects, and
   the content of a shard is deterministic, so a retry gives the same bytes.
 - The driver alone creates the group and writes attributes (Zarr rewrites zarr.json on every
-  attribute change). The `fingerprint` attribute is written last: a group without it is an
-  interrupted creation and is rebuilt.
+  attribute change). The `fingerprint` attribute is written last; the stages create a store in a
+  temporary folder of the cache and rename it into place (cache.py), so a store is whole or absent.
 
 Per-row metadata (shape id, source, category) is written by the driver at creation; status and
 reason by the shard's worker.
@@ -24,12 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import zarr
 
 from raywsl import __version__
-from raywsl import layout as L
+from raywsl import contract as C
 
 FORMAT = "raywsl-rowstore/1"
 
@@ -55,9 +54,9 @@ class RowStore:
         self.group = group
         self.path = path
         attrs = group.attrs
-        self.kind: str = attrs["kind"]
-        self.n_rows: int = int(attrs["n_rows"])
-        self.shard_size: int = int(attrs["shard_size"])
+        self.kind: str = attrs[C.Attr.KIND]
+        self.n_rows: int = int(attrs[C.Attr.N_ROWS])
+        self.shard_size: int = int(attrs[C.Attr.SHARD_SIZE])
         self.n_shards: int = -(-self.n_rows // self.shard_size)
 
     # ---------------------------------------------------------------- creating and opening
@@ -78,15 +77,15 @@ class RowStore:
             group.create_array(spec.name, shape=(n, *spec.row_shape), dtype=spec.dtype,
                                chunks=(1, *spec.row_shape), shards=(s, *spec.row_shape),
                                compressors=None, fill_value=0)  # float samples do not compress
-        for name, values in ((L.SHAPE_ID, ids), (L.SOURCE, sources), (L.CATEGORY, categories)):
+        for name, values in ((C.SHAPE_ID, ids), (C.SOURCE, sources), (C.CATEGORY, categories)):
             group.create_array(name, shape=(n,), dtype=str, chunks=(s,), fill_value="")[:] = np.array(values)
-        group.create_array(L.STATUS, shape=(n,), dtype="int8", chunks=(s,), fill_value=PENDING)
-        group.create_array(L.REASON, shape=(n,), dtype=str, chunks=(s,), fill_value="")
-        group.create_array(L.SHARD_DONE, shape=(-(-n // s),), dtype="uint8", chunks=(1,), fill_value=0)
-        group.attrs.update({"format": FORMAT, "kind": kind, "n_rows": n, "shard_size": s,
-                            "raywsl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        group.create_array(C.STATUS, shape=(n,), dtype="int8", chunks=(s,), fill_value=PENDING)
+        group.create_array(C.REASON, shape=(n,), dtype=str, chunks=(s,), fill_value="")
+        group.create_array(C.SHARD_DONE, shape=(-(-n // s),), dtype="uint8", chunks=(1,), fill_value=0)
+        group.attrs.update({C.Attr.FORMAT: FORMAT, C.Attr.KIND: kind, C.Attr.N_ROWS: n, C.Attr.SHARD_SIZE: s,
+                            C.Attr.VERSION: __version__, C.Attr.CREATED: time.strftime("%Y-%m-%dT%H:%M:%S"),
                             **(attrs or {})})
-        group.attrs["fingerprint"] = fingerprint  # last: marks the creation complete
+        group.attrs[C.Attr.FINGERPRINT] = fingerprint  # last: marks the creation complete
         return cls(group, path)
 
     @classmethod
@@ -95,38 +94,19 @@ class RowStore:
             group = zarr.open_group(path, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"{path}: no store here") from e
-        if group.attrs.get("format") != FORMAT or "fingerprint" not in group.attrs:
-            raise StoreError(f"{path}: not a complete raywsl store (format {group.attrs.get('format')!r})")
-        if kind and group.attrs["kind"] != kind:
-            raise StoreError(f"{path}: a {group.attrs['kind']} store, expected {kind}")
+        except (ValueError, KeyError, TypeError) as e:  # unreadable metadata (zarr.json damaged)
+            raise StoreError(f"{path}: not a readable store ({type(e).__name__}: {e})") from e
+        if group.attrs.get(C.Attr.FORMAT) != FORMAT or C.Attr.FINGERPRINT not in group.attrs:
+            raise StoreError(f"{path}: not a complete raywsl store (format {group.attrs.get(C.Attr.FORMAT)!r})")
+        if kind and group.attrs[C.Attr.KIND] != kind:
+            raise StoreError(f"{path}: a {group.attrs[C.Attr.KIND]} store, expected {kind}")
         return cls(group, path)
-
-    @classmethod
-    def open_or_create(cls, path: str, *, kind: str, fingerprint: str, restart: bool = False,
-                       **create_kwargs: Any) -> "RowStore":
-        """Resume the store at `path` if it was made with the same fingerprint; refuse if not
-        (unless `restart`, which deletes it); create it if absent or half-created."""
-        fs, fs_path = fsspec.core.url_to_fs(path)
-        if fs.exists(fs_path):
-            try:
-                existing = cls.open(path, mode="r+", kind=kind)
-            except StoreError:
-                existing = None  # an interrupted creation (no fingerprint yet): safe to rebuild
-            if existing is not None and existing.fingerprint == fingerprint and not restart:
-                return existing
-            if existing is not None and not restart:
-                raise StoreError(
-                    f"{path} was made with a different config or input (fingerprint "
-                    f"{existing.fingerprint}, now {fingerprint}); refusing to mix them. Use another "
-                    f"run.dir, or pass --restart to delete it and start over.")
-            fs.rm(fs_path, recursive=True)
-        return cls.create(path, kind=kind, fingerprint=fingerprint, **create_kwargs)
 
     # ---------------------------------------------------------------- shards
 
     @property
     def fingerprint(self) -> str:
-        return self.group.attrs["fingerprint"]
+        return self.group.attrs[C.Attr.FINGERPRINT]
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -138,7 +118,7 @@ class RowStore:
         return slice(k * self.shard_size, min((k + 1) * self.shard_size, self.n_rows))
 
     def shards_done(self) -> np.ndarray:
-        return self.group[L.SHARD_DONE][:].astype(bool)
+        return self.group[C.SHARD_DONE][:].astype(bool)
 
     def pending_shards(self) -> list[int]:
         return np.flatnonzero(~self.shards_done()).tolist()
@@ -149,9 +129,9 @@ class RowStore:
         rows = self.shard_rows(k)
         for name, values in arrays.items():
             self.group[name][rows] = values
-        self.group[L.STATUS][rows] = np.asarray(status, dtype="int8")
-        self.group[L.REASON][rows] = np.array(reason, dtype=str)
-        self.group[L.SHARD_DONE][k] = 1
+        self.group[C.STATUS][rows] = np.asarray(status, dtype="int8")
+        self.group[C.REASON][rows] = np.array(reason, dtype=str)
+        self.group[C.SHARD_DONE][k] = 1
 
     def read_shard(self, k: int, names: Iterable[str]) -> dict[str, np.ndarray]:
         rows = self.shard_rows(k)
@@ -159,15 +139,26 @@ class RowStore:
 
     def row_meta(self, rows: slice | None = None) -> dict[str, np.ndarray]:
         rows = rows or slice(None)
-        return {name: self.group[name][rows] for name in (L.SHAPE_ID, L.SOURCE, L.CATEGORY)}
+        return {name: self.group[name][rows] for name in (C.SHAPE_ID, C.SOURCE, C.CATEGORY)}
 
     def status(self) -> np.ndarray:
         """Per-row status; rows of shards without a marker are pending, whatever was written."""
-        status = self.group[L.STATUS][:]
+        status = self.group[C.STATUS][:]
         done_rows = np.repeat(self.shards_done(), self.shard_size)[: self.n_rows]
         return np.where(done_rows, status, PENDING).astype("int8")
 
     # ---------------------------------------------------------------- summaries
+
+    def rows_summary(self, rows: range) -> dict[str, Any]:
+        """Counts of `rows` (done, failed, pending) and their failures: what a stage that filled
+        those rows reports."""
+        status = self.status()[rows.start:rows.stop]
+        failed = np.flatnonzero(status == FAILED) + rows.start
+        meta, reason = self.row_meta(), self.group[C.REASON]
+        return {"rows": len(rows), "done": int((status == DONE).sum()), "failed": len(failed),
+                "pending": int((status == PENDING).sum()), "path": self.path,
+                "failures": [{"row": int(k), "shape_id": str(meta[C.SHAPE_ID][k]), "source": str(meta[C.SOURCE][k]),
+                              "reason": str(reason[k])} for k in failed]}
 
     def summary(self, max_failures: int | None = None) -> dict[str, Any]:
         """The stable summary `raywsl inspect --json` prints for a store (see README)."""
@@ -176,7 +167,7 @@ class RowStore:
         if max_failures is not None:
             failed = failed[:max_failures]
         meta = self.row_meta()
-        reason = self.group[L.REASON][:]
+        reason = self.group[C.REASON][:]
         done_shards = int(self.shards_done().sum())
         return {
             "kind": self.kind,
@@ -188,6 +179,6 @@ class RowStore:
             "fingerprint": self.fingerprint,
             "arrays": {name: {"shape": list(arr.shape), "dtype": "str" if arr.dtype.kind == "T" else str(arr.dtype)}
                        for name, arr in sorted(self.group.arrays())},
-            "failures": [{"row": int(i), "shape_id": str(meta[L.SHAPE_ID][i]),
-                          "source": str(meta[L.SOURCE][i]), "reason": str(reason[i])} for i in failed],
+            "failures": [{"row": int(i), "shape_id": str(meta[C.SHAPE_ID][i]),
+                          "source": str(meta[C.SOURCE][i]), "reason": str(reason[i])} for i in failed],
         }

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from raywsl.fit.encoding import positional_encoding
+from raywsl.models.encoding import positional_encoding
 
 
 class DeepSDFDecoder(nn.Module):

@@ -18,7 +18,6 @@ table) and stability.png (cosine and barrier against λ, ± one std shaded); log
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import numbers
@@ -29,17 +28,18 @@ import fsspec
 import numpy as np
 import torch
 
-from raywsl import layout as L
+from raywsl import cache
+from raywsl import contract as C
 from raywsl import tracking
-from raywsl.base.train import ensure_base
 from raywsl.config import Config, to_dict
-from raywsl.eval import figures
-from raywsl.eval.extract import extract_meshes
+from raywsl.geometry import figures
 from raywsl.fit.engine import BatchedFitter, ShapeData
-from raywsl.fit.fields import FIELDS, field_from_config
-from raywsl.fit.recon import DECODE_BATCH, RECON_POINTS, surface_chamfer, thin_surface
+from raywsl.geometry.extract import decode_rows
+from raywsl.geometry.shape import RECON_POINTS, surface_chamfer, thin_surface
+from raywsl.models.fields import FIELDS, field_from_config
 from raywsl.runtime import ray_session
-from raywsl.store.rows import DONE, RowStore, StoreError
+from raywsl.store.rows import RowStore, StoreError
+from raywsl.store.split import training_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,13 @@ def variant_config(cfg: Config, name: str) -> Config:
 
 # ------------------------------------------------------------------------------------ one variant (a Ray task)
 
-def run_variant(cfg: Config, shapes: dict[str, Any], lambdas: Sequence[float]) -> dict[str, Any]:
-    """Fit and decode one variant (`cfg` is the variant's config). `shapes`: ids (n,), points
-    (n, M, 3), sdf (n, M), surface (n, S, 3) thinned. Returns per-shape lists (plain data)."""
+def run_variant(cfg: Config, shapes: dict[str, Any], lambdas: Sequence[float], base: str = "") -> dict[str, Any]:
+    """Fit and decode one variant (`cfg` is the variant's config, `base` its trained base if it needs
+    one). `shapes`: ids (n,), points (n, M, 3), sdf (n, M), surface (n, S, 3) thinned. Returns
+    per-shape lists (plain data)."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # the task holds one CPU
-    field = field_from_config(cfg)
+    field = field_from_config(cfg, base=base)
     i1 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed))[0]
     i2 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed + 1))[0]
     inits = [i1] + [perturbed_init(i1, i2, lam) for lam in lambdas]  # slot 0: ι1, slot 1 + k: λ_k
@@ -136,12 +137,9 @@ def run_variant(cfg: Config, shapes: dict[str, Any], lambdas: Sequence[float]) -
              if (s, 0) in rows and (s, j) in rows]
     device = "cuda" if cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
     cd: dict[tuple[int, tuple[str, int]], tuple[float, str]] = {}
-    for start in range(0, len(todo), DECODE_BATCH):
-        chunk = todo[start:start + DECODE_BATCH]
-        batch = torch.from_numpy(np.stack([row for _, _, row in chunk]).astype(np.float32)).to(device)
-        with torch.no_grad():
-            extracted = extract_meshes(field.bind(batch), len(chunk), cfg.fit.recon_resolution, device=device)
-        for (s, what, _), ex in zip(chunk, extracted):
+    if todo:
+        batch = torch.from_numpy(np.stack([row for _, _, row in todo]).astype(np.float32))
+        for (s, what, _), ex in zip(todo, decode_rows(field.bind, batch, cfg.fit.recon_resolution, device)):
             value, reason = surface_chamfer(ex.mesh, shapes["surface"][s], cfg.seed, ids[s])
             cd[s, what] = value, ex.reason or reason
 
@@ -175,15 +173,22 @@ def run_variant(cfg: Config, shapes: dict[str, Any], lambdas: Sequence[float]) -
 
 # ------------------------------------------------------------------------------------ the experiment
 
-def run_stability(cfg: Config, variants: list[str], lambdas: list[float], n_shapes: int) -> dict[str, Any]:
-    """Run the experiment on the first `n_shapes` ingested shapes of the run; write and return
-    the results (the content of stability.json)."""
+def variant_configs(cfg: Config, variants: list[str], lambdas: list[float], n_shapes: int) -> dict[str, Config]:
+    """The config of each variant, after checking the experiment's arguments (StabilityError)."""
+    return _validate(cfg, variants, lambdas, n_shapes)
+
+
+def run_stability(cfg: Config, variants: list[str], lambdas: list[float], n_shapes: int, samples: str,
+                  bases: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the experiment on the first `n_shapes` training shapes of the sample store `samples`
+    (`bases`: variant -> its trained base, for the variants that need one); write the results into
+    the run folder's stability/ and return them (the content of stability.json)."""
     configs = _validate(cfg, variants, lambdas, n_shapes)
+    bases = bases or {}
     lambdas, n_shapes = [float(lam) for lam in lambdas], int(n_shapes)
-    for c in configs.values():  # lora / mlora / deepsdf_latent: the base, trained first if missing
-        ensure_base(c)
-    params = {name: field_from_config(c).layout.size for name, c in configs.items()}  # FieldError early
-    shapes = _read_shapes(cfg, n_shapes)
+    params = {name: field_from_config(c, base=bases.get(name, "")).layout.size  # FieldError early
+              for name, c in configs.items()}
+    shapes = _read_shapes(samples, n_shapes)
     log.info("stability: %d variants (%s) x %d lambdas on %d shapes, %d fits each",
              len(configs), ", ".join(f"{v}: {params[v]} params" for v in configs), len(lambdas),
              len(shapes["ids"]), len(shapes["ids"]) * (len(lambdas) + 1))
@@ -194,7 +199,7 @@ def run_stability(cfg: Config, variants: list[str], lambdas: list[float], n_shap
         gpus = 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         task = ray.remote(num_cpus=1, num_gpus=gpus)(run_variant)
         shapes_ref = ray.put(shapes)  # once in the object store, read by every task
-        pending = {task.remote(c, shapes_ref, lambdas): name for name, c in configs.items()}
+        pending = {task.remote(c, shapes_ref, lambdas, bases.get(name, "")): name for name, c in configs.items()}
         outputs = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -226,14 +231,13 @@ def _validate(cfg: Config, variants: list[str], lambdas: list[float], n_shapes: 
     return {name: variant_config(cfg, name) for name in variants}
 
 
-def _read_shapes(cfg: Config, n_shapes: int) -> dict[str, Any]:
-    """The SDF samples and thinned surface of the first `n_shapes` ingested shapes (plain arrays)."""
-    path = L.RunLayout(cfg.run_dir).samples
+def _read_shapes(path: str, n_shapes: int) -> dict[str, Any]:
+    """The SDF samples and thinned surface of the first `n_shapes` ingested training shapes (plain arrays)."""
     try:
         store = RowStore.open(path, kind="samples")
     except StoreError as e:
-        raise StoreError(f"{e}: run `raywsl ingest` with this run.dir first") from e
-    rows = np.flatnonzero(store.status() == DONE)[:n_shapes]
+        raise StoreError(f"{e}: run `raywsl ingest` with this config first") from e
+    rows = training_rows(store, 0)[:n_shapes]
     if not len(rows):
         raise StabilityError(f"{path}: no ingested shapes (none with status done); run `raywsl ingest` first")
     if len(rows) < n_shapes:
@@ -243,9 +247,9 @@ def _read_shapes(cfg: Config, n_shapes: int) -> dict[str, Any]:
         arr = store.group[name]
         return arr.get_orthogonal_selection((rows, *[slice(None)] * (arr.ndim - 1)))
 
-    ids = [str(i) for i in store.row_meta()[L.SHAPE_ID][rows]]
-    return {"ids": ids, "points": read(L.POINTS), "sdf": read(L.SDF),
-            "surface": np.stack([thin_surface(s) for s in read(L.SURFACE)])}
+    ids = [str(i) for i in store.row_meta()[C.SHAPE_ID][rows]]
+    return {"ids": ids, "points": read(C.POINTS), "sdf": read(C.SDF),
+            "surface": np.stack([thin_surface(s) for s in read(C.SURFACE)])}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -318,13 +322,11 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def _write(cfg: Config, result: dict[str, Any]) -> None:
-    out = L.RunLayout(cfg.run_dir).stability
+    out = C.RunLayout(cfg.run_dir).stability
     fs, fs_out = fsspec.core.url_to_fs(out)
     fs.makedirs(fs_out, exist_ok=True)
-    with fs.open(L.join(fs_out, "stability.json"), "w") as f:
-        json.dump(result, f, indent=2, default=tracking.jsonable)
-    with fs.open(L.join(fs_out, "stability.md"), "w") as f:
-        f.write(_table(result))
+    cache.write_json(C.join(out, "stability.json"), result)
+    cache.write_text(C.join(out, "stability.md"), _table(result))
 
     curves: dict[str, dict[str, tuple]] = {"cosine similarity": {}, "barrier (Chamfer distance)": {}}
     for name in result["variants"]:
@@ -333,7 +335,7 @@ def _write(cfg: Config, result: dict[str, Any]) -> None:
         curves["cosine similarity"][name] = (lam, [r["cosine_mean"] for r in rs], [r["cosine_std"] for r in rs])
         curves["barrier (Chamfer distance)"][name] = (lam, [r["barrier_mean"] for r in rs],
                                                       [r["barrier_std"] for r in rs])
-    png = L.join(out, "stability.png")
+    png = C.join(out, "stability.png")
     figures.plot_bands(curves, png, xlabel="perturbation strength λ", log_y=["barrier (Chamfer distance)"],
                        title=f"weight-space stability, {len(result['settings']['shapes'])} shapes (mean ± std)")
     tracking.log_figure(png)

@@ -16,9 +16,9 @@ import os
 import torch
 from torch import Tensor, nn
 
-from raywsl.base.deepsdf import DeepSDFDecoder
-from raywsl.base.modulated import ModulatedField
-from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE, SHAPE_IDS
+from raywsl.models.deepsdf import DeepSDFDecoder
+from raywsl.models.modulated import ModulatedField
+from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE, SHAPE_IDS
 
 BASES: dict[str, type[nn.Module]] = {cls.model_name: cls for cls in (ModulatedField, DeepSDFDecoder)}
 

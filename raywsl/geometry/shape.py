@@ -14,6 +14,9 @@ are exact (float64 k-d trees).
   its normal and the normal of its nearest ground-truth point, averaged, and the same from the
   ground-truth side; the mean of both directions. Absolute value: the orientation of extracted
   surfaces (marching cubes on a field) is not trusted, only the tangent plane. 1 is best.
+- Surface Chamfer of a decoded mesh (`surface_chamfer`, the reconstructions' and the stability
+  experiment's convention): RECON_POINTS seeded surface points of the mesh against the ground-truth
+  surface points thinned to ~RECON_POINTS (`thin_surface`), Chamfer as in distances.py.
 - Volumetric IoU from signed distances at the same query points: inside = sdf < 0 (the surface
   itself, sdf = 0, is outside), IoU = |inside_pred and inside_gt| / |inside_pred or inside_gt|; 1
   when both are empty (they agree). Volumetric only if the query points are uniform in a volume that
@@ -27,8 +30,29 @@ from typing import NamedTuple
 import numpy as np
 from scipy.spatial import cKDTree
 
+from raywsl.geometry.distances import chamfer
+from raywsl.geometry.sampling import sample_surface, shape_rng
+
 DEFAULT_TAU = 0.01
 RECOMMENDED_POINTS = 100_000
+RECON_POINTS = 2048  # surface points per shape of `surface_chamfer` (the evaluation default)
+
+
+def surface_chamfer(mesh, truth: np.ndarray, seed: int, shape_id: str) -> tuple[float, str]:
+    """Chamfer distance of a decoded mesh to the (thinned) ground-truth surface points `truth`;
+    (nan, reason) when the mesh has no surface to sample."""
+    if mesh is None:
+        return float("nan"), "no surface"
+    try:
+        cloud = sample_surface(mesh, RECON_POINTS, shape_rng(seed, shape_id))[0]
+    except ValueError as e:  # no faces, or zero area
+        return float("nan"), f"no surface: {e}"
+    return chamfer(cloud, truth), ""
+
+
+def thin_surface(surface: np.ndarray) -> np.ndarray:
+    """The ingested surface points as reconstructions are compared against them: every k-th, ~RECON_POINTS."""
+    return surface[:: max(1, len(surface) // RECON_POINTS)]
 
 
 class FScore(NamedTuple):

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from raywsl.fit.encoding import positional_encoding
+from raywsl.models.encoding import positional_encoding
 
 DEMOD_EPS = 1e-8
 

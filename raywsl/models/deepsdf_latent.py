@@ -19,8 +19,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from raywsl.base.models import BaseError, load_trained
-from raywsl.fit.fields import Field, FieldError, Layout, register
+from raywsl.models.bases import BaseError, load_trained
+from raywsl.models.fields import Field, FieldError, register
+from raywsl.store.layout import Layout
 
 
 @register("deepsdf_latent")

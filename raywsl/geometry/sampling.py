@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import trimesh
 
-from raywsl.ingest.sdf import signed_distance
+from raywsl import contract as C
+from raywsl.config import DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, IngestConfig
+from raywsl.data.meshes import MeshError, load_mesh, normalise
+from raywsl.geometry.sdf import signed_distance
 
-DEFAULT_NEAR_SIGMAS: tuple[float, float] = (math.sqrt(0.0005), math.sqrt(0.005))
-DEFAULT_MIX: tuple[float, float, float] = (0.25, 0.25, 0.5)
 DEFAULT_BACKEND = "igl"
 
 
@@ -126,3 +128,24 @@ def sample_shape(mesh: trimesh.Trimesh, *, points: int, surface_points: int, rng
     sdf = signed_distance(mesh, query.astype(np.float64), backend)
     surface, normals = sample_surface(mesh, surface_points, rng)
     return ShapeSamples(query, sdf.astype(np.float32), surface, normals)
+
+
+def sample_mesh(shape_id: str, uri: str, ic: IngestConfig, seed: int) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Load, normalise and sample one mesh with ingest's settings: ({array name: values}, "") or
+    (None, the reason it failed). What ingest stores per row, and what fit.samples=stream feeds."""
+    if os.environ.get("RAYWSL_CRASH_SHAPE") == shape_id:  # fault injection for the crash test
+        os._exit(139)
+    try:
+        mesh, center, scale = normalise(load_mesh(uri, ic.max_faces), ic.margin)
+    except MeshError as e:
+        return None, str(e)
+    try:
+        s = sample_shape(mesh, points=ic.points, surface_points=ic.surface_points,
+                         near_sigmas=tuple(ic.near_sigmas), mix=tuple(ic.mix), backend=ic.backend,
+                         rng=shape_rng(seed, shape_id))
+        if not (np.isfinite(s.sdf).all() and np.isfinite(s.points).all()):
+            raise ValueError("non-finite signed distances")
+    except Exception as e:  # one shape's failure must not take the shard down
+        return None, f"{uri}: SDF sampling failed ({type(e).__name__}: {e})"
+    return {C.POINTS: s.points, C.SDF: s.sdf, C.SURFACE: s.surface, C.NORMALS: s.normals,
+            C.CENTER: center, C.SCALE: scale}, ""

@@ -30,65 +30,17 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
 
-from raywsl.fit.encoding import positional_encoding
+from raywsl.models.encoding import positional_encoding
+from raywsl.store.layout import Layout, LayoutError
 
 
-class FieldError(ValueError):
-    """An unknown field type or preset, or a row that does not fit a layout."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Ordered (name, shape) of a field's trainable parameters; a row is their flat concatenation."""
-
-    entries: tuple[tuple[str, tuple[int, ...]], ...]
-
-    @cached_property
-    def sizes(self) -> list[int]:
-        return [math.prod(shape) for _, shape in self.entries]
-
-    @property
-    def size(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.entries]
-
-    def unflatten(self, rows: Tensor) -> dict[str, Tensor]:
-        """rows (..., P) -> {name: (..., *shape)}, views of `rows` (gradients flow back into it)."""
-        if rows.shape[-1] != self.size:
-            raise FieldError(f"a row of this layout has {self.size} values, got {rows.shape[-1]}")
-        lead = rows.shape[:-1]
-        parts = torch.split(rows, self.sizes, dim=-1)
-        return {name: p.reshape(*lead, *shape) for (name, shape), p in zip(self.entries, parts)}
-
-    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
-        """{name: (..., *shape)} -> rows (..., P): the inverse of `unflatten`."""
-        missing = set(self.names) - set(params)
-        if missing:
-            raise FieldError(f"parameters missing from the layout: {sorted(missing)}")
-        parts = []
-        for name, shape in self.entries:
-            p = params[name]
-            lead = p.shape[: p.dim() - len(shape)]
-            if tuple(p.shape[len(lead):]) != shape:
-                raise FieldError(f"parameter {name}: expected shape (..., {shape}), got {tuple(p.shape)}")
-            parts.append(p.reshape(*lead, -1))
-        return torch.cat(parts, dim=-1)
-
-    def to_json(self) -> list[list[Any]]:
-        return [[name, list(shape)] for name, shape in self.entries]
-
-    @classmethod
-    def from_json(cls, entries: list[list[Any]]) -> "Layout":
-        return cls(tuple((str(name), tuple(int(s) for s in shape)) for name, shape in entries))
+class FieldError(LayoutError):
+    """An unknown field type or preset, a missing base, or a row that does not fit a layout."""
 
 
 @dataclass(frozen=True)
@@ -239,9 +191,9 @@ def make_field(type_name: str, preset: str, **overrides: Any) -> Field:
     return cls(**{**cls.PRESETS[preset], **overrides})
 
 
-def field_from_config(cfg: Any) -> Field:
-    """The field of a config's `field:` section (types with a base also read where it is: field.base,
-    or the run folder's checkpoints/<base>_final)."""
+def field_from_config(cfg: Any, base: str = "") -> Field:
+    """The field of a config's `field:` section; a type on a trained base reads it from `base` (a
+    `raywsl train-base` checkpoint folder: field.base, or the plan's train-base artifact)."""
     fc = cfg.field
     if fc.type not in FIELDS:
         raise FieldError(f"unknown field type {fc.type!r}; known: {sorted(FIELDS)}")
@@ -249,10 +201,19 @@ def field_from_config(cfg: Any) -> Field:
     options: dict[str, Any] = {"asym": fc.asym, "kappa": fc.kappa, "mask_seed": fc.mask_seed,
                                **cls.options_from(fc)}
     if cls.base_model:
-        from raywsl import layout as L
-
-        options["base"] = fc.base or L.RunLayout(cfg.run_dir).base_final(cls.base_model)
+        options["base"] = base or fc.base
     return make_field(fc.type, fc.preset, **options)
+
+
+def field_of(store: Any) -> Field:
+    """The field a weight store's (a RowStore's) rows belong to, rebuilt from its attributes (and checked against the
+    stored layout, so a changed field definition cannot silently misread old rows)."""
+    attrs = store.attrs
+    field = FIELDS[attrs["field_type"]](**attrs["field_config"])
+    if field.layout != Layout.from_json(attrs["layout"]) or field.frozen_fingerprint() != attrs["frozen_fingerprint"]:
+        raise FieldError(f"{store.path}: the {attrs['field_type']} field of this raywsl version has another "
+                         f"layout or other frozen parts than the one the store was fitted with")
+    return field
 
 
 def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
@@ -310,4 +271,4 @@ class FourierField(Field):
 
 # The field types on a trained base live in their own modules; importing them here registers them,
 # so FIELDS is complete wherever fields.py is imported.
-from raywsl.fit import deepsdf, lora  # noqa: E402,F401
+from raywsl.models import deepsdf_latent, lora  # noqa: E402,F401

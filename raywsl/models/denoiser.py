@@ -22,11 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from raywsl.config import Config
-from raywsl.diffusion.dit import MODELS, make_dit
-from raywsl.diffusion.gaussian import DiffusionSettings, GaussianDiffusion
-from raywsl.diffusion.tokenizers import Standardizer, make_tokenizer
-from raywsl.fit.fields import Layout
-from raywsl.layout import CHECKPOINT_INFO, CHECKPOINT_STATE
+from raywsl.models.dit import MODELS, make_dit
+from raywsl.models.gaussian import DiffusionSettings, GaussianDiffusion
+from raywsl.models.tokenizers import make_tokenizer
+from raywsl.store.standardize import Standardizer
+from raywsl.store.layout import Layout
+from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE
 
 
 class Denoiser(nn.Module):

@@ -14,6 +14,7 @@ drawn in a warm colour so such defects show.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -261,6 +262,9 @@ def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Write the PNG under a temporary name, then rename it: a reader never sees half a picture."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
     return path

@@ -153,6 +153,22 @@ def extract_meshes(
     return out
 
 
+DECODE_BATCH = 8  # fields decoded at once by decode_rows
+
+
+def decode_rows(bind: Callable[[torch.Tensor], Field], rows: torch.Tensor, resolution: int,
+                device: str | torch.device = "cpu", batch: int = DECODE_BATCH) -> list[Extraction]:
+    """Meshes of weight rows (n, P): `bind(rows)` makes their batched field (a field type's `bind`),
+    decoded `batch` rows at a time on `device`, without gradients. What recon, sample and the
+    stability experiment share."""
+    out: list[Extraction] = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch].to(device)
+        with torch.no_grad():
+            out += extract_meshes(bind(chunk), len(chunk), resolution, device=device)
+    return out
+
+
 class _Grid:
     """Evaluates a batch of fields at grid points, chunk by chunk, without gradients."""
 

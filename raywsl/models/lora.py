@@ -26,8 +26,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from raywsl.base.models import BaseError, load_trained
-from raywsl.fit.fields import Field, FieldError, Layout, make_masks, register
+from raywsl.models.bases import BaseError, load_trained
+from raywsl.models.fields import Field, FieldError, make_masks, register
+from raywsl.store.layout import Layout
 
 
 class LoRAField(Field):
