@@ -80,6 +80,7 @@ GENERATED_GRID = "generated.png"
 REFERENCE_SET = "reference.csv"  # in eval/: manifests of the held-out and training shapes
 TRAINING_SET = "training.csv"
 WEIGHTS_PCA = "weights_pca.png"
+WEIGHTS_SPECTRUM = "weights_spectrum.png"
 STAGE_METRICS = "metrics.json"  # in recon/ and eval/: the stage's figures (merged into the run's metrics.json)
 
 # ------------------------------------------------------------------------------------ row stores

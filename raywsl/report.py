@@ -36,8 +36,11 @@ SECTIONS = [
      ["mmd_cd", "cov_cd", "1nna_cd", "mmd_emd", "cov_emd", "1nna_emd", "valid_share", "single_component_share",
       "watertight_share", "memorisation_rate", "novelty_cd_median", "novelty_distinct_nearest", "n_generated",
       "n_reference"]),
-    ("Weight space", [("eval", C.WEIGHTS_PCA, "training rows and sampled rows, top two principal directions")],
-     ["weights_distinct_nearest", "weights_distinct_nearest_share", "weights_attractor_share",
+    ("Weight space", [("eval", C.WEIGHTS_PCA, "training rows and sampled rows, top two principal directions"),
+                      ("eval", C.WEIGHTS_SPECTRUM, "training rows: variance per principal direction")],
+     ["weights_train_cos_mean", "weights_train_cos_to_mean", "weights_top100_dims_share", "weights_pca10_share",
+      "weights_probe_nn_accuracy", "weights_probe_logistic_accuracy", "weights_probe_kmeans_ari",
+      "weights_probe_chance", "weights_distinct_nearest", "weights_distinct_nearest_share", "weights_attractor_share",
       "weights_nearest_cos_median", "weights_cos_to_training_mean"]),
 ]
 

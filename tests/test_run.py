@@ -37,15 +37,17 @@ def test_run_end_to_end_then_reruns_reuse_what_they_can(ray_local, tmp_path, cap
     # every stage's artifact, linked into the run folder
     for path in (f"corpus/{C.CORPUS_MANIFEST}", C.SAMPLES, C.WEIGHTS, f"checkpoints/diffusion_final/{C.CHECKPOINT_STATE}",
                  f"checkpoints/diffusion_final/{C.DIFFUSION_LOSS}", f"generated/{C.ROWS}", f"generated/{C.GENERATED_GRID}",
-                 f"eval/{C.REFERENCE_SET}", f"eval/{C.WEIGHTS_PCA}", f"recon/{C.RECON_GRID}", C.REPORT):
+                 f"eval/{C.REFERENCE_SET}", f"eval/{C.WEIGHTS_PCA}", f"eval/{C.WEIGHTS_SPECTRUM}", f"recon/{C.RECON_GRID}", C.REPORT):
         assert (run / path).exists(), path
     assert (run / C.SAMPLES).is_symlink() and (run / C.SAMPLES).resolve().is_relative_to(runs / C.CACHE)
     recorded = stages(run)
     assert list(recorded) == CHAIN and not any(e["reused"] for e in recorded.values())
     assert recorded["fit"]["artifact"] == str(runs / C.CACHE / "fit" / recorded["fit"]["fingerprint"])
     metrics = json.loads((run / C.METRICS).read_text())
-    for key in ("recon_cd_median", "mmd_cd", "cov_cd", "1nna_cd", "valid_share", "weights_attractor_share"):
+    for key in ("recon_cd_median", "mmd_cd", "cov_cd", "1nna_cd", "valid_share", "weights_attractor_share",
+                "weights_train_cos_mean", "weights_top100_dims_share", "weights_pca10_share"):
         assert math.isfinite(metrics[key]), key
+    assert -1 <= metrics["weights_train_cos_mean"] <= 1 and 0 < metrics["weights_pca10_share"] <= 1 + 1e-9
     assert metrics["n_generated"] == 6  # rows without a surface count against valid_share, not dropped
     held_out = RowStore.open(str(run / C.SAMPLES)).attrs[C.Attr.HELD_OUT]
     assert metrics["n_reference"] == held_out > 0  # the held-out shapes, never fitted

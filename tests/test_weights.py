@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import trimesh
-from scipy.spatial import cKDTree
 
 from raywsl.eval import weights
-from raywsl.geometry.sampling import sample_surface
 
 
 def brute_cosines(W):
@@ -139,30 +136,3 @@ def test_probes_adapt_folds_to_the_smallest_class():
     assert np.isnan(weights.probes(W, labels)["logistic_accuracy"])
 
 
-def kdtree_chamfer(x, y):
-    """Squared-distance Chamfer, the definition raywsl.geometry.distances.chamfer implements."""
-    return float((cKDTree(y).query(x)[0] ** 2).mean() + (cKDTree(x).query(y)[0] ** 2).mean())
-
-
-def sphere_decode(w):
-    """A toy field: w[0] is a sphere radius; a non-positive radius has no surface."""
-    return trimesh.creation.icosphere(subdivisions=3, radius=float(w[0])) if w[0] > 0 else None
-
-
-def test_lmc_barrier_with_toy_decode():
-    reference, _ = sample_surface(trimesh.creation.icosphere(subdivisions=4, radius=0.5), 4096,
-                                  np.random.default_rng(1))
-    same = weights.lmc_barrier([0.5], [0.5], sphere_decode, reference, distance=kdtree_chamfer)
-    assert same["missing"] == [False] and same["barrier"] < 1e-3
-
-    # Midpoint of radii 0.3 and 0.9 is 0.6, a sphere 0.1 off the reference at every point.
-    apart = weights.lmc_barrier([0.3], [0.9], sphere_decode, reference, alphas=(0.0, 0.5, 1.0),
-                                distance=kdtree_chamfer)
-    assert apart["alphas"] == [0.0, 0.5, 1.0]
-    assert apart["chamfer"][1] == pytest.approx(2 * 0.1**2, rel=0.2)
-    assert apart["barrier"] == max(apart["chamfer"]) > apart["chamfer"][1]  # the endpoints are worse
-
-    hole = weights.lmc_barrier([-0.5], [0.5], sphere_decode, reference, alphas=(0.25, 0.5, 0.75),
-                               distance=kdtree_chamfer)
-    assert hole["missing"] == [True, True, False] and hole["n_missing"] == 2
-    assert hole["barrier"] == np.inf and np.isfinite(hole["chamfer"][2])

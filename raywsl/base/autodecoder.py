@@ -100,7 +100,8 @@ class AutoDecoder:
 
     def batches(self, points: np.ndarray, sdf: np.ndarray) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(idx, points, sdf) for the remaining steps of the staged schedule, drawn from the
-        in-memory samples `points` (N, M, 3), `sdf` (N, M)."""
+        in-memory samples `points` (N, M, 3), `sdf` (N, M) by the checkpointed sampler (what a
+        train-base worker whose shard fits in memory steps on)."""
         n, m = sdf.shape
         while self.step_count < self.s.steps:
             shapes, k = self.stage()

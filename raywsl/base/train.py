@@ -132,29 +132,23 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
-    sampler = np.random.default_rng([cfg.seed, rank, trainer.step_count])  # per worker and resume point
     columns = ["row", C.POINTS, C.SDF]
     cached = cache_shard(shard, columns, int(cfg.base.cache_gb * 2**30))
-    streamed = None if cached else stream_shard(shard, columns, max(int(stage[1]) for stage in trainer.s.stages))
+    if cached:  # every step draws from the worker's whole shard, by the auto-decoder's staged schedule
+        draws = ((cached["row"][idx.numpy()], pts, sdf)
+                 for idx, pts, sdf in trainer.batches(cached[C.POINTS], cached[C.SDF]))
+    else:  # too big to keep: (up to) `shapes` rows of the next batch of the stream
+        draws = _streamed(trainer, stream_shard(shard, columns, max(int(st[1]) for st in trainer.s.stages)),
+                          np.random.default_rng([cfg.seed, rank, trainer.step_count]))
     loss_sum, n = 0.0, 0
-    while trainer.step_count < trainer.s.steps:
-        shapes, points = trainer.stage()
-        if cached:  # every step draws its shapes from the worker's whole shard
-            pick = sampler.choice(len(cached["row"]), min(shapes, len(cached["row"])), replace=False)
-            rows, pts, sdf = (cached[c][pick] for c in columns)
-        else:  # too big to keep: (up to) `shapes` rows of the next batch of the stream
-            batch = next(streamed)
-            rows, pts, sdf = (batch[c][:shapes] for c in columns)
-        cols = sampler.integers(0, sdf.shape[1], (len(rows), min(points, sdf.shape[1])))
+    for rows, pts, sdf in draws:
         # every worker takes exactly one step per iteration: the all_reduce in `sync` stays in lockstep
-        loss_sum += trainer.step(torch.from_numpy(latent_of_row[rows]),
-                                 torch.from_numpy(np.take_along_axis(pts, cols[..., None], 1)),
-                                 torch.from_numpy(np.take_along_axis(sdf, cols, 1)), sync)
+        loss_sum += trainer.step(torch.from_numpy(latent_of_row[rows]), pts, sdf, sync)
         n += 1
         step = trainer.step_count
         if step % cfg.base.checkpoint_every == 0 or step == trainer.s.steps:
             metrics = {"step": step, "loss": loss_sum / max(n, 1), "resumed_from": resumed_from}
-            loss_sum = 0.0
+            loss_sum, n = 0.0, 0
             if rank == 0:
                 report_progress(config["progress"], step, trainer.s.steps, metrics["loss"])
                 with tempfile.TemporaryDirectory() as folder:
@@ -163,3 +157,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics)
 
+
+def _streamed(trainer: AutoDecoder, stream, rng: np.random.Generator):
+    """(rows, points, sdf) per step from a worker's stream of rows, points drawn by `rng`."""
+    while trainer.step_count < trainer.s.steps:
+        shapes, points = trainer.stage()
+        batch = next(stream)
+        rows, pts, sdf = (batch[c][:shapes] for c in ("row", C.POINTS, C.SDF))
+        cols = rng.integers(0, sdf.shape[1], (len(rows), min(points, sdf.shape[1])))
+        yield rows, torch.from_numpy(np.take_along_axis(pts, cols[..., None], 1)), \
+            torch.from_numpy(np.take_along_axis(sdf, cols, 1))

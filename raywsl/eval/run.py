@@ -40,7 +40,7 @@ from raywsl.geometry.distances import DEFAULT_EPS, chamfer
 from raywsl.geometry.sampling import sample_surface, shape_rng
 from raywsl.geometry.topology import topology
 from raywsl.eval.generation import generation_metrics, novelty
-from raywsl.eval.weights import nearest_training
+from raywsl.eval.weights import cosine_stats, nearest_training, pca_spectrum, probes, top_dims_variance
 from raywsl.store.rows import RowStore, StoreError
 from raywsl.store.split import training_rows, write_split_manifests
 from raywsl.store.weights import open_weights
@@ -160,25 +160,45 @@ def _add_samples_without_surface(gen: ShapeSet, generated: str) -> None:
             gen.reasons.append(entry["reason"] or "no surface")
 
 
-def _weight_diagnostics(cfg: Config, plan: C.Plan) -> dict[str, Any]:
-    """Weight-space collapse signals of the sampled rows (rows.npy of the sample artifact) against the
-    run's training rows: distinct nearest training rows and the attractor share (papers/002, §3.3)."""
-    path = plan["sample"].join(C.ROWS)
+def _weight_diagnostics(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
+    """The weight-space diagnostics of the papers, on the run's training rows: how thin a shell they
+    lie in (pairwise cosine, cosine to the mean; papers/002 Table 2), how their variance spreads over
+    coordinates and principal directions (weights_spectrum.png), what a probe reads off them about
+    their category (papers/004 Table 4); and the collapse signals of the sampled rows (rows.npy):
+    distinct nearest training rows and the attractor share (papers/002, §3.3)."""
     try:
         store = open_weights(plan.weights)
     except StoreError:
         return {}
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.exists(p):
-        return {}
-    with fs.open(p, "rb") as f:
-        generated = np.load(f)
     rows = training_rows(store, cfg.data.shapes)
-    training = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
-    if generated.shape[1] != training.shape[1] or not len(rows):
+    if len(rows) < 2:
         return {}
+    training = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
+    cos, top = cosine_stats(training), top_dims_variance(training, ks=(10, 100, 1000))
+    spectrum = pca_spectrum(training, k=min(50, len(rows)))
+    figures.plot_spectrum(spectrum["explained_ratio"], C.join(out, C.WEIGHTS_SPECTRUM),
+                          title=f"{len(rows)} training rows: variance per principal direction")
+    out_metrics: dict[str, Any] = {
+        "weights_train_cos_mean": cos["mean"], "weights_train_cos_std": cos["std"],
+        "weights_train_cos_to_mean": cos["cos_to_mean_mean"],
+        **{f"weights_top{k}_dims_share": v for k, v in top["share"].items()},
+        "weights_pca10_share": float(spectrum["cumulative"][min(9, len(spectrum["cumulative"]) - 1)])}
+    labels = store.row_meta()[C.CATEGORY][rows]
+    _, counts = np.unique(labels, return_counts=True)
+    if len(counts) >= 2 and counts.min() >= 2:
+        probe = probes(training, labels, seed=cfg.seed)
+        out_metrics.update({f"weights_probe_{k}": probe[k] for k in ("nn_accuracy", "logistic_accuracy",
+                                                                      "kmeans_ari", "chance")})
+    fs, path = fsspec.core.url_to_fs(plan["sample"].join(C.ROWS))
+    if not fs.exists(path):
+        return out_metrics
+    with fs.open(path, "rb") as f:
+        generated = np.load(f)
+    if generated.shape[1] != training.shape[1]:
+        return out_metrics
     near = nearest_training(generated, training)
-    return {"weights_distinct_nearest": int(near["distinct_nearest"]),
+    return {**out_metrics,
+            "weights_distinct_nearest": int(near["distinct_nearest"]),
             "weights_distinct_nearest_share": near["distinct_nearest"] / max(1, min(len(generated), len(training))),
             "weights_attractor_share": float(near["attractor_share"]),
             "weights_nearest_cos_median": float(np.median(near["cos_sim"][:, 0])),
@@ -231,7 +251,7 @@ def evaluate(cfg: Config, plan: C.Plan | None, out: str) -> dict[str, Any]:
                        "novelty_cd_median": float(np.median(nov.nearest_cd)),
                        "novelty_distinct_nearest": int(len(np.unique(nov.nearest_index)))})
     if own:
-        result.update(_weight_diagnostics(cfg, plan))
+        result.update(_weight_diagnostics(cfg, plan, out))
 
     # Pictures: the shapes themselves, and how far each shape is from its nearest reference
     # (generated vs the reference set's own leave-one-out spread, the scale to read them against).
@@ -285,6 +305,6 @@ def log_eval(folder: str) -> dict[str, Any]:
     returns its metrics."""
     metrics = cache.read_json(C.join(folder, C.STAGE_METRICS), {})
     tracking.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
-    for name in ("generated.png", "reference.png", "nearest_reference.png", C.WEIGHTS_PCA):
+    for name in ("generated.png", "reference.png", "nearest_reference.png", C.WEIGHTS_PCA, C.WEIGHTS_SPECTRUM):
         tracking.log_figure(C.join(folder, name))
     return metrics

@@ -5,23 +5,21 @@ From the small-data study (papers/002, §3.3 and §3.6): pairwise cosine statist
 in a thin shell, mean pairwise cosine ~0.96), cosine to the population mean (the attractor shapes
 are the most central ones), variance captured by the top-k dimensions, and ranking each generated
 vector against all training vectors by cosine (collapse = the same few nearest training shapes
-whatever the input). From the LoRA weight-space paper (papers/004, §4.2 and §4.4): the linear mode
-connectivity barrier (Chamfer distance of the shape decoded at the midpoint of two weight vectors)
-and the semantic probes (1-NN by cosine, logistic regression, k-means ARI).
+whatever the input). From the LoRA weight-space paper (papers/004, §4.4): the semantic probes (1-NN
+by cosine, logistic regression, k-means ARI); its linear mode connectivity barrier is measured by
+`raywsl stability` (fit/stability.py). The eval stage runs these on the run's training rows.
 
 Inputs are numpy arrays; float32 stays float32 in the big matrix products (what a store holds),
 anything else is computed in float64. Outputs are plain dicts of floats, ints and numpy arrays;
-`raywsl.eval.tracking.log_metrics` logs the scalars and skips the arrays.
+`raywsl.tracking.log_metrics` logs the scalars and skips the arrays.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import trimesh
 
-from raywsl.geometry.sampling import sample_surface
 
 # Products are tiled so that no temporary holds more than this many elements (128 MiB of float64).
 CHUNK_ELEMENTS = 1 << 24
@@ -221,43 +219,6 @@ def nearest_training(generated, training, top_k: int = 5, attractor_k: int = 4) 
         "l2_dist": l2_dist,
         "nearest_counts": counts,
     }
-
-
-def lmc_barrier(
-    w_a,
-    w_b,
-    decode: Callable[[np.ndarray], trimesh.Trimesh | None],
-    reference_points,
-    alphas: Sequence[float] = (0.5,),
-    distance: Callable[[np.ndarray, np.ndarray], float] | None = None,
-    n_points: int = 2048,
-    seed: int = 0,
-) -> dict:
-    """Linear mode connectivity (papers/004, §4.2): decode (1 - a) w_a + a w_b for each a in
-    `alphas`, sample `n_points` on the decoded surface and take the Chamfer distance to the
-    ground-truth cloud `reference_points`. The paper's barrier is the value at a = 0.5; with
-    several alphas `barrier` is the worst one (add 0 and 1 to see the endpoints' own error).
-
-    A decode that returns None or a mesh without faces (no surface at that point of the path)
-    scores inf and is flagged in `missing`. Every alpha samples with the same seed."""
-    if distance is None:
-        from raywsl.geometry.distances import chamfer as distance
-    dtype = np.result_type(np.asarray(w_a).dtype, np.float32)  # decode gets the weights' own precision
-    w_a, w_b = np.asarray(w_a, dtype=np.float64), np.asarray(w_b, dtype=np.float64)
-    reference = np.asarray(reference_points, dtype=np.float32)
-    chamfer, missing = [], []
-    for alpha in alphas:
-        w = ((1.0 - alpha) * w_a + alpha * w_b).astype(dtype)
-        mesh = decode(w)
-        if mesh is None or len(mesh.faces) == 0:
-            chamfer.append(np.inf)
-            missing.append(True)
-            continue
-        points, _ = sample_surface(mesh, n_points, np.random.default_rng(seed))
-        chamfer.append(float(distance(points, reference)))
-        missing.append(False)
-    return {"alphas": [float(a) for a in alphas], "chamfer": chamfer, "missing": missing,
-            "barrier": max(chamfer), "n_missing": sum(missing)}
 
 
 def _row_space(W: np.ndarray) -> np.ndarray:

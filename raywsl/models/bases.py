@@ -5,7 +5,7 @@
 
 Every base has `from_preset(name)`, `config` (its constructor arguments), `decode(x, z)` and a
 `default_loss`. A field type names the base it needs (`Field.base_model`); `raywsl train-base`
-trains that one, and a run folder keeps each under its own name (layout.base_checkpoint).
+trains that one: the train-base stage's artifact (checkpoints/base_final in a run folder).
 """
 
 from __future__ import annotations
