@@ -4,6 +4,7 @@ and `raywsl run` killed -9 in every stage finishing with the weights of an unint
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,18 @@ RUN = ["data.source=corpus:10", "ingest.points=4096", "ingest.surface_points=512
 KILLED = ("corpus", "ingest", "fit", "recon", "train", "sample", "eval")
 
 
+TERMINAL_LINE = re.compile(
+    r"^(raywsl run: .*|  \S+ +(computed|reused) +[0-9.]+ s  .*|\S+: \d+/\d+ \w+.*eta .*"
+    r"|metrics: .*|stages: .*|report: .*)$")
+
+
+def assert_clean_terminal(text: str) -> None:
+    """One line per stage, progress lines and the results: no Ray, MLflow or library output."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines and [line for line in lines if not TERMINAL_LINE.match(line)] == [], text[-3000:]
+    assert len(lines) < 40, text
+
+
 def crash_while_publishing(args: list[str], plan) -> None:
     """Run until the trained denoiser is written and its artifact.json too, then die before the rename
     that publishes it (the worst moment of a publication): only a temporary folder is left."""
@@ -179,8 +192,13 @@ def test_run_killed_in_every_stage_finishes_as_if_never_killed(tmp_path):
         kill9_when(args, inside, timeout=240)
     assert main(args) == 0
 
-    full = tmp_path / "full"
-    assert main(["run", f"run.dir={full}", f"cache.dir={tmp_path / 'cache2'}", *RUN]) == 0
+    full = tmp_path / "full"  # uninterrupted, as a user runs it: the terminal shows raywsl's lines only
+    proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "run", f"run.dir={full}",
+                           f"cache.dir={tmp_path / 'cache2'}", *RUN], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clean_terminal(proc.stdout + proc.stderr)
+    log = (full / C.LOGS / "run.log").read_text()
+    assert "core_worker" in log or "(TrainController" in log or "ray." in log  # Ray's output went there
     killed = tmp_path / "killed"
     a, b = arrays(str(killed / C.WEIGHTS)), arrays(str(full / C.WEIGHTS))
     for name in WEIGHT_ARRAYS:
