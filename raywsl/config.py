@@ -213,6 +213,8 @@ class SampleConfig:
 @dataclass
 class ScalingConfig:
     num_workers: int = opt(1, "Ray Train workers of `raywsl train` (DDP; gloo on CPU, nccl on GPU)", min=1, fp=False)
+    cpus_per_worker: int = opt(1, "CPUs (and torch threads) of each Ray Train worker of `raywsl train`", min=1,
+                               fp=False)
     use_gpu: bool = opt(False, "one GPU per Ray Train worker", fp=False)
 
 

@@ -67,11 +67,35 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
         _workers_output_to_log()
 
     ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if _held:  # started inside held_session: it stays up until the held session ends
+        _held[-1] = True
+        yield
+        return
     try:
         yield
     finally:
         _started_local = False
         ray.shutdown()
+
+
+_held: list[bool] = []  # open held_session blocks: whether Ray was started inside the innermost
+
+
+@contextmanager
+def held_session() -> Iterator[None]:
+    """Ray starts only when something inside first needs it (a stage that computes, not one that is
+    reused), and then stays up until the block ends: a chain of stages pays one start, a rerun that
+    reuses everything none."""
+    import ray
+
+    global _started_local
+    _held.append(False)
+    try:
+        yield
+    finally:
+        if _held.pop() and ray.is_initialized():
+            _started_local = False
+            ray.shutdown()
 
 
 def _free_port() -> int:
@@ -93,9 +117,11 @@ def _workers_output_to_log() -> None:
         relay = logging.getLogger("ray.workers")
 
         def to_log(data: dict) -> None:
+            if data.get("pid") == "autoscaler":  # its status table every 5 s: in Ray's own session logs
+                return
             who = data.get("actor_name") or data.get("task_name") or "worker"
             for line in data.get("lines", []):
-                relay.debug("(%s pid=%s) %s", who, data.get("pid"), line)
+                relay.info("(%s pid=%s) %s", who, data.get("pid"), line)
 
         dispatcher.add_handler("ray_print_logs", to_log)
     except (ImportError, AttributeError, KeyError, ValueError) as e:
@@ -109,10 +135,11 @@ def task_concurrency() -> int | None:
 
 
 def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int, use_gpu: bool,
-                      progress: tuple[str, int] | None = None):
+                      cpus_per_worker: int = 1, progress: tuple[str, int] | None = None):
     """Run `loop` under Ray Train (DDP; gloo on CPU, nccl on GPU) with `dataset` as its "train" shard
     source. The run lives in storage/run: calling again with the same storage resumes from its latest
-    checkpoint (the last two are kept; a crashed worker group is restarted twice). `progress` (name,
+    checkpoint (the last two are kept; a crashed worker group is restarted twice). Each worker holds
+    `cpus_per_worker` CPUs (the loop sets its torch threads to match). `progress` (name,
     total steps): show the steps rank 0 reports with `report_progress` to config["progress"]. Raises
     the training error, else returns Ray Train's Result."""
     import threading
@@ -124,7 +151,8 @@ def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int
 
     trainer = TorchTrainer(
         loop, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(name=C.TRAIN_RUN, storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=2)),

@@ -289,10 +289,10 @@ def produce(cfg: Config, plan: C.Plan, stage: str, restart: bool = False) -> Out
 
 
 def run_stages(cfg: Config, plan: C.Plan, stages: list[str], restart: bool = False) -> list[Outcome]:
-    from raywsl.runtime import ray_session
+    from raywsl.runtime import held_session
 
     show_inputs(plan, stages)
-    with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
+    with held_session():  # Ray starts with the first stage that computes, once for all of them
         return [produce(cfg, plan, stage, restart) for stage in stages if stage in plan]
 
 

@@ -60,6 +60,8 @@ def test_a_larger_subset_fits_only_the_new_shapes(ray_local, source, tmp_path):
     args = [f"data.source={source}", *INGEST, *FIT, f"run.dir={tmp_path / 'run'}"]
     for verb in ("ingest", "fit"):
         assert main([verb, *args, "data.shapes=4"]) == 0
+    # a base on 8 shapes needs samples only 4 have: train-base refuses, as fit does
+    assert main(["train-base", *args, "data.shapes=4", "base.shapes=8"]) == 2
     _, small = plan_of(*args, "data.shapes=4")
     _, large = plan_of(*args, "data.shapes=8")
     assert large.weights == small.weights and large.samples == small.samples  # one store for every N
@@ -132,9 +134,9 @@ def test_a_damaged_store_is_refused_not_deleted(source, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ kill -9
 
 RUN = ["data.source=corpus:10", "ingest.points=4096", "ingest.surface_points=512", "ingest.shard_size=2",
-       "ingest.test_fraction=0.3", "field.preset=tiny", "fit.steps=150", "fit.points_per_step=512",
+       "ingest.test_fraction=0.3", "field.preset=tiny", "fit.steps=100", "fit.points_per_step=512",
        "fit.batch_size=2", "fit.shard_size=2", "fit.recon_count=2", "fit.recon_resolution=24",
-       "diffusion.model=tiny", "diffusion.timesteps=50", "train.steps=120", "train.batch_size=8",
+       "diffusion.model=tiny", "diffusion.timesteps=50", "train.steps=60", "train.batch_size=8",
        "train.log_every=10", "train.checkpoint_every=20", "sample.count=3", "sample.steps=10",
        "sample.resolution=24", "eval.distances=[cd]", "eval.points=256", "eval.render=2"]
 KILLED = ("corpus", "ingest", "fit", "recon", "train", "sample", "eval")

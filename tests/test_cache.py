@@ -175,3 +175,33 @@ def test_gc_keeps_what_a_live_producer_holds(tmp_path):
         assert cache.garbage(str(runs / C.CACHE), []) == []  # being produced: not garbage
     assert sorted(cache.garbage(str(runs / C.CACHE), [])) == sorted(
         [cache.work_dir(art), art.path + C.LOCK_SUFFIX])
+
+
+@pytest.mark.ray
+def test_the_ray_lock_serves_caches_no_file_lock_can(ray_local):
+    """A cache at a URL (s3://...) gets its per-artifact locks from a named Ray actor: one holder at a
+    time, and a holder that stops renewing (a dead process) loses its lease."""
+    import threading
+
+    import ray
+
+    art = C.Artifact("fit", "abcd", "s3://bucket/runs/cache/fit/abcd")
+    events, waited = [], []
+
+    def hold(tag: int) -> None:
+        with cache.lock(art, on_wait=lambda: waited.append(tag)):
+            events.append(("in", tag))
+            time.sleep(0.6)
+            events.append(("out", tag))
+
+    threads = [threading.Thread(target=hold, args=(tag,)) for tag in (0, 1)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(30)
+    assert events == [("in", 0), ("out", 0), ("in", 1), ("out", 1)] and waited == [1]
+    service = cache.lock_service()
+    assert ray.get(service.acquire.remote("x", "dead", 0.3)) and not ray.get(service.acquire.remote("x", "b", 0.3))
+    time.sleep(0.4)
+    assert ray.get(service.acquire.remote("x", "b", 0.3))  # the lease of the silent holder ran out

@@ -28,9 +28,14 @@ def _final(run):
     return state, json.loads((folder / C.CHECKPOINT_INFO).read_text())
 
 
+def shared(ingested) -> list[str]:
+    """The ingested config, in the cache the module shares (tests that change an artifact copy it)."""
+    return [*ingested[1], f"cache.dir={ingested[0].parent / C.CACHE}"]
+
+
 def test_train_base_learns_and_checkpoints(ingested, tmp_path, capsys):
-    run = copy_ingested(ingested[0], tmp_path)
-    assert main(["train-base", f"run.dir={run}", *ingested[1], *BASE, "base.steps=200"]) == 0
+    run = tmp_path / "run"
+    assert main(["train-base", f"run.dir={run}", *shared(ingested), *BASE, "base.steps=200"]) == 0
     assert "base_step 200" in capsys.readouterr().err
     state, info = _final(run)
     assert state["step"] == info["step"] == 200 and state["latents"].shape == (8, 8)
@@ -56,7 +61,7 @@ def test_train_base_resumes_after_kill9(ingested, tmp_path):
     from pathlib import Path
 
     run = copy_ingested(ingested[0], tmp_path)
-    args = ["train-base", f"run.dir={run}", *ingested[1], *BASE, "base.steps=400"]
+    args = ["train-base", f"run.dir={run}", *ingested[1], *BASE, "base.steps=200"]
     _, plan = plan_of(*args[1:], base=True)
     ray_run = Path(cache.work_dir(plan["train-base"])) / C.TRAIN_RUN
 
@@ -67,7 +72,7 @@ def test_train_base_resumes_after_kill9(ingested, tmp_path):
     assert not cache.is_complete(plan["train-base"].path)  # nothing published by the killed run
     assert main(args) == 0
     state, info = _final(run)
-    assert state["step"] == 400 and info["metrics"]["step"] == 400
+    assert state["step"] == 200 and info["metrics"]["step"] == 200
     assert info["metrics"]["resumed_from"] >= 20  # not from step 0
     assert not ray_run.exists()  # the resumable state is gone once the base is published
 
@@ -79,9 +84,9 @@ def test_mlora_fields_fit_on_the_trained_base_through_raywsl_fit(ingested, tmp_p
     from raywsl.models.fields import field_of
     from raywsl.store.weights import open_weights
 
-    run = copy_ingested(ingested[0], tmp_path)
-    assert main(["train-base", f"run.dir={run}", *ingested[1], *BASE, "base.steps=60"]) == 0
-    fit = [*ingested[1], *BASE, "base.steps=60", "field.type=mlora", "field.preset=default", "field.rank=2", "field.asym=true", "fit.steps=60",
+    run = tmp_path / "run"  # the module's cache: the base the first test trained (it changes it last)
+    assert main(["train-base", f"run.dir={run}", *shared(ingested), *BASE, "base.steps=200"]) == 0
+    fit = [*shared(ingested), *BASE, "base.steps=200", "field.type=mlora", "field.preset=default", "field.rank=2", "field.asym=true", "fit.steps=60",
            "fit.points_per_step=512", "fit.check_every=20", "fit.batch_size=4", "fit.shard_size=4",
            "fit.recon_count=2", "fit.recon_resolution=32"]
     assert main(["fit", f"run.dir={run}", *fit]) == 0

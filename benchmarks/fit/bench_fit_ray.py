@@ -15,7 +15,7 @@ every 50 steps, one actor, no reconstructions):
   store (the pipeline's arrays), and for each weight shard read its rows from the sample store,
   `pipeline.fit_block` them with one BatchedFitter kept across shards, and `write_shard` them.
   torch runs --threads threads.
-- Ray: `raywsl.fit.pipeline.fit(cfg, restart=True)`: the sample store read by the RowStore
+- Ray: `raywsl.fit.pipeline.fit(cfg, plan)` (the weight store removed first): the sample store read by the RowStore
   Datasource, a pool of one FitActor (num_cpus=1) fitting and writing one shard per block, the
   driver following progress. Ray is started by this script (the same local Ray `raywsl fit` starts),
   so its start and shutdown are timed apart from `fit()`. A 1-CPU Ray actor gets OMP_NUM_THREADS=1,
@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raywsl import cache
 from raywsl import contract as C
 from raywsl.config import load_config
 from raywsl.data.corpus import write_corpus
@@ -65,6 +66,7 @@ from raywsl.fit.engine import BatchedFitter
 from raywsl.models.fields import make_field
 from raywsl.ingest.pipeline import ingest
 from raywsl.runtime import ray_session
+from raywsl.stages import plan_for
 from raywsl.store.rows import RowStore
 
 
@@ -108,20 +110,22 @@ def setup(args, work: Path):
                  f"field.preset={args.preset}", "fit.init=shared", f"fit.steps={args.steps}",
                  f"fit.batch_size={args.batch_size}", f"fit.points_per_step={args.points_per_step}",
                  f"fit.shard_size={args.shard_size}", f"fit.check_every={args.check_every}", "fit.actors=1",
-                 f"fit.device={args.device}", "fit.recon_count=0"]
+                 f"fit.device={args.device}", "fit.recon_count=0", "ingest.test_fraction=0"]  # fit every row
     cfg = load_config(None, overrides)
+    plan = plan_for(cfg)
     t1 = time.perf_counter()
-    summary = ingest(cfg)
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
+        summary = ingest(cfg, plan)
     print(f"Setup: corpus of {args.shapes} shapes in {t_corpus:.1f} s; ingest ({summary['done']} done, "
           f"{summary['failed']} failed) in {time.perf_counter() - t1:.1f} s")
-    return cfg
+    return cfg, plan
 
 
-def bare_fit(cfg, threads: int, path: str) -> tuple[float, int]:
+def bare_fit(cfg, plan, threads: int, path: str) -> tuple[float, int]:
     """The pipeline's work without Ray: read each weight shard's samples, fit_block, write_shard."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    samples = RowStore.open(C.RunLayout(cfg.run_dir).samples, kind="samples")
+    samples = RowStore.open(plan.samples, kind="samples")
     field = make_field(cfg.field.type, cfg.field.preset)
     meta = samples.row_meta()
     store = RowStore.create(path, kind="weights", fingerprint="bench", ids=[str(i) for i in meta[C.SHAPE_ID]],
@@ -161,7 +165,7 @@ def actor_threads() -> tuple[int, str]:
     return out
 
 
-def ray_fit(cfg, threads: int) -> dict:
+def ray_fit(cfg, plan, threads: int) -> dict:
     if threads != 1:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the Ray workers started below
     times = ShardTimes()
@@ -174,7 +178,8 @@ def ray_fit(cfg, threads: int) -> dict:
         t0 = time.perf_counter()
         session.__enter__()
         t1 = time.perf_counter()
-        summary = pipeline.fit(cfg, restart=True)
+        cache.remove(plan["fit"].path)  # from scratch
+        summary = pipeline.fit(cfg, plan)
         t2 = time.perf_counter()
         probe = actor_threads()
         t3 = time.perf_counter()
@@ -212,18 +217,18 @@ def main() -> None:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_fit_ray_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = setup(args, work)
+        cfg, plan = setup(args, work)
         f = cfg.fit
         print(f"Fit: {args.shapes} shapes, mlp/{cfg.field.preset} ({make_field('mlp', cfg.field.preset).layout.size:,} "
               f"parameters), {f.steps} steps of {f.points_per_step} points, B {f.batch_size}, shards of "
               f"{f.shard_size}, check_every {f.check_every}, {f.actors} actor, {args.threads} torch thread(s)\n")
 
-        bare_s, bare_steps = bare_fit(cfg, args.threads, str(work / "bare_weights.zarr"))
+        bare_s, bare_steps = bare_fit(cfg, plan, args.threads, str(work / "bare_weights.zarr"))
         print(f"bare: {bare_s:.1f} s", file=sys.stderr, flush=True)
-        r = ray_fit(cfg, args.threads)
+        r = ray_fit(cfg, plan, args.threads)
         print(f"Ray: {r['total']:.1f} s", file=sys.stderr, flush=True)
 
-        ray_store = RowStore.open(C.RunLayout(cfg.run_dir).weights, kind="weights")
+        ray_store = RowStore.open(plan.weights, kind="weights")
         bare_store = RowStore.open(str(work / "bare_weights.zarr"), kind="weights")
         w_ray, w_bare = ray_store.group[C.ROW_WEIGHTS][:], bare_store.group[C.ROW_WEIGHTS][:]
         diff = float(np.abs(w_ray - w_bare).max())

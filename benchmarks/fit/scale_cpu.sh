@@ -10,16 +10,16 @@ mkdir -p "$WORK"
 t0=$(date +%s)
 $B/raywsl corpus "$WORK/corpus" --n "$N" --seed 0 > "$WORK/corpus.log" 2>&1
 t1=$(date +%s); echo "corpus: $N shapes in $((t1 - t0)) s"
-$B/raywsl ingest run.dir="$WORK/run" data.source="$WORK/corpus/manifest.csv" ingest.points=8192 \
-    ingest.surface_points=1024 ingest.shard_size=16 > "$WORK/ingest.log" 2>&1
-t2=$(date +%s); echo "ingest: $(tail -1 "$WORK/ingest.log") in $((t2 - t1)) s"
+# one config of the samples for every run folder: they share the ingested store ($WORK/cache)
+DATA="data.source=$WORK/corpus/manifest.csv ingest.points=8192 ingest.surface_points=1024 ingest.shard_size=16"
+$B/raywsl ingest run.dir="$WORK/run" $DATA > "$WORK/ingest.log" 2>&1
+t2=$(date +%s); echo "ingest: $(grep '  ingest ' "$WORK/ingest.log") in $((t2 - t1)) s"
 for init in shared random warm; do
-    rm -rf "$WORK/run-$init" && mkdir -p "$WORK/run-$init" && cp -r "$WORK/run/samples.zarr" "$WORK/run-$init/"
     s=$(date +%s)
-    $B/raywsl fit run.dir="$WORK/run-$init" field.preset=tiny fit.init=$init fit.steps=200 \
+    $B/raywsl fit run.dir="$WORK/run-$init" $DATA field.preset=tiny fit.init=$init fit.steps=200 \
         fit.points_per_step=1024 fit.batch_size=16 fit.shard_size=64 fit.recon_count=16 \
         fit.recon_resolution=64 > "$WORK/fit-$init.log" 2>&1
-    e=$(date +%s); echo "fit $init: $(tail -1 "$WORK/fit-$init.log") in $((e - s)) s"
+    e=$(date +%s); echo "fit $init: $(grep '  fit ' "$WORK/fit-$init.log") in $((e - s)) s"
 done
 $B/python - "$WORK" <<'PY'
 import sys

@@ -101,7 +101,8 @@ def train(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[st
                   "standardizer": {k: v.tolist() for k, v in std.state().items()},
                   "progress": C.join(work, C.TRAIN_PROGRESS)}
         result = fit_torch_trainer(_train_loop, config, dataset=data, storage=work, workers=cfg.scaling.num_workers,
-                                   use_gpu=cfg.scaling.use_gpu, progress=("train", cfg.train.steps))
+                                   use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+                                   progress=("train", cfg.train.steps))
     copy_checkpoint(result, out)
     cache.update_json(os.path.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
     _report(cfg, out)
@@ -152,6 +153,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from raywsl.store.datasource import cache_shard, stream_shard
 
     cfg = build(Config, config["cfg"])
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)  # Ray sets OMP_NUM_THREADS; say it explicitly
     tc = cfg.train
     layout = Layout.from_json(config["layout"])
     std = Standardizer.from_state({k: torch.tensor(v) for k, v in config["standardizer"].items()})

@@ -127,12 +127,8 @@ def fit(cfg: Config, plan: C.Plan) -> dict[str, Any]:
 
 def _create_store(cfg: Config, plan: C.Plan, inp: Any, field: Field) -> RowStore:
     art = plan["fit"]
-    try:
-        return RowStore.open(plan.weights, mode="r+", kind="weights")
-    except StoreError:
-        if cache.is_complete(art.path):
-            raise StoreError(f"{plan.weights} cannot be opened (damaged?): rerun with --restart to "
-                             f"delete it and fit again") from None
+    if store := RowStore.open_published(plan.weights, "weights", art.path):
+        return store
     anchor_id = _anchor_id(cfg, inp) if cfg.fit.init == "warm" else ""
     base_fp = plan["train-base"].fingerprint if "train-base" in plan else ""
     with cache.publishing(art, {"rows": len(inp.ids)}) as folder:

@@ -31,7 +31,7 @@ from raywsl.data.sources import MeshRef, resolve_source
 from raywsl.geometry.sampling import sample_mesh
 from raywsl.progress import Progress
 from raywsl.runtime import ray_session, task_concurrency
-from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
+from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 from raywsl.store.split import held_out_count, shards_of, store_order
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,8 @@ def needed_rows(store: RowStore, cfg: Config) -> range:
 def create_store(cfg: Config, plan: C.Plan) -> RowStore:
     """The sample store of `plan`, created in the cache (complete or not at all) if it is not there."""
     art = plan["ingest"]
-    try:
-        return RowStore.open(plan.samples, mode="r+", kind="samples")
-    except StoreError:
-        if cache.is_complete(art.path):
-            raise StoreError(f"{plan.samples} cannot be opened (damaged?): rerun with --restart to "
-                             f"delete it and ingest again") from None
+    if store := RowStore.open_published(plan.samples, "samples", art.path):
+        return store
     refs = ordered_refs(cfg, resolve_source(plan.source))
     ids = [r.shape_id for r in refs]
     with cache.publishing(art, {"rows": len(refs)}) as folder:

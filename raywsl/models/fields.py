@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor
 
+from raywsl import contract as C
 from raywsl.models.encoding import positional_encoding
 from raywsl.store.layout import Layout, LayoutError
 
@@ -209,9 +210,10 @@ def field_of(store: Any) -> Field:
     """The field a weight store's (a RowStore's) rows belong to, rebuilt from its attributes (and checked against the
     stored layout, so a changed field definition cannot silently misread old rows)."""
     attrs = store.attrs
-    field = FIELDS[attrs["field_type"]](**attrs["field_config"])
-    if field.layout != Layout.from_json(attrs["layout"]) or field.frozen_fingerprint() != attrs["frozen_fingerprint"]:
-        raise FieldError(f"{store.path}: the {attrs['field_type']} field of this raywsl version has another "
+    A = C.Attr
+    field = FIELDS[attrs[A.FIELD_TYPE]](**attrs[A.FIELD_CONFIG])
+    if field.layout != Layout.from_json(attrs[A.LAYOUT]) or field.frozen_fingerprint() != attrs[A.FROZEN_FINGERPRINT]:
+        raise FieldError(f"{store.path}: the {attrs[A.FIELD_TYPE]} field of this raywsl version has another "
                          f"layout or other frozen parts than the one the store was fitted with")
     return field
 

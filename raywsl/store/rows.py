@@ -29,6 +29,7 @@ import zarr
 
 from raywsl import __version__
 from raywsl import contract as C
+from raywsl.cache import is_complete
 
 FORMAT = "raywsl-rowstore/1"
 
@@ -101,6 +102,19 @@ class RowStore:
         if kind and group.attrs[C.Attr.KIND] != kind:
             raise StoreError(f"{path}: a {group.attrs[C.Attr.KIND]} store, expected {kind}")
         return cls(group, path)
+
+    @classmethod
+    def open_published(cls, path: str, kind: str, artifact: str) -> "RowStore | None":
+        """The store at `path` inside the cache artifact folder `artifact`, open for writing its
+        shards; None when the artifact is not there yet. A store whose artifact is published but that
+        cannot be opened is refused, never rebuilt over: --restart deletes it."""
+        try:
+            return cls.open(path, mode="r+", kind=kind)
+        except StoreError:
+            if is_complete(artifact):
+                raise StoreError(f"{path} cannot be opened (damaged?): rerun with --restart to delete it "
+                                 f"and compute it again") from None
+        return None
 
     # ---------------------------------------------------------------- shards
 

@@ -38,9 +38,10 @@ def weights_summary(store: RowStore) -> dict[str, Any]:
     done = store.status() == DONE
     loss = store.group[C.FIT_LOSS][:][done]
     steps = store.group[C.FIT_STEPS][:][done]
-    return {"field_type": attrs["field_type"], "field_preset": attrs["field_preset"], "params": attrs["params"],
-            "init": attrs["init"], "warm_shape": attrs.get("warm_shape", ""),
-            "loss": attrs["fit"]["loss"],
+    A = C.Attr
+    return {"field_type": attrs[A.FIELD_TYPE], "field_preset": attrs[A.FIELD_PRESET], "params": attrs[A.PARAMS],
+            "init": attrs[A.INIT], "warm_shape": attrs.get(A.WARM_SHAPE, ""),
+            "loss": attrs[A.FIT]["loss"],
             "loss_median": float(np.median(loss)) if len(loss) else None,
             "loss_p95": float(np.quantile(loss, 0.95)) if len(loss) else None,
             "steps_mean": float(steps.mean()) if len(steps) else None}
