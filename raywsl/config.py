@@ -73,7 +73,7 @@ class IngestConfig:
     backend: str = opt("igl", "SDF backend: igl (exact distance + winding-number sign) or "
                               "mesh_to_sdf (slow reference)")
     near_sigmas: list[float] = opt(list(DEFAULT_NEAR_SIGMAS), "std of the Gaussian noise of the fine "
-                                   "and coarse near-surface samples (DeepSDF's; see ingest/sampling.py)")
+                                   "and coarse near-surface samples (DeepSDF's; see geometry/sampling.py)")
     mix: list[float] = opt(list(DEFAULT_MIX), "fractions of query points: near fine, near coarse, "
                                               "uniform in the cube [-1,1]^3 (sum to 1)")
     margin: float = opt(0.03, "normalised mesh fits in a sphere of radius 1/(1+margin)", min=0.0)
@@ -87,12 +87,12 @@ class IngestConfig:
 
 @dataclass
 class FieldConfig:
-    type: str = opt("mlp", "field type: mlp, fourier, lora, mlora, deepsdf_latent (see raywsl/fit/fields.py, "
-                           "fit/lora.py, fit/deepsdf.py)")
+    type: str = opt("mlp", "field type: mlp, fourier, lora, mlora, deepsdf_latent (see raywsl/models/fields.py, "
+                           "models/lora.py, models/deepsdf_latent.py)")
     preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, small, tiny; "
                                     "fourier: shapenet, tiny; lora, mlora, deepsdf_latent: default)")
     asym: bool = opt(False, "asymmetric masks: freeze ceil(sqrt(d_out)) entries per weight row at positions "
-                            "shared by all shapes (breaks permutation symmetry; see fit/fields.py)")
+                            "shared by all shapes (breaks permutation symmetry; see models/fields.py)")
     kappa: float = opt(1.0, "variance of the frozen entries, relative to the trainable entries' init", min=0.0)
     mask_seed: int = opt(0, "seed of the asymmetric masks' positions and values")
     rank: int | list[int] = opt(4, "lora / mlora: adapter rank of every synthesis layer, or a list with one "
@@ -178,7 +178,7 @@ class DiffusionConfig:
                                   "HyperDiffusion), chunk (equal chunks), lora_hier (the LoRA paper's "
                                   "hierarchical rank-pair encoder), latent (DeepSDF latents)")
     token_size: int = opt(0, "values per token of layer / chunk / latent (0: the tokenizer's default)", min=0)
-    model: str = opt("tiny", "denoiser size (raywsl/diffusion/dit.py MODELS): tiny (CPU), small, base, "
+    model: str = opt("tiny", "denoiser size (raywsl/models/dit.py MODELS): tiny (CPU), small, base, "
                              "hyperdiffusion (the papers': hidden 2880, 12 layers, 16 heads)")
     prediction: str = opt("eps", "what the denoiser predicts: eps (noise; the papers'), x0, v",
                           choices=["eps", "x0", "v"])

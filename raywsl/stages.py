@@ -186,7 +186,7 @@ STAGES: dict[str, StageDef] = {
     "train-base": StageDef(_train_base, check=_check_base, record=_base_record,
                            summary=lambda f: _fmt(f, "base_step", "base_loss")),
     "fit": StageDef(_fit, check=_check_fit, record=_fit_record, summary=_counts),
-    "recon": StageDef(_recon, check=lambda cfg, plan: _check_fit(cfg, plan), record=_recon_record,
+    "recon": StageDef(_recon, check=_check_fit, record=_recon_record,
                       summary=lambda f: _fmt(f, "recon_cd_median", "recon_iou_mean")),
     "train": StageDef(_train, check=_check_train, record=_train_record,
                       summary=lambda f: _fmt(f, "train_step", "train_loss")),

@@ -8,7 +8,7 @@ instead, the study's 1.95 M count says it does not). No weight normalisation or 
 does not mention them); no output tanh (the clamped L1 loss already ignores values beyond +-delta).
 
 Trained as an auto-decoder with one latent per shape (`raywsl train-base` with field.type
-deepsdf_latent); a new shape is a latent optimised against the frozen decoder (fit/deepsdf.py).
+deepsdf_latent); a new shape is a latent optimised against the frozen decoder (models/deepsdf_latent.py).
 
 Presets: shapenet (the study's: d_z 64, PE 39, 8 x 512, input re-injected at layer 4,
 ~1.95 M parameters), small and tiny for CPUs and tests.

@@ -1,6 +1,6 @@
 """The `deepsdf_latent` field type: a shape is a latent code of a frozen, trained DeepSDF decoder.
 
-    row = z (d_z)           sdf(x) = decoder(x, z)          (base/deepsdf.py, trained by `raywsl train-base`)
+    row = z (d_z)           sdf(x) = decoder(x, z)          (models/deepsdf.py, trained by `raywsl train-base`)
 
 Fitting a row is DeepSDF's inference: the latent optimised against the frozen decoder, from
 N(0, latent_std^2) (the auto-decoder's own init; DeepSDF draws 0.01). With fit.init=trained, a shape

@@ -91,7 +91,7 @@ class Field:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     type_name: ClassVar[str] = ""
     zero_masked: ClassVar[bool] = False
-    base_model: ClassVar[str | None] = None  # the trained base network it needs (base/models.py), if any
+    base_model: ClassVar[str | None] = None  # the trained base network it needs (models/bases.py), if any
     layout: Layout  # the row: trainable parameters only
     shapes: Layout  # every parameter `_forward` uses
 

@@ -3,7 +3,7 @@
     lora   W'_l = W_l + B_l A_l        (additive, Hu et al.)
     mlora  W'_l = W_l * (B_l A_l)      (multiplicative: the LoRA paper's)
 
-on every modulated synthesis layer l of the base (base/modulated.py), with the base's weights, biases,
+on every modulated synthesis layer l of the base (models/modulated.py), with the base's weights, biases,
 input/output layers and mapping frozen. A shape's style is fixed: the styles of the mean training
 latent (the base was trained with one latent per shape; a new shape is represented by its adapters
 alone). The row holds, per layer, the rank pairs (a_i, b_i), i < rank, as entries `<layer>.a<i>` (d_in)

@@ -6,7 +6,7 @@
 A modulated fully connected layer scales the input channels of its weight by the layer's style,
 W'_oi = W_oi s_i, then normalises every output channel ("demodulation"),
 W''_oi = W'_oi / sqrt(sum_i W'_oi^2 + 1e-8), and computes W'' h + b. All modulated layers are
-channels x channels, so per-shape LoRA adapters (fit/fields.py) can replace W by W + BA or W * BA.
+channels x channels, so per-shape LoRA adapters (models/lora.py) can replace W by W + BA or W * BA.
 
 Presets: shapenet (the paper's ShapeNet size: d_z 128, mapping 4 x 256, 4 blocks x 512 channels),
 small and tiny for CPUs and tests.
