@@ -208,7 +208,10 @@ def test_run_killed_in_every_stage_finishes_as_if_never_killed(tmp_path):
     np.testing.assert_array_equal(np.load(killed / "generated" / C.ROWS), np.load(full / "generated" / C.ROWS))
     for name in ("mmd_cd", "cov_cd", "1nna_cd"):
         assert json.loads((killed / C.METRICS).read_text())[name] == json.loads((full / C.METRICS).read_text())[name]
-    assert cache.collect_garbage(str(tmp_path / C.CACHE), [str(killed)])  # the killed runs' leftovers
+    leftovers = cache.garbage(str(tmp_path / C.CACHE), [str(killed)])
+    assert leftovers and all(C.TMP_MARK in p or p.endswith(C.WORK_SUFFIX) for p in leftovers)  # the kills' only
+    assert main(["gc", "--cache", str(tmp_path / C.CACHE)]) == 0  # the run folders beside the cache
+    assert not any(os.path.exists(p) for p in leftovers)
     assert main(args) == 0  # and the run folder's artifacts survived the collection
     assert all(e["reused"] for s, e in json.loads((killed / C.STAGES_FILE).read_text())["stages"].items()
                if s != "report")
