@@ -70,10 +70,23 @@ def bad_meshes(tmp_path):
     return write_bad_meshes(tmp_path / "bad")
 
 
+def ray_env(**extra: str) -> dict[str, str]:
+    """The environment of a `raywsl` subprocess: it joins this test session's Ray (the `ray_local`
+    fixture) when one is up, as a command submitted to a cluster does, instead of starting its own.
+    (Fault injection through environment variables read in Ray workers needs a Ray of its own.)"""
+    import ray
+
+    env = {**os.environ, **extra}
+    if ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return env
+
+
 def kill9_when(argv: Sequence[str], ready: Callable[[], bool], timeout: float) -> None:
     """Run `raywsl <argv>` in its own process group; once `ready()` holds, kill -9 the driver (as a
-    user would), then the local Ray it started. Fails if the command ends first or never gets ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", *argv], start_new_session=True,
+    user would), and the local Ray it started if it started one. Fails if the command ends first or
+    never gets ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", *argv], start_new_session=True, env=ray_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import kill9_when, plan_of
+from conftest import kill9_when, plan_of, ray_env
 
 from raywsl import cache
 from raywsl import contract as C
@@ -90,13 +90,13 @@ def test_a_larger_subset_fits_only_the_new_shapes(ray_local, source, tmp_path):
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
-def test_two_concurrent_commands_compute_one_artifact_once(source, tmp_path):
-    """Two `raywsl ingest` processes (two run folders, one cache) at the same time: one computes the
-    sample store, the other waits for it and reuses it."""
+def test_two_concurrent_commands_compute_one_artifact_once(ray_local, source, tmp_path):
+    """Two `raywsl ingest` processes (two run folders, one cache, one Ray cluster) at the same time: one
+    computes the sample store, the other waits for it and reuses it."""
     cache_dir = tmp_path / "cache"
     procs = [subprocess.Popen([sys.executable, "-m", "raywsl.cli", "ingest", f"data.source={source}", *INGEST,
                                "ingest.points=20000", f"run.dir={tmp_path / name}", f"cache.dir={cache_dir}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in ("a", "b")]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
@@ -157,8 +157,8 @@ def assert_clean_terminal(text: str) -> None:
 def crash_while_publishing(args: list[str], plan) -> None:
     """Run until the trained denoiser is written and its artifact.json too, then die before the rename
     that publishes it (the worst moment of a publication): only a temporary folder is left."""
-    env = {**os.environ, "RAYWSL_CRASH_PUBLISH": "train"}
-    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", *args], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "raywsl.cli", *args], env=ray_env(RAYWSL_CRASH_PUBLISH="train"),
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert proc.wait(timeout=300) == 137
@@ -173,8 +173,8 @@ def crash_while_publishing(args: list[str], plan) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_run_killed_in_every_stage_finishes_as_if_never_killed(tmp_path):
-    """kill -9 `raywsl run` (driver and local Ray) once inside every stage, at a seeded random moment
+def test_run_killed_in_every_stage_finishes_as_if_never_killed(ray_local, tmp_path):
+    """kill -9 `raywsl run` (its driver; it runs on the session's Ray) once inside every stage, at a seeded random moment
     after the stage took its artifact's lock, and once while publishing the trained denoiser; the
     rerun completes, reusing what the killed runs finished, with the weights and samples of an
     uninterrupted run in another cache."""
@@ -196,7 +196,8 @@ def test_run_killed_in_every_stage_finishes_as_if_never_killed(tmp_path):
 
     full = tmp_path / "full"  # uninterrupted, as a user runs it: the terminal shows raywsl's lines only
     proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "run", f"run.dir={full}",
-                           f"cache.dir={tmp_path / 'cache2'}", *RUN], capture_output=True, text=True, timeout=300)
+                           f"cache.dir={tmp_path / 'cache2'}", *RUN], env=ray_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_clean_terminal(proc.stdout + proc.stderr)
     log = (full / C.LOGS / "run.log").read_text()
