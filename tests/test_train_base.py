@@ -65,8 +65,8 @@ def test_train_base_resumes_after_kill9(ingested, tmp_path):
     _, plan = plan_of(*args[1:], base=True)
     ray_run = Path(cache.work_dir(plan["train-base"])) / C.TRAIN_RUN
 
-    def checkpointed() -> bool:
-        return ray_run.exists() and any(p.name.startswith("checkpoint") for p in ray_run.iterdir())
+    def checkpointed() -> bool:  # Ray Train resumes from the checkpoints its manager's snapshot lists
+        return (ray_run / "checkpoint_manager_snapshot.json").exists()
 
     kill9_when(args, checkpointed, timeout=180)
     assert not cache.is_complete(plan["train-base"].path)  # nothing published by the killed run
