@@ -222,7 +222,7 @@ def _stability_args(p: argparse.ArgumentParser) -> None:
                    help="field variants, comma-separated: <field.type> or <field.type>-asym; field.preset, "
                         "field.rank, ... come from the config")
     p.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="perturbation strengths in [0, 1]")
-    p.add_argument("--shapes", type=int, default=8, help="the first N ingested shapes (the paper: 30)")
+    p.add_argument("--shapes", type=int, default=30, help="the first N training shapes (the paper: 30)")
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:

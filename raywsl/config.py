@@ -90,10 +90,12 @@ class FieldConfig:
     type: str = opt("mlp", "field type: mlp, fourier, lora, mlora, deepsdf_latent (see raywsl/models/fields.py, "
                            "models/lora.py, models/deepsdf_latent.py)")
     preset: str = opt("decoder54k", "size preset of the field type (mlp: decoder54k, hyperdiffusion, small, tiny; "
-                                    "fourier: shapenet, tiny; lora, mlora, deepsdf_latent: default)")
-    asym: bool = opt(False, "asymmetric masks: freeze ceil(sqrt(d_out)) entries per weight row at positions "
+                                    "fourier: shapenet, small, tiny; lora, mlora, deepsdf_latent: default)")
+    asym: bool = opt(False, "asymmetric masks: freeze ceil(sqrt(d_out)) entries per row of each trained matrix "
+                            "(mlp / fourier: hidden layers; lora / mlora: the factors a_i, b_i) at positions "
                             "shared by all shapes (breaks permutation symmetry; see models/fields.py)")
-    kappa: float = opt(1.0, "variance of the frozen entries, relative to the trainable entries' init", min=0.0)
+    kappa: float = opt(6.0, "variance of the frozen entries relative to the trainable entries' init (the LoRA "
+                            "paper's 6); mlora freezes them to zero", min=0.0)
     mask_seed: int = opt(0, "seed of the asymmetric masks' positions and values")
     rank: int | list[int] = opt(4, "lora / mlora: adapter rank of every synthesis layer, or a list with one "
                                    "rank per layer (e.g. [8,4,4,2])")

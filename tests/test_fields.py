@@ -31,7 +31,11 @@ def test_layout_round_trip_is_exact(type_name, preset):
 def test_parameter_counts_of_the_papers_presets():
     assert make_field("mlp", "decoder54k").layout.size == 54_785  # the small-data study's decoder
     assert make_field("mlp", "hyperdiffusion").layout.size == 36_737  # HyperDiffusion's MLP
-    assert make_field("fourier", "shapenet").layout.size == 3 * 99 + 99 + 99 * 99 + 99 + 99 + 1
+    # the LoRA paper's Table 1, ShapeNet: MLP 30,196, MLP-Asym 27,226 (= 30,196 - 3 hidden x 99 rows x 10)
+    assert make_field("fourier", "shapenet").layout.size == 30_196
+    assert make_field("fourier", "shapenet", asym=True).layout.size == 27_226
+    # the masks of a warm-started decoder: 3 hidden layers x 128 rows x ceil(sqrt(128)) = 12
+    assert make_field("mlp", "decoder54k", asym=True).layout.size == 54_785 - 3 * 128 * 12
 
 
 def test_mlp_forward_equals_a_plain_module_loaded_from_the_row():
@@ -51,8 +55,8 @@ def test_mlp_forward_equals_a_plain_module_loaded_from_the_row():
         torch.testing.assert_close(out[b], net(positional_encoding(x[b], 6)).squeeze(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_fourier_forward_is_sin_then_two_linear_layers():
-    field = make_field("fourier", "tiny")
+def test_fourier_forward_is_sin_then_relu_layers():
+    field = make_field("fourier", "tiny")  # one hidden layer
     rows = field.init_rows(1, torch.Generator().manual_seed(1))
     p = field.layout.unflatten(rows)
     x = torch.rand(1, 7, 3)
@@ -98,11 +102,15 @@ def test_asym_layout_holds_trainable_entries_only_and_round_trips(type_name, pre
     plain, field = make_field(type_name, preset), make_field(type_name, preset, asym=True, kappa=2.0)
     frozen = sum(m.fixed.numel() for m in field.masks.values())
     assert field.layout.size == plain.layout.size - frozen > 0
+    weights = [name for name, shape in plain.layout.entries if name.endswith(".weight")]
+    assert sorted(field.masks) == sorted(weights[1:-1])  # the hidden layers: not the input, not the output
     for name, shape in plain.layout.entries:
-        if name.endswith(".weight"):
+        if name in field.masks:
             d_out, d_in = shape
             assert field.masks[name].fixed.shape == (d_out, min(math.ceil(math.sqrt(d_out)), d_in - 1))
             assert dict(field.layout.entries)[f"{name}_free"] == (d_out, d_in - field.masks[name].fixed.shape[1])
+        else:
+            assert dict(field.layout.entries)[name] == shape  # unmasked entries stay whole
     rows = torch.randn(2, field.layout.size)
     assert torch.equal(field.layout.flatten(field.layout.unflatten(rows)), rows)
     full = field.full(field.layout.unflatten(rows))

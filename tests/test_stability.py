@@ -43,19 +43,20 @@ def _entry(result, variant, lam):
 
 # ------------------------------------------------------------------------------------ the init mixing
 
-def test_perturbed_init_mixes_random_entries_and_keeps_deterministic_ones():
-    # an mlora-like start: a_0 = b_0 = 1 and b_1 = 0 in every draw, a_1 random
+def test_perturbed_init_mixes_every_entry_around_the_mean():
+    # an mlora-like init: a_0, b_0 ~ 1 + noise, the rest noise around 0; every entry is mixed
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    const = torch.cat([torch.ones(8), torch.ones(8), torch.zeros(8)])
-    i1 = torch.cat([const, torch.randn(1000, generator=g1)])
-    i2 = torch.cat([const, torch.randn(1000, generator=g2)])
+    mean = torch.cat([torch.ones(16), torch.zeros(1000)])
+    i1, i2 = mean + torch.randn(1016, generator=g1), mean + torch.randn(1016, generator=g2)
     for lam in (0.0, 0.3, 0.6, 1.0):
-        mixed = perturbed_init(i1, i2, lam)
-        assert mixed.dtype == i1.dtype and torch.equal(mixed[:24], const)  # not (sqrt(1 - λ²) + λ) c
-        expected = math.sqrt(1 - lam**2) * i1[24:].double() + lam * i2[24:].double()
-        torch.testing.assert_close(mixed[24:], expected.float())
-    assert torch.equal(perturbed_init(i1, i2, 0.0), i1)
-    assert torch.equal(perturbed_init(i1, i2, 1.0)[24:], i2[24:])
+        mixed = perturbed_init(i1, i2, lam, mean)
+        expected = mean.double() + math.sqrt(1 - lam**2) * (i1 - mean).double() + lam * (i2 - mean).double()
+        assert mixed.dtype == i1.dtype
+        torch.testing.assert_close(mixed, expected.float())
+    assert torch.equal(perturbed_init(i1, i2, 0.0, mean), i1)
+    torch.testing.assert_close(perturbed_init(i1, i2, 1.0, mean), i2)  # independent of ι1 at λ = 1
+    # the mean is not rescaled to (sqrt(1 - λ²) + λ) μ: a_0 stays around 1
+    assert abs(float(perturbed_init(i1, i2, 0.7, mean)[:16].mean()) - 1.0) < 0.5
     # variance preserving: independent N(0, 1) entries stay N(0, 1)
     big1, big2 = torch.randn(200_000, generator=g1), torch.randn(200_000, generator=g2)
     assert abs(float(perturbed_init(big1, big2, 0.6).var()) - 1.0) < 0.02
@@ -148,14 +149,18 @@ def test_uses_the_first_training_shapes(result, ingested):
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_mlora_keeps_its_constant_start_and_lambda_zero_is_a_fixed_point(ingested, tiny_base, tmp_path):
+def test_mlora_start_stays_around_its_mean_and_lambda_zero_is_a_fixed_point(ingested, tiny_base, tmp_path):
     run = tmp_path / "run"  # its own run folder (outputs), sharing the ingested samples
     cfg = load_config(None, [f"run.dir={run}", f"field.base={tiny_base}", "field.rank=2", *SMALL])
     field = field_from_config(stability.variant_config(cfg, "mlora"))
     i1 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed))[0]
     i2 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed + 1))[0]
-    a0 = field.layout.unflatten(perturbed_init(i1, i2, 0.7))["block0.fc0.a0"]
-    assert torch.equal(a0, torch.ones_like(a0))  # B A = 1 at the start, whatever λ
+    mean = field.init_mean()
+    for lam in (0.5, 1.0):  # every entry perturbed, around B A = 1
+        mixed = perturbed_init(i1, i2, lam, mean)
+        a0 = field.layout.unflatten(mixed[None])["block0.fc0.a0"]
+        assert not torch.equal(mixed, i1) and (mixed != i1).all()
+        assert abs(float(a0.mean()) - 1.0) < 0.25 and float(a0.std()) > 0.05
 
     result = run_stability(cfg, ["mlora-asym"], [0.0, 0.5], n_shapes=2, samples=str(ingested / C.SAMPLES))
     r0 = _entry(result, "mlora-asym", 0.0)

@@ -46,10 +46,10 @@ log = logging.getLogger(__name__)
 ASYM = "-asym"  # variant name suffix: the field type with asymmetric masks
 
 CONVENTIONS = {
-    "init": "ι1 = field.init_rows(seed), ι2 = field.init_rows(seed + 1), one pair shared by every shape; "
-            "ι_λ = sqrt(1 - λ²) ι1 + λ ι2 entry by entry (variance preserving for independent entries), "
-            "except entries where ι1 == ι2 (deterministic parts of an init, e.g. mlora's a_0 = b_0 = 1, "
-            "lora's b = 0), which are kept: mixing a constant c with itself would give (sqrt(1 - λ²) + λ) c",
+    "init": "ι1 = field.init_rows(seed), ι2 = field.init_rows(seed + 1), one pair shared by every shape, "
+            "every entry drawn (the paper's ι ~ N(0, I)); ι_λ = μ + sqrt(1 - λ²) (ι1 - μ) + λ (ι2 - μ) entry "
+            "by entry, μ = field.init_mean() (0 but for mlora's a_0 = b_0 = 1): variance preserving around "
+            "the init's mean, so at λ = 1 the two fits start from independent draws",
     "cosine": "cos(φ, φ_λ) of the two fitted weight rows (float64), per shape",
     "barrier": "Chamfer distance between the ground-truth surface and the mesh of the midpoint row "
                "(φ + φ_λ) / 2, per shape; a midpoint without a surface is left out and counted (no_surface)",
@@ -67,15 +67,18 @@ class StabilityError(ValueError):
 
 # ------------------------------------------------------------------------------------ building blocks
 
-def perturbed_init(i1: torch.Tensor, i2: torch.Tensor, lam: float) -> torch.Tensor:
-    """ι_λ = sqrt(1 - λ²) ι1 + λ ι2, computed in float64, in ι1's dtype. Entries where ι1 == ι2
-    are deterministic parts of the init (the same in every draw) and stay as they are: combining a
-    constant with itself would rescale it to (sqrt(1 - λ²) + λ) c. λ = 0 gives ι1 exactly."""
+def perturbed_init(i1: torch.Tensor, i2: torch.Tensor, lam: float, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """ι_λ = μ + sqrt(1 - λ²) (ι1 - μ) + λ (ι2 - μ) for two draws of an init with mean μ (default 0):
+    the paper's variance-preserving perturbation, applied to the deviations so that a non-zero mean
+    (mlora's a_0 = b_0 = 1) is not rescaled to (sqrt(1 - λ²) + λ) μ. Every entry is mixed. Computed
+    in float64, returned in ι1's dtype; λ = 0 gives ι1 exactly, λ = 1 gives ι2 (to rounding)."""
     if not 0.0 <= lam <= 1.0:
         raise StabilityError(f"lambda must lie in [0, 1], got {lam}")
-    a, b = i1.double(), i2.double()
-    mixed = math.sqrt(1.0 - lam * lam) * a + lam * b
-    return torch.where(a == b, a, mixed).to(i1.dtype)
+    if lam == 0.0:
+        return i1.clone()
+    mu = torch.zeros_like(i1, dtype=torch.float64) if mean is None else mean.double()
+    mixed = mu + math.sqrt(1.0 - lam * lam) * (i1.double() - mu) + lam * (i2.double() - mu)
+    return mixed.to(i1.dtype)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,7 +118,7 @@ def run_variant(cfg: Config, shapes: dict[str, Any], lambdas: Sequence[float], b
     field = field_from_config(cfg, base=base)
     i1 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed))[0]
     i2 = field.init_rows(1, torch.Generator().manual_seed(cfg.seed + 1))[0]
-    inits = [i1] + [perturbed_init(i1, i2, lam) for lam in lambdas]  # slot 0: ι1, slot 1 + k: λ_k
+    inits = [i1] + [perturbed_init(i1, i2, lam, field.init_mean()) for lam in lambdas]  # slot 0: ι1, 1 + k: λ_k
     ids, n, k = list(shapes["ids"]), len(shapes["ids"]), len(inits)
 
     # Every fit of the variant in one call, so they share batches (key = shape * k + slot).

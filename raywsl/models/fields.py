@@ -14,15 +14,17 @@ Registered types (FIELDS) and their presets (`<class>.PRESETS`):
              encoding, as HyperDiffusion's code). decoder54k: 6 bands, 39 -> 128x4 -> 1 (the
              small-data study's decoder, 54,785 parameters); hyperdiffusion: 4 bands, 27 -> 128x3 -> 1
              (HyperDiffusion's MLP, 36,737 parameters).
-    fourier  sin(w0 (W p + b)), then two linear layers with a ReLU between (the LoRA paper's
-             standalone MLP; ShapeNet preset: hidden 99, w0 = 1; 10,396 parameters).
+    fourier  sin(w0 (W p + b)), then ReLU layers (the LoRA paper's standalone MLP, its appendix 8.1).
+             shapenet: 3 -> 99, three 99 x 99 hidden layers, 99 -> 1, w0 = 1: 30,196 parameters, the
+             count of its Table 1 (the text says "followed by 2 linear layers"; only three hidden
+             layers give 30,196, and MLP-Asym's 27,226 = 30,196 - 3 x 99 x 10).
 
 Weights follow torch.nn.Linear's convention (W is (out, in); default init U(-1/sqrt(in), 1/sqrt(in))
 for W and b), so a row maps one to one onto a plain nn.Module's state dict.
 
-A field may own frozen shared parts (asymmetric masks, `asym=True`; a base network for the LoRA
-fields of the next stage) that are not in the row; `frozen()` returns them, they are fingerprinted
-with the weight store and saved in it.
+A field may own frozen shared parts (asymmetric masks, `asym=True`; the trained base network of
+the LoRA fields) that are not in the row; `frozen()` returns them, they are fingerprinted with the
+weight store and saved in it.
 """
 
 from __future__ import annotations
@@ -46,47 +48,54 @@ class FieldError(LayoutError):
 
 @dataclass(frozen=True)
 class Mask:
-    """The frozen entries of one weight matrix (asymmetric mask): in every output row the same k
-    input positions in every shape, with fixed values."""
+    """The frozen entries of one trained matrix (asymmetric mask), seen as (rows, cols): in every row
+    the same k positions in every shape, with fixed values. A vector entry is one row."""
 
-    fixed: Tensor  # (d_out, k) int64 column of each frozen entry
-    free: Tensor  # (d_out, d_in - k) int64 columns of the trainable entries, ascending
-    values: Tensor  # (d_out, k) float32 the frozen values
+    fixed: Tensor  # (rows, k) int64 column of each frozen entry
+    free: Tensor  # (rows, cols - k) int64 columns of the trainable entries, ascending
+    values: Tensor  # (rows, k) float32 the frozen values
 
     def assemble(self, free_values: Tensor) -> Tensor:
-        """(B, d_out, d_in - k) trainable entries -> (B, d_out, d_in) full weights."""
-        b, d_out, n_free = free_values.shape
-        full = free_values.new_zeros(b, d_out, n_free + self.fixed.shape[1])
+        """(B, rows, cols - k) trainable entries -> (B, rows, cols) with the frozen entries put back."""
+        b, rows, n_free = free_values.shape
+        full = free_values.new_zeros(b, rows, n_free + self.fixed.shape[1])
         full = full.scatter(2, self.free.to(full.device).expand(b, -1, -1), free_values)
         fixed = self.values.to(full.device, full.dtype).expand(b, -1, -1)
         return full.scatter(2, self.fixed.to(full.device).expand(b, -1, -1), fixed)
 
 
-def make_masks(weights: Mapping[str, tuple[int, int]], std: Mapping[str, float], zero: bool,
+def make_masks(targets: Mapping[str, tuple[int, int, int]], std: Mapping[str, float], zero: bool,
                seed: int) -> dict[str, Mask]:
-    """Asymmetric masks of weight matrices {name: (d_out, d_in)}: per row ceil(sqrt(d_out)) frozen
-    positions (at most d_in - 1), values N(0, std[name]^2) or zero."""
+    """Asymmetric masks of matrices {name: (rows, cols, k)}: k frozen positions per row, drawn
+    uniformly from one seeded generator in the order of `targets`; values N(0, std[name]^2) or zero."""
     gen = torch.Generator().manual_seed(seed)
     masks = {}
-    for name, (d_out, d_in) in weights.items():
-        k = min(math.ceil(math.sqrt(d_out)), d_in - 1)
-        order = torch.argsort(torch.rand(d_out, d_in, generator=gen), dim=1)
+    for name, (rows, cols, k) in targets.items():
+        order = torch.argsort(torch.rand(rows, cols, generator=gen), dim=1)
         fixed, free = order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
-        values = torch.zeros(d_out, k) if zero else torch.randn(d_out, k, generator=gen) * std[name]
+        values = torch.zeros(rows, k) if zero else torch.randn(rows, k, generator=gen) * std[name]
         masks[name] = Mask(fixed, free, values)
     return masks
+
+
+def frozen_per_row(d_out: int, cols: int) -> int:
+    """The asymmetric mask's rule: ceil(sqrt(d_out)) frozen entries per row, d_out the output size of
+    the layer the matrix belongs to, keeping at least one entry of the row trainable."""
+    return min(math.ceil(math.sqrt(d_out)), cols - 1)
 
 
 class Field:
     """Base of the field types. A subclass sets PRESETS, builds the Layout of the parameters its
     `_forward` uses and passes it to `_build`; `init_rows` draws nn.Linear's init.
 
-    Common options: asym (asymmetric masks, Lim et al. 2024, as the LoRA paper uses them): in every
-    2-D `*.weight` of the layout, ceil(sqrt(d_out)) entries of each row are frozen at positions shared
-    by every shape (drawn from `mask_seed`). Their values are drawn N(0, kappa x the variance of the
-    trainable entries' init) -- the paper's "N(0, kappa) against N(0, 1)" as a ratio, so the scale fits
-    the layer -- or are zero when `zero_masked` (multiplicative fields). Frozen entries are not in the
-    row: its layout names them `<name>_free`, shape (d_out, d_in - k)."""
+    Common options: asym (asymmetric masks, Lim et al. 2024, as the LoRA paper uses them, §3.4): in
+    every matrix `_mask_targets` names, ceil(sqrt(d_out)) entries of each row are frozen at positions
+    shared by every shape (drawn from `mask_seed`). Standalone MLPs mask their hidden layers' weights
+    (the paper's MLP-Asym count); the LoRA fields their trained factors a_i, b_i. Frozen values are
+    N(0, kappa x the variance of the entry's init) -- the paper's "N(0, kappa) against N(0, 1)" as a
+    ratio, so the scale fits the layer; kappa = 6 as the paper -- or zero when `zero_masked`
+    (multiplicative fields). Frozen entries are not in the row: its layout names them `<name>_free`,
+    shape (d_out, d_in - k) for a matrix, (d - k,) for a vector."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     type_name: ClassVar[str] = ""
@@ -95,7 +104,7 @@ class Field:
     layout: Layout  # the row: trainable parameters only
     shapes: Layout  # every parameter `_forward` uses
 
-    def __init__(self, *, asym: bool = False, kappa: float = 1.0, mask_seed: int = 0, **config: Any):
+    def __init__(self, *, asym: bool = False, kappa: float = 6.0, mask_seed: int = 0, **config: Any):
         # the constructor arguments, recorded in the store's attributes (field_of rebuilds from them)
         self.config = {**config, "asym": asym, "kappa": kappa, "mask_seed": mask_seed}
         self.asym, self.kappa, self.mask_seed = asym, kappa, mask_seed
@@ -106,21 +115,47 @@ class Field:
         if not self.asym:
             self.layout = shapes
             return
-        weights = {name: shape for name, shape in shapes.entries if name.endswith(".weight") and len(shape) == 2}
-        # kappa x the variance of nn.Linear's init U(-1/sqrt(d_in), 1/sqrt(d_in))
-        self.masks = make_masks(weights, {name: math.sqrt(self.kappa / (3 * s[1])) for name, s in weights.items()},
+        targets = self._mask_targets()
+        if not targets:
+            raise FieldError(f"field.asym: the {self.type_name} field has no weight matrix to mask")
+        dims = {name: _rows_cols(shape) for name, shape in shapes.entries if name in targets}
+        self.masks = make_masks({name: (*dims[name], k) for name, k in targets.items()},
+                                {name: math.sqrt(self.kappa) * self._init_std(name) for name in targets},
                                 self.zero_masked, self.mask_seed)
-        self.layout = Layout(tuple((f"{name}_free", (s[0], s[1] - self.masks[name].fixed.shape[1]))
-                                   if name in self.masks else (name, s) for name, s in shapes.entries))
+        self.layout = Layout(tuple((f"{name}_free", _free_shape(s, self.masks[name])) if name in self.masks
+                                   else (name, s) for name, s in shapes.entries))
+
+    def _mask_targets(self) -> dict[str, int]:
+        """{entry: frozen entries per row} of the asymmetric masks. Standalone MLPs: the weights of
+        the hidden layers, neither the input layer (3 or a few encoded inputs per row) nor the output
+        layer (one row): the LoRA paper's MLP-Asym count, 27,226 = 30,196 - 3 x 99 x 10."""
+        weights = [(name, s) for name, s in self.shapes.entries if name.endswith(".weight") and len(s) == 2]
+        return {name: frozen_per_row(d_out, d_in) for name, (d_out, d_in) in weights[1:-1]}
+
+    def _init_std(self, name: str) -> float:
+        """Standard deviation of the init of entry `name`: nn.Linear's U(-1/sqrt(d_in), 1/sqrt(d_in))."""
+        return math.sqrt(1.0 / (3 * dict(self.shapes.entries)[name][-1]))
 
     def full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Row parameters -> every parameter `_forward` uses (frozen entries put back)."""
         if not self.masks:
             return dict(params)
         out = {name: p for name, p in params.items() if not name.endswith("_free")}
+        shapes = dict(self.shapes.entries)
         for name, mask in self.masks.items():
-            out[name] = mask.assemble(params[f"{name}_free"])
+            free = params[f"{name}_free"]
+            out[name] = mask.assemble(free.reshape(len(free), mask.free.shape[0], -1)).reshape(len(free),
+                                                                                                *shapes[name])
         return out
+
+    def _drop_frozen(self, params: dict[str, Tensor]) -> Tensor:
+        """Full parameters {name: (n, *shape)} -> (n, P) rows: the trainable entries only."""
+        for name, mask in self.masks.items():
+            full = params.pop(name)
+            n = len(full)
+            params[f"{name}_free"] = full.reshape(n, *mask.fixed.shape[:1], -1).gather(
+                2, mask.free.expand(n, -1, -1)).reshape(n, *dict(self.layout.entries)[f"{name}_free"])
+        return self.layout.flatten(params)
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Row parameters (B, ...) and points (B, M, 3) -> values (B, M)."""
@@ -150,9 +185,12 @@ class Field:
         for name, shape in self.shapes.entries:
             fan_in = shapes[name.rsplit(".", 1)[0] + ".weight"][-1]
             params[name] = (torch.rand((n, *shape), generator=generator) * 2 - 1) / math.sqrt(fan_in)
-        for name, mask in self.masks.items():  # keep the trainable entries of masked weights
-            params[f"{name}_free"] = params.pop(name).gather(2, mask.free.expand(n, -1, -1))
-        return self.layout.flatten(params)
+        return self._drop_frozen(params)
+
+    def init_mean(self) -> Tensor:
+        """(P,) the mean of `init_rows`' distribution: every entry is drawn around it (the stability
+        experiment perturbs the deviations from it)."""
+        return torch.zeros(self.layout.size)
 
     @classmethod
     def options_from(cls, fc: Any) -> dict[str, Any]:
@@ -218,6 +256,16 @@ def field_of(store: Any) -> Field:
     return field
 
 
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A matrix entry's (rows, cols); a vector is one row."""
+    return (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+
+
+def _free_shape(shape: tuple[int, ...], mask: Mask) -> tuple[int, ...]:
+    cols = shape[-1] - mask.fixed.shape[1]
+    return (shape[0], cols) if len(shape) == 2 else (cols,)
+
+
 def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
     """Batched nn.Linear: h (B, M, in) @ W^T (B, in, out) + b (B, 1, out)."""
     return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
@@ -254,21 +302,28 @@ class MLPField(Field):
 @register("fourier")
 class FourierField(Field):
     PRESETS = {
-        "shapenet": {"hidden": 99, "omega": 1.0},
-        "tiny": {"hidden": 24, "omega": 1.0},
+        "shapenet": {"hidden": 99, "layers": 3, "omega": 1.0},  # the LoRA paper's ShapeNet MLP: 30,196
+        "small": {"hidden": 57, "layers": 3, "omega": 1.0},  # 10,204 parameters: the CPU comparisons
+        "tiny": {"hidden": 24, "layers": 1, "omega": 1.0},  # 721 parameters: tests
     }
 
-    def __init__(self, hidden: int, omega: float, **common: Any):
-        super().__init__(hidden=hidden, omega=omega, **common)
+    def __init__(self, hidden: int, omega: float, layers: int = 3, **common: Any):
+        super().__init__(hidden=hidden, layers=layers, omega=omega, **common)
         self.omega = omega
-        self._build(Layout((("l0.weight", (hidden, 3)), ("l0.bias", (hidden,)),
-                            ("l1.weight", (hidden, hidden)), ("l1.bias", (hidden,)),
-                            ("l2.weight", (1, hidden)), ("l2.bias", (1,)))))
+        dims = [3] + [hidden] * (layers + 1) + [1]
+        self.n_linear = len(dims) - 1
+        entries = []
+        for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+            entries += [(f"l{i}.weight", (d_out, d_in)), (f"l{i}.bias", (d_out,))]
+        self._build(Layout(tuple(entries)))
 
     def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        h = torch.sin(self.omega * linear(params, "l0", x))
-        h = torch.relu(linear(params, "l1", h))
-        return linear(params, "l2", h).squeeze(-1)
+        h = torch.sin(self.omega * linear(params, "l0", x))  # the Fourier feature layer
+        for i in range(1, self.n_linear):
+            h = linear(params, f"l{i}", h)
+            if i < self.n_linear - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
 
 
 # The field types on a trained base live in their own modules; importing them here registers them,

@@ -9,13 +9,16 @@ latent (the base was trained with one latent per shape; a new shape is represent
 alone). The row holds, per layer, the rank pairs (a_i, b_i), i < rank, as entries `<layer>.a<i>` (d_in)
 and `<layer>.b<i>` (d_out): B A = sum_i b_i a_i^T, and the diffusion tokenizer can read the pairs.
 
-Start (shared by all shapes): b_i = 0 and a_i ~ N(0, 1/d_in) for lora, so W' = W; for mlora
-a_0 = b_0 = 1 (B A = 1) and b_i = 0 for i > 0, so W' = W as well. Both start as the base field at the
-mean latent.
+Init (one distribution, shared by all shapes; the paper draws every entry, papers/004 §4.2): every
+entry ~ N(mean, 1/d), d its vector's length, with mean 0, except mlora's a_0 = b_0 = 1. So B A ~ 0
+(lora) or B A ~ 1 (mlora): a fit starts near the base field at the mean latent.
 
-Asymmetric masks (asym) act on the layer's effective weight W': ceil(sqrt(d_out)) entries per row are
-fixed at shared positions, to N(0, kappa x var(W)) for lora and to 0 for mlora (the paper's scheme);
-the adapters stay whole in the row, and the fixed entries cannot change whatever they hold.
+Asymmetric masks (asym, the paper's §3.4) act on the trained factors: in every a_i and b_i,
+ceil(sqrt(d_out)) entries (d_out: the adapted layer's output size) are frozen at positions drawn per
+vector and shared by all shapes, to N(0, kappa / d) for lora and to 0 for mlora, and leave the row
+(`<layer>.a<i>_free`). Rank pairs then differ by their frozen patterns: swapping two of them changes
+the field, which is how the mask breaks the r!-fold permutation symmetry of B A (the paper's
+appendix, Theorems 1-2). (Masking the product W' instead leaves that symmetry intact.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from raywsl.models.bases import BaseError, load_trained
-from raywsl.models.fields import Field, FieldError, make_masks, register
+from raywsl.models.fields import Field, FieldError, frozen_per_row, register
 from raywsl.store.layout import Layout
 
 
@@ -52,51 +55,50 @@ class LoRAField(Field):
             raise FieldError(f"field.rank: one positive rank, or one per synthesis layer ({len(names)}), got {rank}")
         self.ranks = dict(zip(names, ranks))
         base_w = self.net.base_weights()
+        self.d_out = {}  # entry -> output size of its layer (the mask's rule)
         entries = []
         for n in names:
             d_out, d_in = base_w[n].shape
             for i in range(self.ranks[n]):
                 entries += [(f"{n}.a{i}", (d_in,)), (f"{n}.b{i}", (d_out,))]
-        self.shapes = self.layout = Layout(tuple(entries))
-        if self.asym:  # masks on the effective weights W' (not in the row)
-            std = {n: math.sqrt(self.kappa) * float(w.std()) for n, w in base_w.items()}
-            self.masks_w = make_masks({n: tuple(w.shape) for n, w in base_w.items()}, std, self.multiplicative,
-                                      self.mask_seed)
-        else:
-            self.masks_w = {}
+                self.d_out[f"{n}.a{i}"] = self.d_out[f"{n}.b{i}"] = d_out
+        self._build(Layout(tuple(entries)))
+
+    def _mask_targets(self) -> dict[str, int]:
+        shapes = dict(self.shapes.entries)
+        return {name: frozen_per_row(self.d_out[name], d) for name, (d,) in shapes.items()}
+
+    def _init_std(self, name: str) -> float:
+        return 1.0 / math.sqrt(dict(self.shapes.entries)[name][0])
+
+    def _init_means(self) -> dict[str, float]:
+        """The init's mean per entry: mlora's first rank pair is 1 (B A = 1), everything else 0."""
+        return {name: 1.0 if self.multiplicative and name.rsplit(".", 1)[1][1:] == "0" else 0.0
+                for name in self.shapes.names}
 
     @classmethod
     def options_from(cls, fc: Any) -> dict[str, Any]:
         return {"rank": fc.rank}
 
     def init_rows(self, n: int, generator: torch.Generator) -> Tensor:
-        params = {}
-        for name, (d,) in self.layout.entries:
-            layer, which = name.rsplit(".", 1)
-            i = int(which[1:])
-            if which[0] == "a":
-                params[name] = torch.ones(n, d) if self.multiplicative and i == 0 else \
-                    torch.randn(n, d, generator=generator) / math.sqrt(d)
-            else:
-                params[name] = torch.ones(n, d) if self.multiplicative and i == 0 else torch.zeros(n, d)
-        return self.layout.flatten(params)
+        means = self._init_means()
+        params = {name: means[name] + torch.randn(n, d, generator=generator) * self._init_std(name)
+                  for name, (d,) in self.shapes.entries}
+        return self._drop_frozen(params)
+
+    def init_mean(self) -> Tensor:
+        means = self._init_means()
+        return self._drop_frozen({name: torch.full((1, d), means[name]) for name, (d,) in self.shapes.entries})[0]
 
     def effective_weights(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """{layer: W' (B, d_out, d_in)} from the adapters."""
+        """{layer: W' (B, d_out, d_in)} from the full adapters (`full()`: frozen entries in place)."""
         out = {}
         for n, w in self.net.base_weights().items():
             a = torch.stack([params[f"{n}.a{i}"] for i in range(self.ranks[n])], 1)  # (B, r, d_in)
             b = torch.stack([params[f"{n}.b{i}"] for i in range(self.ranks[n])], 2)  # (B, d_out, r)
             ba = torch.bmm(b, a)
-            eff = w * ba if self.multiplicative else w + ba
-            if n in self.masks_w:
-                m = self.masks_w[n]
-                eff = eff.scatter(2, m.fixed.expand(len(eff), -1, -1), m.values.to(eff.dtype).expand(len(eff), -1, -1))
-            out[n] = eff
+            out[n] = w * ba if self.multiplicative else w + ba
         return out
-
-    def full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return dict(params)
 
     def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         styles = {n: s.expand(len(x), -1) for n, s in self.styles.items()}
@@ -105,9 +107,7 @@ class LoRAField(Field):
     def frozen(self) -> dict[str, Tensor]:
         out = {f"base.{k}": v for k, v in self.net.state_dict().items()}
         out["mean_latent"] = self.mean_latent
-        for n, m in self.masks_w.items():
-            out[f"{n}.fixed"], out[f"{n}.values"] = m.fixed, m.values
-        return out
+        return {**out, **super().frozen()}
 
 
 @register("lora")
@@ -118,4 +118,5 @@ class AdditiveLoRAField(LoRAField):
 @register("mlora")
 class MultiplicativeLoRAField(LoRAField):
     multiplicative = True
+    zero_masked = True  # the paper's scheme: a frozen factor entry switches its channel off
 

@@ -263,7 +263,7 @@ class LatentTokenizer(ChunkTokenizer):
         super().__init__(layout, dim, chunk_size=self.token_size)
 
 
-_LORA_ENTRY = re.compile(r"^(?P<layer>.+)\.(?P<which>[ab])(?P<i>\d+)$")
+_LORA_ENTRY = re.compile(r"^(?P<layer>.+)\.(?P<which>[ab])(?P<i>\d+)(_free)?$")  # _free: masked (asym)
 
 
 def lora_layers(layout: Layout) -> dict[str, tuple[int, int, int, Tensor]]:
