@@ -34,11 +34,12 @@ def config_keys_help() -> str:
         f"  {k:{width}s}  {d!r:>12}  {h}" for k, d, h in rows)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, restart: bool = True) -> None:
     p.add_argument("-c", "--config", help="YAML config file (defaults are the laptop setup)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.add_argument("--restart", action="store_true",
-                   help="delete the artifacts of this command's stages and compute them again")
+    if restart:  # only for verbs that produce stage artifacts
+        p.add_argument("--restart", action="store_true",
+                       help="delete the artifacts of this command's stages and compute them again")
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -183,6 +184,21 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from raywsl.eval.probe import probe_inputs, run_probe
+    from raywsl.stages import open_run, plan_for
+
+    cfg = load(args)
+    plan = plan_for(cfg)
+    inputs = probe_inputs(cfg, plan, args.seeds, args.test_fraction)  # refused, nothing written, unless fitted
+    with open_run(cfg, plan, "probe"):
+        run_probe(cfg, plan, inputs, args.seeds, args.test_fraction)
+    with fsspec.open(C.join(plan.run.probe, C.PROBE_TABLE)) as f:
+        print(f.read().decode().split("\n\n- ")[0])  # the tables, without the conventions
+    console.info("wrote %s/ (%s, %s)", plan.run.probe, C.PROBE_JSON, C.PROBE_TABLE)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from raywsl.store.inspect import format_summary, inspect_path
 
@@ -225,6 +241,12 @@ def _stability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", type=int, default=30, help="the first N training shapes (the paper: 30)")
 
 
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, restart=False)
+    p.add_argument("--seeds", type=int, default=5, help="repeats, seeds seed .. seed+N-1 (the paper: 10)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of each category held out per repeat")
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a store (samples.zarr, weights.zarr) or a run folder")
     p.add_argument("--json", action="store_true", help="print the stable JSON summary")
@@ -255,6 +277,9 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
              _add_config_args, cmd_eval, True),
     "stability": ("fit shapes from init i1 and sqrt(1-l^2) i1 + l i2: cosine and linear-mode-connectivity "
                   "barrier per field variant (papers/004, Figure 3)", _stability_args, cmd_stability, True),
+    "probe": (("the weight store's training rows: 1-NN (cosine), logistic regression and k-means ARI over "
+               "categories, mean ± std over seeded splits (papers/004, Table 4), and weight statistics "
+               "(papers/002, Table 2) -> probe/probe.md, probe.json, MLflow"), _probe_args, cmd_probe, True),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),
     "gc": ("remove the cache's artifacts no run folder refers to (and what interrupted runs left)", _gc_args,
            cmd_gc, False),
@@ -278,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     logging.getLogger("raywsl").setLevel(logging.DEBUG)  # the log file gets raywsl's debug lines
     from raywsl.data.sources import SourceError
+    from raywsl.eval.probe import ProbeError
     from raywsl.eval.run import EvalError
     from raywsl.fit.stability import StabilityError
     from raywsl.models.bases import BaseError
@@ -286,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, SourceError, StoreError, LayoutError, BaseError, EvalError, StabilityError) as e:
+    except (ConfigError, SourceError, StoreError, LayoutError, BaseError, EvalError, StabilityError,
+            ProbeError) as e:
         print(f"raywsl {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

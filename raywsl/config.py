@@ -181,7 +181,8 @@ class DiffusionConfig:
                                   "hierarchical rank-pair encoder), latent (DeepSDF latents)")
     token_size: int = opt(0, "values per token of layer / chunk / latent (0: the tokenizer's default)", min=0)
     model: str = opt("tiny", "denoiser size (raywsl/models/dit.py MODELS): tiny (CPU), small, base, "
-                             "hyperdiffusion (the papers': hidden 2880, 12 layers, 16 heads)")
+                             "hyperdiffusion (the papers': hidden 2880, 12 layers, 16 heads), latent (the small-data "
+                             "study's latent DiT: 384, 4 layers, 6 heads)")
     prediction: str = opt("eps", "what the denoiser predicts: eps (noise; the papers'), x0, v",
                           choices=["eps", "x0", "v"])
     schedule: str = opt("linear", "beta schedule: linear (1e-4 -> 2e-2, the papers'), cosine",

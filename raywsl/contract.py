@@ -31,6 +31,7 @@ A run folder is a view: its own files plus links to the artifacts it used.
       logs/            one log file per command (Ray's own output included)
       mlflow_run_id    the run folder's MLflow run (runs/mlflow.db by default)
       stability/       the weight-space stability experiment (`raywsl stability`)
+      probe/           the weight-space probes of the weight store (`raywsl probe`): probe.json, probe.md
       corpus, samples.zarr, weights.zarr, recon, generated, eval,
       checkpoints/base_final, checkpoints/diffusion_final      links into the cache
 """
@@ -52,6 +53,9 @@ REPORT = "report.html"
 LOGS = "logs"
 MLFLOW_RUN = "mlflow_run_id"  # the id of the run folder's MLflow run (see raywsl/tracking.py)
 STABILITY = "stability"
+PROBE = "probe"  # `raywsl probe`: the folder, and its files
+PROBE_JSON = "probe.json"
+PROBE_TABLE = "probe.md"
 CACHE = "cache"  # the default cache folder, beside the run folders (runs/cache)
 
 # ------------------------------------------------------------------------------------ artifacts
@@ -161,11 +165,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("corpus", ("seed", "data.source"), (), "corpus", 1),
     Stage("ingest", ("seed", "ingest"), (SOURCE_INPUT,), SAMPLES, 2, store=SAMPLES),
     Stage("train-base", ("seed", "base", "base_shapes", "fit.clamp"), ("ingest",), "checkpoints/base_final", 2),
-    Stage("fit", ("seed", "field", "fit"), ("ingest", "train-base"), WEIGHTS, 2, store=WEIGHTS),
+    Stage("fit", ("seed", "field", "fit"), ("ingest", "train-base"), WEIGHTS, 3, store=WEIGHTS),
     Stage("recon", ("seed", "fit.recon_count", "fit.recon_resolution", "data.shapes"), ("fit",), "recon", 2),
     Stage("train", ("seed", "diffusion", "train", "data.shapes"), ("fit",), "checkpoints/diffusion_final", 2),
     Stage("sample", ("seed", "sample"), ("train",), "generated", 2),
-    Stage("eval", ("seed", "eval", "data.shapes", "ingest.max_faces", "ingest.margin"), ("sample",), "eval", 2),
+    Stage("eval", ("seed", "eval", "data.shapes", "ingest.max_faces", "ingest.margin"), ("sample",), "eval", 3),
     Stage("report", (), ("recon", "train", "sample", "eval"), REPORT, 1, cached=False),
 )}
 
@@ -225,6 +229,7 @@ class RunLayout:
     logs = property(lambda self: join(self.root, LOGS))
     mlflow_run = property(lambda self: join(self.root, MLFLOW_RUN))
     stability = property(lambda self: join(self.root, STABILITY))
+    probe = property(lambda self: join(self.root, PROBE))
 
     def link(self, stage: str) -> str:
         """Where a stage's artifact appears in the run folder."""

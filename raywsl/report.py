@@ -2,7 +2,8 @@
 
 Sections: what ran (config, stage timings), fitting (loss curve, reconstructions, their metrics),
 diffusion (loss per timestep bucket), generation (generated and reference meshes, set metrics,
-novelty), weight space (training rows and samples in the top-two PCA plane, collapse signals).
+novelty), weight space (the category probes and weight statistics of the training rows as tables,
+training rows and samples in the top-two PCA plane, collapse signals).
 Every figure comes from the artifact of the stage that made it (found through the plan); a missing one
 (a stage not run) is left out. The stages table says which artifacts were reused.
 """
@@ -20,6 +21,7 @@ import fsspec
 from raywsl import cache
 from raywsl import contract as C
 from raywsl.config import Config, dump_yaml
+from raywsl.eval.probe import from_metrics, probe_note, probe_rows, statistics_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,8 @@ SECTIONS = [
       "n_reference"]),
     ("Weight space", [("eval", C.WEIGHTS_PCA, "training rows and sampled rows, top two principal directions"),
                       ("eval", C.WEIGHTS_SPECTRUM, "training rows: variance per principal direction")],
-     ["weights_train_cos_mean", "weights_train_cos_to_mean", "weights_top100_dims_share", "weights_pca10_share",
-      "weights_probe_nn_accuracy", "weights_probe_logistic_accuracy", "weights_probe_kmeans_ari",
-      "weights_probe_chance", "weights_distinct_nearest", "weights_distinct_nearest_share", "weights_attractor_share",
-      "weights_nearest_cos_median", "weights_cos_to_training_mean"]),
+     ["weights_pca10_share", "weights_probe_skipped", "weights_distinct_nearest", "weights_distinct_nearest_share",
+      "weights_attractor_share", "weights_nearest_cos_median", "weights_cos_to_training_mean"]),
 ]
 
 
@@ -61,13 +61,15 @@ def write_report(cfg: Config, plan: C.Plan) -> str:
         body = [_figure(fs, plan[stage].join(name), caption) for stage, name, caption in pictures if stage in plan]
         body = [b for b in body if b]
         values = {k: metrics[k] for k in keys if k in metrics}
-        if not body and not values:
+        tables = _weight_space(metrics) if title == "Weight space" else ""
+        if not body and not values and not tables:
             continue
-        parts.append(f"<h2>{title}</h2>" + (_table(values) if values else "") + "".join(body))
+        parts.append(f"<h2>{title}</h2>" + tables + (_table(values) if values else "") + "".join(body))
     parts.append("<h2>Config</h2><pre>" + html.escape(dump_yaml(cfg)) + "</pre>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>raywsl " + html.escape(cfg.run.name) +
             "</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px}td:last-child{text-align:right}"
+            "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
+            "th{background:#f6f6f6}td:last-child{text-align:right}"
             "figure{margin:1em 0}img{max-width:100%}pre{background:#f6f6f6;padding:1em;font-size:12px}</style>"
             "</head><body>" + "\n".join(parts) + "</body></html>")
     cache.write_text(run.report, page)
@@ -81,6 +83,22 @@ def _table(values: dict[str, Any], escape: bool = True) -> str:
 
     return "<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in values.items()) \
         + "</table>"
+
+
+def _weight_space(metrics: dict[str, Any]) -> str:
+    """The probe table (papers/004 Table 4: mean ± std, chance) and the weight statistics (papers/002
+    Table 2) of the eval stage's weights_* metrics, as `raywsl probe` writes them."""
+    probe, stats = from_metrics(metrics)
+    out = ""
+    if rows := probe_rows(probe):
+        out += ("<table><tr><th>probe</th><th>mean ± std</th><th>chance</th></tr>" +
+                "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in rows) +
+                "</table>" + (f"<p><small>{html.escape(probe_note(probe))}</small></p>"
+                              if {"seeds", "test_fraction", "classes", "n_test"} <= probe.keys() else ""))
+    if rows := statistics_rows(stats):
+        out += ("<table><tr><th>statistic</th><th>value</th></tr>" +
+                "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows) + "</table>")
+    return out
 
 
 def _figure(fs, path: str, caption: str) -> str:

@@ -45,9 +45,11 @@ def test_run_end_to_end_then_reruns_reuse_what_they_can(ray_local, tmp_path, cap
     assert recorded["fit"]["artifact"] == str(runs / C.CACHE / "fit" / recorded["fit"]["fingerprint"])
     metrics = json.loads((run / C.METRICS).read_text())
     for key in ("recon_cd_median", "mmd_cd", "cov_cd", "1nna_cd", "valid_share", "weights_attractor_share",
-                "weights_train_cos_mean", "weights_top100_dims_share", "weights_pca10_share"):
+                "weights_cos_mean", "weights_cos_min", "weights_norm_mean", "weights_top100_dims_share",
+                "weights_pca10_share"):
         assert math.isfinite(metrics[key]), key
-    assert -1 <= metrics["weights_train_cos_mean"] <= 1 and 0 < metrics["weights_pca10_share"] <= 1 + 1e-9
+    assert -1 <= metrics["weights_cos_min"] <= metrics["weights_cos_mean"] <= 1
+    assert 0 < metrics["weights_pca10_share"] <= 1 + 1e-9
     assert metrics["n_generated"] == 6  # rows without a surface count against valid_share, not dropped
     held_out = RowStore.open(str(run / C.SAMPLES)).attrs[C.Attr.HELD_OUT]
     assert metrics["n_reference"] == held_out > 0  # the held-out shapes, never fitted

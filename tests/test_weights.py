@@ -114,25 +114,91 @@ def clusters(rng, n_per_class=30, k=4, dim=40):
     return centres[labels] + rng.normal(size=(len(labels), dim)), labels
 
 
-def test_probes_separate_clusters_and_not_noise():
+def test_probe_table_separates_clusters_and_not_noise():
     rng = np.random.default_rng(0)
     W, labels = clusters(rng)
     names = np.array(["chair", "table", "lamp", "mug"])[labels]  # labels may be strings
-    p = weights.probes(W, names)
-    assert p["classes"] == 4 and p["logistic_folds"] == 5 and p["chance"] == 0.25
-    assert p["nn_accuracy"] == 1.0 and p["logistic_accuracy"] > 0.95 and p["kmeans_ari"] > 0.95
-    assert p == weights.probes(W, names)  # deterministic
+    p = weights.probe_table(W, names, seeds=5, test_fraction=0.2)
+    assert p["classes"] == 4 and p["class_names"] == ["chair", "lamp", "mug", "table"] and p["chance"] == 0.25
+    assert (p["n"], p["n_train"], p["n_test"], p["seeds"]) == (120, 96, 24, [0, 1, 2, 3, 4])
+    for m in weights.PROBES:  # separable: every repeat gets every test row right
+        assert p[m] == 1.0 and p[f"{m}_std"] == 0.0 and len(p[f"{m}_values"]) == 5, m
+    again = weights.probe_table(W, names, seeds=5, test_fraction=0.2)
+    for m in weights.PROBES:  # deterministic given the seeds
+        np.testing.assert_array_equal(again[f"{m}_values"], p[f"{m}_values"])
 
-    shuffled = weights.probes(W, rng.permutation(labels))
-    assert shuffled["nn_accuracy"] < 0.45 and shuffled["logistic_accuracy"] < 0.45
+    shuffled = weights.probe_table(W, rng.permutation(labels), seeds=5)
+    assert shuffled["nn_accuracy"] < 0.45 and shuffled["logistic_accuracy"] < 0.45  # chance 0.25
     assert abs(shuffled["kmeans_ari"]) < 0.1
 
 
-def test_probes_adapt_folds_to_the_smallest_class():
-    rng = np.random.default_rng(1)
-    W, labels = clusters(rng, n_per_class=3, k=3)
-    assert weights.probes(W, labels)["logistic_folds"] == 3
-    labels[0] = 7  # a class of one: no stratified split possible
-    assert np.isnan(weights.probes(W, labels)["logistic_accuracy"])
+def test_probe_table_mean_and_sample_std_over_seeds():
+    rng = np.random.default_rng(0)
+    centres = 0.5 * rng.normal(size=(4, 40))  # overlapping clusters: ~0.9 accuracy, varying per split
+    labels = np.repeat(np.arange(4), 30)
+    W = centres[labels] + rng.normal(size=(120, 40))
+    p = weights.probe_table(W, labels, seeds=5)
+    for m in weights.PROBES:
+        v = p[f"{m}_values"]
+        assert p[m] == pytest.approx(v.mean()) and p[f"{m}_std"] == pytest.approx(np.std(v, ddof=1)), m
+        assert p[f"{m}_std"] > 0, m  # the splits (and k-means starts) differ per seed
+    assert 0.7 < p["nn_accuracy"] < 1 and 0.7 < p["logistic_accuracy"] < 1 and 0.5 < p["kmeans_ari"] < 1
+    # repeat r uses seed + r: seeds 2..4 of a run from 0 are the first three of a run from 2
+    later = weights.probe_table(W, labels, seeds=3, seed=2)
+    assert later["seeds"] == [2, 3, 4]
+    np.testing.assert_array_equal(later["nn_accuracy_values"], p["nn_accuracy_values"][2:])
+    single = weights.probe_table(W, labels, seeds=1)
+    assert single["nn_accuracy"] == p["nn_accuracy_values"][0] and np.isnan(single["nn_accuracy_std"])
 
 
+def test_stratified_split_is_stratified_and_deterministic():
+    labels = np.array(["a"] * 10 + ["b"] * 5 + ["c"] * 2)
+    train, test = weights.stratified_split(labels, test_fraction=0.2, seed=3)
+    # per class round(0.2 n), at least 1 and at most n - 1: 2 of 10, 1 of 5, 1 of 2
+    assert [int((labels[test] == c).sum()) for c in "abc"] == [2, 1, 1]
+    assert [int((labels[train] == c).sum()) for c in "abc"] == [8, 4, 1]
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(17))
+    assert (np.diff(train) > 0).all() and (np.diff(test) > 0).all()
+    again = weights.stratified_split(labels, test_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(again[0], train)
+    np.testing.assert_array_equal(again[1], test)
+    splits = {tuple(weights.stratified_split(labels, 0.2, seed)[1]) for seed in range(10)}
+    assert len(splits) > 5  # another seed, another split
+    _, half = weights.stratified_split(labels, 0.5, 0)
+    assert [int((labels[half] == c).sum()) for c in "abc"] == [5, 3, 1]  # round half up: 2.5 -> 3
+
+
+def test_probe_table_refuses_what_cannot_be_split():
+    W = np.random.default_rng(0).normal(size=(7, 5))
+    with pytest.raises(ValueError, match=r"at least 2 rows per class .*too few in: lamp \(1\)"):
+        weights.probe_table(W, ["mug"] * 3 + ["chair"] * 3 + ["lamp"])
+    with pytest.raises(ValueError, match=r"at least two classes; the labels hold 1: \['mug'\]"):
+        weights.probe_table(W, ["mug"] * 7)
+    with pytest.raises(ValueError, match=r"7 weight vectors but 6 labels"):
+        weights.probe_table(W, ["mug", "chair"] * 3)
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
+            weights.probe_table(W, ["mug", "chair"] * 3 + ["mug"], test_fraction=fraction)
+    with pytest.raises(ValueError, match=r"seeds must be at least 1, got 0"):
+        weights.probe_table(W, ["mug", "chair"] * 3 + ["mug"], seeds=0)
+
+
+def test_weight_statistics_match_hand_computation():
+    W = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 5.0], [3.0, 4.0, 5.0]])
+    s = weights.weight_statistics(W, ks=(1, 2, 10))
+    norms = np.array([5.0, 5.0, np.sqrt(50)])
+    assert (s["n"], s["dims"], s["pairs"], s["pairs_subsampled"]) == (3, 3, 3, False)
+    assert s["norm_mean"] == pytest.approx(norms.mean()) and s["norm_std"] == pytest.approx(norms.std())
+    cosines = np.array([0.0, 25 / (5 * np.sqrt(50)), 25 / (5 * np.sqrt(50))])  # pairs (0,1), (0,2), (1,2)
+    assert s["cos_mean"] == pytest.approx(cosines.mean()) and s["cos_std"] == pytest.approx(cosines.std())
+    assert s["cos_min"] == pytest.approx(0.0, abs=1e-12) and s["cos_max"] == pytest.approx(np.sqrt(0.5))
+    mean = W.mean(axis=0)
+    to_mean = W @ mean / (norms * np.linalg.norm(mean))
+    assert s["cos_to_mean"] == pytest.approx(to_mean.mean()) and s["most_central"][0] == np.argmax(to_mean)
+    # population variances per coordinate: 2, 32/9, 50/9 of a total 100/9
+    assert s["top1_dims_share"] == pytest.approx(0.5)
+    assert s["top2_dims_share"] == pytest.approx(82 / 100)
+    assert s["top10_dims_share"] == pytest.approx(1.0)
+    assert s["coord_std_median"] == pytest.approx(np.sqrt(32 / 9))
+    default = weights.weight_statistics(W)  # papers/002 Table 2's ks (and 100)
+    assert {"top10_dims_share", "top100_dims_share", "top1000_dims_share", "top10000_dims_share"} <= set(default)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Generation metrics of each preset at a small scale (2-core CPU): configs/hyperdiffusion.yaml,
-# configs/mlora_asym.yaml and configs/deepsdf_latent.yaml shrunk to the quickstart's 32 shapes, a
+# Generation metrics of each preset at a small scale (2-core CPU): configs/hyperdiffusion.yaml shrunk,
+# configs/quickstart_mlora_asym.yaml and configs/quickstart_deepsdf_latent.yaml on 32 shapes, a
 # ~10k-parameter row (MLP small, mLoRA rank 20 on the small base; DeepSDF: a 32-d latent), a tiny DiT
 # trained 1,200 steps with x0 prediction, 16 samples, metrics against the held-out split.
 #   bash benchmarks/diffusion/presets.sh [WORK=/tmp/raywsl-presets]      (~25 min)
@@ -8,7 +8,7 @@ set -euo pipefail
 WORK=${1:-/tmp/raywsl-presets}
 B=.venv/bin
 mkdir -p "$WORK"
-SMALL="data.source=corpus:32 ingest.points=20000 ingest.surface_points=2048 ingest.shard_size=4
+SMALL="data.source=corpus:32 data.shapes=0 ingest.test_fraction=0.2 ingest.points=20000 ingest.surface_points=2048 ingest.shard_size=4
   fit.steps=400 fit.points_per_step=2048 fit.batch_size=16 fit.shard_size=16 fit.device=cpu fit.recon_count=8
   fit.recon_resolution=64 diffusion.model=tiny diffusion.prediction=x0 diffusion.token_size=0 train.steps=1200
   train.batch_size=32 train.lr=1e-3 train.checkpoint_every=400 sample.count=16 sample.resolution=64
@@ -31,5 +31,5 @@ PY
 echo "| preset (small) | recon CD | MMD-CD | COV-CD % | 1-NNA-CD % | MMD-EMD | COV-EMD % | 1-NNA-EMD % | valid | distinct nearest | attractor share | s |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 run_preset hyperdiffusion configs/hyperdiffusion.yaml field.preset=small
-run_preset mlora_asym configs/mlora_asym.yaml $BASE field.rank=20
-run_preset deepsdf_latent configs/deepsdf_latent.yaml
+run_preset mlora_asym configs/quickstart_mlora_asym.yaml $BASE field.rank=20
+run_preset deepsdf_latent configs/quickstart_deepsdf_latent.yaml

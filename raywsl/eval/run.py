@@ -40,10 +40,11 @@ from raywsl.geometry.distances import DEFAULT_EPS, chamfer
 from raywsl.geometry.sampling import sample_surface, shape_rng
 from raywsl.geometry.topology import topology
 from raywsl.eval.generation import generation_metrics, novelty
-from raywsl.eval.weights import cosine_stats, nearest_training, pca_spectrum, probes, top_dims_variance
+from raywsl.eval.probe import CONVENTIONS as PROBE_CONVENTIONS
+from raywsl.eval.probe import PROBE_SEEDS, PROBE_TEST_FRACTION, eval_metrics, training_weights
+from raywsl.eval.weights import nearest_training, pca_spectrum, probe_table, weight_statistics
 from raywsl.store.rows import RowStore, StoreError
-from raywsl.store.split import training_rows, write_split_manifests
-from raywsl.store.weights import open_weights
+from raywsl.store.split import write_split_manifests
 
 log = logging.getLogger(__name__)
 
@@ -161,34 +162,29 @@ def _add_samples_without_surface(gen: ShapeSet, generated: str) -> None:
 
 
 def _weight_diagnostics(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
-    """The weight-space diagnostics of the papers, on the run's training rows: how thin a shell they
-    lie in (pairwise cosine, cosine to the mean; papers/002 Table 2), how their variance spreads over
-    coordinates and principal directions (weights_spectrum.png), what a probe reads off them about
-    their category (papers/004 Table 4); and the collapse signals of the sampled rows (rows.npy):
-    distinct nearest training rows and the attractor share (papers/002, §3.3)."""
+    """The weight-space diagnostics of the papers, on the run's training rows: the weight statistics
+    (norms, pairwise cosine, variance in the top-k coordinates; papers/002 Table 2), the variance per
+    principal direction (weights_spectrum.png), the category probes over PROBE_SEEDS seeded splits
+    (papers/004 Table 4; eval/probe.py, as `raywsl probe`); and the collapse signals of the sampled
+    rows (rows.npy): distinct nearest training rows and the attractor share (papers/002, §3.3)."""
     try:
-        store = open_weights(plan.weights)
+        inputs = training_weights(cfg, plan)
     except StoreError:
         return {}
-    rows = training_rows(store, cfg.data.shapes)
-    if len(rows) < 2:
-        return {}
-    training = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
-    cos, top = cosine_stats(training), top_dims_variance(training, ks=(10, 100, 1000))
-    spectrum = pca_spectrum(training, k=min(50, len(rows)))
+    training = inputs.weights
+    spectrum = pca_spectrum(training, k=min(50, len(training)))
     figures.plot_spectrum(spectrum["explained_ratio"], C.join(out, C.WEIGHTS_SPECTRUM),
-                          title=f"{len(rows)} training rows: variance per principal direction")
+                          title=f"{len(training)} training rows: variance per principal direction")
+    try:
+        probe = probe_table(training, inputs.labels, seeds=PROBE_SEEDS, test_fraction=PROBE_TEST_FRACTION,
+                            seed=cfg.seed)
+        skipped = {}
+    except ValueError as e:  # e.g. one category, or a category of one shape: no split to probe
+        log.info("eval: no weight-space probes: %s", e)
+        probe, skipped = None, {"weights_probe_skipped": str(e)}
     out_metrics: dict[str, Any] = {
-        "weights_train_cos_mean": cos["mean"], "weights_train_cos_std": cos["std"],
-        "weights_train_cos_to_mean": cos["cos_to_mean_mean"],
-        **{f"weights_top{k}_dims_share": v for k, v in top["share"].items()},
+        **eval_metrics(probe, weight_statistics(training, seed=cfg.seed)), **skipped,
         "weights_pca10_share": float(spectrum["cumulative"][min(9, len(spectrum["cumulative"]) - 1)])}
-    labels = store.row_meta()[C.CATEGORY][rows]
-    _, counts = np.unique(labels, return_counts=True)
-    if len(counts) >= 2 and counts.min() >= 2:
-        probe = probes(training, labels, seed=cfg.seed)
-        out_metrics.update({f"weights_probe_{k}": probe[k] for k in ("nn_accuracy", "logistic_accuracy",
-                                                                      "kmeans_ari", "chance")})
     fs, path = fsspec.core.url_to_fs(plan["sample"].join(C.ROWS))
     if not fs.exists(path):
         return out_metrics
@@ -270,6 +266,9 @@ def evaluate(cfg: Config, plan: C.Plan | None, out: str) -> dict[str, Any]:
     result["eval_seconds"] = time.perf_counter() - t0
     conventions = {k: v.format(points=ec.points, emd_eps=ec.emd_eps, normalised="normalised into the unit sphere"
                                if ec.normalise else "in their own frame") for k, v in CONVENTIONS.items()}
+    if own:  # the weights_probe_* and Table-2 keys (eval/probe.py)
+        conventions["weight_space"] = {**PROBE_CONVENTIONS, "seeds": f"{PROBE_SEEDS} repeats from seed={cfg.seed}",
+                                       "test_fraction": f"{PROBE_TEST_FRACTION:g} of each category"}
     details = {"generated": generated, "reference": ec.reference, "training": ec.training,
                "conventions": conventions,
                "invalid_generated": [{"shape_id": i, "reason": r} for i, r in zip(gen.ids, gen.reasons) if r],
@@ -283,21 +282,19 @@ def evaluate(cfg: Config, plan: C.Plan | None, out: str) -> dict[str, Any]:
 def _weights_figure(cfg: Config, plan: C.Plan, out: str) -> None:
     """weights_pca.png: the training rows (by category) and the sampled rows in one PCA plane."""
     try:
-        store = open_weights(plan.weights)
+        inputs = training_weights(cfg, plan)
     except StoreError:
         return
-    rows = training_rows(store, cfg.data.shapes)
-    if len(rows) < 3:
+    if len(inputs.rows) < 3:
         return
-    W = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
-    labels = [f"train: {c}" for c in store.row_meta()[C.CATEGORY][rows]]
+    W, labels = inputs.weights, [f"train: {c}" for c in inputs.labels]
     generated = plan["sample"].join(C.ROWS)
     if os.path.exists(generated):
         G = np.load(generated)
         if G.shape[1] == W.shape[1]:
             W, labels = np.concatenate([W, G]), labels + ["sampled"] * len(G)
     figures.plot_embedding(W, labels, C.join(out, C.WEIGHTS_PCA),
-                           title=f"{store.attrs[C.Attr.FIELD_TYPE]} rows: training and sampled")
+                           title=f"{inputs.field_type} rows: training and sampled")
 
 
 def log_eval(folder: str) -> dict[str, Any]:

@@ -3,11 +3,13 @@ generated vectors collapse onto a few training ones, and whether the space carri
 
 From the small-data study (papers/002, §3.3 and §3.6): pairwise cosine statistics (a warm-started set sits
 in a thin shell, mean pairwise cosine ~0.96), cosine to the population mean (the attractor shapes
-are the most central ones), variance captured by the top-k dimensions, and ranking each generated
-vector against all training vectors by cosine (collapse = the same few nearest training shapes
-whatever the input). From the LoRA weight-space paper (papers/004, §4.4): the semantic probes (1-NN
-by cosine, logistic regression, k-means ARI); its linear mode connectivity barrier is measured by
-`raywsl stability` (fit/stability.py). The eval stage runs these on the run's training rows.
+are the most central ones), variance captured by the top-k dimensions (together: `weight_statistics`,
+its Table 2), and ranking each generated vector against all training vectors by cosine (collapse =
+the same few nearest training shapes whatever the input). From the LoRA weight-space paper
+(papers/004, §4.4): the semantic probes (1-NN by cosine, logistic regression, k-means ARI) repeated
+over seeded splits (`probe_table`, its Table 4); its linear mode connectivity barrier is measured by
+`raywsl stability` (fit/stability.py). The eval stage and `raywsl probe` run these on the run's
+training rows (eval/probe.py).
 
 Inputs are numpy arrays; float32 stays float32 in the big matrix products (what a store holds),
 anything else is computed in float64. Outputs are plain dicts of floats, ints and numpy arrays;
@@ -142,7 +144,7 @@ def top_dims_variance(W, ks: Sequence[int] = (10, 100, 1000, 10_000)) -> dict:
     median per-coordinate std: how thinly per-shape variation is spread over raw coordinates."""
     W = _as_matrix(W)
     var = np.sort(W.var(axis=0, dtype=np.float64))[::-1]
-    cum = np.cumsum(var) / max(var.sum(), np.finfo(float).tiny)
+    cum = np.minimum(np.cumsum(var) / max(var.sum(), np.finfo(float).tiny), 1.0)  # no 1 + 3e-15 from rounding
     return {"share": {int(k): float(cum[min(k, len(cum)) - 1]) for k in ks},
             "std_median": float(np.sqrt(np.median(var))), "dims": len(var)}
 
@@ -233,56 +235,112 @@ def _row_space(W: np.ndarray) -> np.ndarray:
     return U[:, keep] * np.sqrt(eigenvalues[keep])
 
 
-def probes(W, labels, seed: int = 0, folds: int = 5) -> dict:
-    """Semantic probes of weight vectors (papers/004, §4.4, Table 4).
+def probe_classes(labels, n_rows: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, y): the sorted distinct labels and each row's index into them, refused (ValueError
+    naming the problem) unless a stratified split with `test_fraction` is possible: one label per
+    row, at least two classes, and every class with at least two members (one to train on, one to
+    test)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    if len(y) != n_rows:
+        raise ValueError(f"{n_rows} weight vectors but {len(y)} labels")
+    if len(classes) < 2:
+        raise ValueError(f"the probes need at least two classes; the labels hold {len(classes)}: "
+                         f"{[str(c) for c in classes]}")
+    sizes = np.bincount(y)
+    if sizes.min() < 2:
+        small = ", ".join(f"{c!s} ({k})" for c, k in zip(classes, sizes) if k < 2)
+        raise ValueError(f"a stratified train/test split needs at least 2 rows per class (one to train on, "
+                         f"one to test); too few in: {small}")
+    return classes, y
 
-    - `nn_accuracy`: leave-one-out 1-nearest-neighbour classification by cosine similarity (the
-      paper's 1-NN uses cosine; leave-one-out makes it deterministic and uses every vector).
-    - `logistic_accuracy` (± `logistic_std` over folds): logistic regression on standardised
-      features, stratified k-fold with k = min(`folds`, smallest class size); NaN if a class has
-      a single member.
-    - `kmeans_ari`: adjusted Rand index of k-means (k = number of classes, 10 restarts) on the
-      raw (unstandardised) vectors against the labels.
-    `chance` is the majority-class share, the accuracy of always guessing the largest class."""
+
+def stratified_split(labels, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test): sorted row indices. Per class of n rows, round(test_fraction * n) rows, but at
+    least 1 and at most n - 1, go to the test set, drawn by `np.random.default_rng(seed)`: the same
+    seed gives the same split, and every class is on both sides."""
+    _, y = probe_classes(labels, len(labels), test_fraction)
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in range(y.max() + 1):
+        members = np.flatnonzero(y == c)
+        k = min(max(int(test_fraction * len(members) + 0.5), 1), len(members) - 1)
+        test.append(rng.permutation(members)[:k])
+    test = np.sort(np.concatenate(test))
+    return np.setdiff1d(np.arange(len(y)), test), test
+
+
+def _nearest_by_cosine(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """For each row of `queries` (unit rows), the index of the candidate row (unit rows) with the
+    largest cosine; ties go to the lowest index."""
+    step = max(1, CHUNK_ELEMENTS // max(1, len(candidates)))
+    return np.concatenate([(queries[a:a + step] @ candidates.T).argmax(axis=1)
+                           for a in range(0, len(queries), step)])
+
+
+PROBES = ("nn_accuracy", "logistic_accuracy", "kmeans_ari")
+
+
+def probe_table(W, labels, seeds: int = 5, test_fraction: float = 0.2, seed: int = 0) -> dict:
+    """The semantic probes of weight vectors, repeated over seeds (papers/004, §4.4, Table 4: mean ±
+    std over runs with random data splits and initialisations).
+
+    Repeat r uses seed `seed + r`: a stratified split (`stratified_split`, `test_fraction` of each
+    class held out), then
+    - `nn_accuracy`: each test row gets the category of its most cosine-similar training row;
+    - `logistic_accuracy`: logistic regression (L2, C = 1) on features standardised with the training
+      rows' mean and std, fitted on the training rows, scored on the test rows;
+    - `kmeans_ari`: adjusted Rand index against the labels of k-means (k = number of classes, 10
+      restarts seeded by the repeat's seed) on all rows, raw (unstandardised) vectors.
+    Each metric comes as `<metric>` (mean), `<metric>_std` (sample std over repeats, ddof = 1; NaN for
+    a single repeat) and `<metric>_values` (per repeat). `chance` is the majority-class share (the
+    accuracy of always guessing the largest class); the ARI of a random clustering is 0.
+    Raises ValueError when the labels do not allow the split (`probe_classes`)."""
     from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import adjusted_rand_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     W = _as_matrix(W)
-    classes, y = np.unique(np.asarray(labels), return_inverse=True)
-    if len(y) != len(W):
-        raise ValueError(f"{len(W)} weight vectors but {len(y)} labels")
-    if len(classes) < 2:
-        raise ValueError("probes need at least two classes")
-    class_sizes = np.bincount(y)
-
+    classes, y = probe_classes(labels, len(W), test_fraction)
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     X = _unit_rows(W)
-    predicted = np.empty(len(X), dtype=np.int64)
-    step = max(1, CHUNK_ELEMENTS // len(X))
-    for a in range(0, len(X), step):
-        S = X[a:a + step] @ X.T
-        S[np.arange(len(S)), np.arange(a, a + len(S))] = -np.inf  # leave the vector itself out
-        predicted[a:a + step] = y[S.argmax(axis=1)]
-
-    n_splits = min(folds, int(class_sizes.min()))
-    if n_splits >= 2:
+    Z = _row_space(W)  # k-means sees the same distances at N x N instead of N x P
+    values: dict[str, list[float]] = {name: [] for name in PROBES}
+    for s in range(seed, seed + seeds):
+        train, test = stratified_split(y, test_fraction, s)
+        values["nn_accuracy"].append(float((y[train][_nearest_by_cosine(X[test], X[train])] == y[test]).mean()))
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-        scores = cross_val_score(model, W, y, cv=StratifiedKFold(n_splits, shuffle=True, random_state=seed))
-        logistic, logistic_std = float(scores.mean()), float(scores.std())
-    else:
-        logistic = logistic_std = float("nan")
+        values["logistic_accuracy"].append(float(model.fit(W[train], y[train]).score(W[test], y[test])))
+        clusters = KMeans(n_clusters=len(classes), n_init=10, random_state=s).fit_predict(Z)
+        values["kmeans_ari"].append(float(adjusted_rand_score(y, clusters)))
+    sizes = np.bincount(y)
+    out: dict = {"n": len(W), "classes": len(classes), "class_names": [str(c) for c in classes],
+                 "class_sizes": sizes, "chance": float(sizes.max() / len(W)), "seeds": list(range(seed, seed + seeds)),
+                 "test_fraction": float(test_fraction), "n_train": len(train), "n_test": len(test)}
+    for name, v in values.items():
+        v = np.asarray(v)
+        out.update({name: float(v.mean()), f"{name}_std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                    f"{name}_values": v})
+    return out
 
-    clusters = KMeans(n_clusters=len(classes), n_init=10, random_state=seed).fit_predict(_row_space(W))
-    return {
-        "n": len(W),
-        "classes": len(classes),
-        "chance": float(class_sizes.max() / len(W)),
-        "nn_accuracy": float((predicted == y).mean()),
-        "logistic_accuracy": logistic,
-        "logistic_std": logistic_std,
-        "logistic_folds": n_splits,
-        "kmeans_ari": float(adjusted_rand_score(y, clusters)),
-    }
+
+def weight_statistics(W, ks: Sequence[int] = (10, 100, 1000, 10_000), max_rows: int = 10_000, seed: int = 0) -> dict:
+    """The weight-distribution statistics of the small-data study (papers/002, Table 2), from
+    `cosine_stats` and `top_dims_variance`: L2 norm mean and (population) std, pairwise cosine
+    mean / std / min / max / median (over a seeded subset of `max_rows` rows above that many;
+    `pairs_subsampled`), mean cosine to the population mean and the most central rows, the share of
+    the per-coordinate variance held by the top-k coordinates (`top<k>_dims_share`; 1 when k >= dims)
+    and the median per-coordinate std."""
+    cos = cosine_stats(W, max_rows=max_rows, seed=seed)
+    top = top_dims_variance(W, ks)
+    return {"n": cos["n"], "dims": top["dims"], "norm_mean": cos["norm_mean"], "norm_std": cos["norm_std"],
+            "cos_mean": cos["mean"], "cos_std": cos["std"], "cos_min": cos["min"], "cos_max": cos["max"],
+            "cos_median": cos["median"], "pairs": cos["pairs"], "pairs_subsampled": cos["pairs_subsampled"],
+            "cos_to_mean": cos["cos_to_mean_mean"], "cos_to_mean_max": cos["cos_to_mean_max"],
+            "most_central": cos["most_central"],
+            **{f"top{k}_dims_share": v for k, v in top["share"].items()},
+            "coord_std_median": top["std_median"]}

@@ -31,6 +31,7 @@ MODELS: dict[str, dict] = {
     "base": dict(dim=512, depth=8, heads=8),
     "large": dict(dim=1024, depth=12, heads=16),
     "hyperdiffusion": dict(dim=2880, depth=12, heads=16),
+    "latent": dict(dim=384, depth=4, heads=6),  # the small-data study's latent DiT (papers/002, section 6)
 }
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features (DiT's)

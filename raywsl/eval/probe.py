@@ -1,0 +1,225 @@
+"""The weight-space probes of a run's weight store, as tables: the LoRA paper's discriminative probes,
+mean ± std over seeded splits next to chance (papers/004, Table 4), and the small-data study's
+weight statistics (papers/002, Table 2), on the run's fitted training rows labelled by category.
+
+    raywsl probe -c CONFIG [--seeds 5] [--test-fraction 0.2]
+      <run.dir>/probe/probe.json   every number (per seed too), the settings and the conventions
+      <run.dir>/probe/probe.md     the two tables
+      MLflow                       probe.<name>: probe.nn_accuracy, probe.nn_accuracy_std, probe.norm_mean, ...
+
+The eval stage computes the same tables with PROBE_SEEDS and PROBE_TEST_FRACTION (`eval_metrics`)
+into metrics.json as weights_probe_<name> and weights_<statistic>; the report renders them back
+(`from_metrics`, `probe_rows`, `statistics_rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from raywsl import cache, tracking
+from raywsl import contract as C
+from raywsl.config import Config
+from raywsl.eval.weights import PROBES, probe_classes, probe_table, weight_statistics
+from raywsl.store.rows import StoreError
+from raywsl.store.split import training_rows
+from raywsl.store.weights import open_weights
+
+log = logging.getLogger(__name__)
+
+# What the eval stage uses (no config key: the eval fingerprint would change with one).
+PROBE_SEEDS = 5
+PROBE_TEST_FRACTION = 0.2
+
+# The metric-key prefixes of the eval stage's metrics.json.
+PROBE_PREFIX = "weights_probe_"
+STATISTICS_PREFIX = "weights_"
+
+PROBE_LABELS = {"nn_accuracy": "1-NN accuracy (cosine)", "logistic_accuracy": "logistic regression accuracy",
+                "kmeans_ari": "k-means ARI"}
+# The scalars of a probe table that are logged and kept in metrics.json.
+PROBE_SCALARS = (*(k for m in PROBES for k in (m, f"{m}_std")), "chance", "classes", "seeds", "test_fraction",
+                 "n_test")
+# papers/002 Table 2, in its order: (key, label); `dims` says how many coordinates the shares are of.
+STATISTICS = (("norm_mean", "mean L2 norm"), ("norm_std", "std of the L2 norm"),
+              ("cos_mean", "mean pairwise cosine"), ("cos_std", "std of pairwise cosine"),
+              ("cos_min", "min pairwise cosine"), ("cos_max", "max pairwise cosine"),
+              ("cos_to_mean", "mean cosine to the population mean"),
+              ("top10_dims_share", "variance held by the top 10 coordinates"),
+              ("top100_dims_share", "variance held by the top 100 coordinates"),
+              ("top1000_dims_share", "variance held by the top 1,000 coordinates"),
+              ("top10000_dims_share", "variance held by the top 10,000 coordinates"),
+              ("dims", "coordinates per row"))
+
+CONVENTIONS = {
+    "split": "repeat r uses seed + r: per class of n rows, round(test_fraction * n) rows (halves up; at least 1, at most "
+             "n - 1) drawn as test rows, the rest train",
+    "nn_accuracy": "1-NN: each test row gets the category of its most cosine-similar training row",
+    "logistic_accuracy": "logistic regression (L2, C = 1) on features standardised with the training rows' "
+                         "mean and std; fitted on the training rows, accuracy on the test rows",
+    "kmeans_ari": "adjusted Rand index of k-means (k = classes, 10 restarts, seeded per repeat) on all rows "
+                  "(raw vectors) against the categories",
+    "std": "sample standard deviation over repeats (ddof = 1); n/a for a single repeat",
+    "chance": "the majority-class share (the accuracy of always guessing the largest class); a random "
+              "clustering has ARI 0",
+    "statistics": "papers/002 Table 2 on the same rows: L2 norm mean and population std; cosine over all pairs "
+                  "i < j (a seeded subset of 10,000 rows above that many); share of the summed per-coordinate "
+                  "variance held by the k highest-variance coordinates (1 when k >= dims)",
+}
+
+
+class ProbeError(ValueError):
+    """The weight store's rows cannot be probed as asked (too few rows per class, bad settings)."""
+
+
+@dataclass
+class ProbeInputs:
+    """The run's fitted training rows and their categories."""
+
+    store: str  # the weight store's path
+    field_type: str
+    rows: np.ndarray  # row indices into the store
+    weights: np.ndarray  # (len(rows), P)
+    labels: np.ndarray  # (len(rows),) category per row
+
+
+def training_weights(cfg: Config, plan: C.Plan) -> ProbeInputs:
+    """The run's fitted training rows (store/split.py) and their categories; refused (StoreError)
+    unless `raywsl fit` has fitted at least two of them."""
+    try:
+        store = open_weights(plan.weights)
+    except StoreError as e:
+        raise StoreError(f"{e}: the weights of this config are not fitted; run `raywsl fit` with this "
+                         f"config first") from e
+    rows = training_rows(store, cfg.data.shapes)
+    if len(rows) < 2:
+        raise StoreError(f"{store.path}: {len(rows)} fitted training rows for data.shapes={cfg.data.shapes}; the "
+                         f"weight-space probes need at least 2: run `raywsl fit` with this config first")
+    weights = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
+    labels = np.array([str(c) for c in store.row_meta()[C.CATEGORY][rows]])  # numpy StringDType -> str
+    return ProbeInputs(store.path, str(store.attrs[C.Attr.FIELD_TYPE]), rows, weights, labels)
+
+
+def probe_inputs(cfg: Config, plan: C.Plan, seeds: int, test_fraction: float) -> ProbeInputs:
+    """`training_weights`, refused (ProbeError, naming the option) unless `seeds` repeats of a
+    stratified split holding out `test_fraction` of each category are possible."""
+    if seeds < 1:
+        raise ProbeError(f"--seeds must be at least 1, got {seeds}")
+    if not 0 < test_fraction < 1:
+        raise ProbeError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    inputs = training_weights(cfg, plan)
+    try:
+        probe_classes(inputs.labels, len(inputs.weights), test_fraction)
+    except ValueError as e:
+        raise ProbeError(f"{inputs.store} ({len(inputs.rows)} training rows, data.shapes={cfg.data.shapes}): "
+                         f"{e}") from None
+    return inputs
+
+
+# ------------------------------------------------------------------------------------ scalars and metric keys
+
+def probe_scalars(probe: dict[str, Any]) -> dict[str, float]:
+    """The logged numbers of a `probe_table` result (`seeds`: how many repeats)."""
+    return {k: len(probe[k]) if k == "seeds" else probe[k] for k in PROBE_SCALARS}
+
+
+def statistics_scalars(stats: dict[str, Any]) -> dict[str, float]:
+    """The Table-2 numbers of a `weight_statistics` result (top-k shares for the ks it computed)."""
+    return {k: stats[k] for k, _ in STATISTICS if k in stats}
+
+
+def eval_metrics(probe: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, float]:
+    """The eval stage's keys: weights_probe_<name> (nn_accuracy, nn_accuracy_std, ..., chance) and
+    weights_<statistic> (norm_mean, cos_min, top10_dims_share, ...)."""
+    out = {f"{STATISTICS_PREFIX}{k}": v for k, v in statistics_scalars(stats).items()}
+    if probe is not None:
+        out.update({f"{PROBE_PREFIX}{k}": v for k, v in probe_scalars(probe).items()})
+    return out
+
+
+def from_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(probe scalars, statistics) back from a metrics.json written with `eval_metrics`."""
+    probe = {k: metrics[f"{PROBE_PREFIX}{k}"] for k in PROBE_SCALARS if f"{PROBE_PREFIX}{k}" in metrics}
+    stats = {k: metrics[f"{STATISTICS_PREFIX}{k}"] for k, _ in STATISTICS if f"{STATISTICS_PREFIX}{k}" in metrics}
+    return probe, stats
+
+
+# ------------------------------------------------------------------------------------ tables
+
+def _pct(x: Any, digits: str = ".1f") -> str:
+    return f"{100 * x:{digits}}%" if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
+
+
+def probe_rows(probe: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, mean ± std, chance) per probe, in percent as the paper writes them."""
+    chance = {"kmeans_ari": 0.0}
+    return [(PROBE_LABELS[m], f"{_pct(probe[m])} ± {_pct(probe.get(f'{m}_std'))}",
+             _pct(chance.get(m, probe.get("chance")))) for m in PROBES if m in probe]
+
+
+def statistics_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """(statistic, value) in papers/002 Table 2's order."""
+    rows = []
+    for key, label in STATISTICS:
+        if key not in stats:
+            continue
+        v = stats[key]
+        if key == "norm_std" and stats.get("norm_mean"):
+            text = f"{v:.4g} ({_pct(v / stats['norm_mean'])} of the mean)"
+        elif key.endswith("_dims_share"):
+            k, dims = int(key[3:-len("_dims_share")]), stats.get("dims")
+            text = _pct(v, ".3g") + (f" (all {dims} coordinates)" if dims and k >= dims else "")
+        elif key.startswith("cos"):
+            text = f"{v:.4f}"
+        else:
+            text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        rows.append((label, text))
+    return rows
+
+
+def probe_note(probe: dict[str, Any]) -> str:
+    """How the probe table was measured, in one sentence."""
+    return (f"{probe['seeds']} seeds, each a stratified split holding out {_pct(probe['test_fraction'], '.0f')} of "
+            f"each of {probe['classes']} classes ({probe['n_test']} test rows); mean ± sample std over seeds; "
+            f"chance: majority-class share (ARI: 0)")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """probe.md: the probe table, the statistics table and the conventions."""
+    probe, stats = probe_scalars(result["probe"]), statistics_scalars(result["statistics"])
+    sizes = ", ".join(f"{c} {n}" for c, n in zip(result["probe"]["class_names"], result["probe"]["class_sizes"]))
+    title = (f"# Weight-space probes ({result['rows']} training rows of {result['field_type']} weights, "
+             f"{result['statistics']['dims']} coordinates, seed={result['seed']})")
+    lines = [title, "",
+             f"{result['store']}; classes: {sizes}", "",
+             "| probe (papers/004, Table 4) | mean ± std | chance |", "|---|---:|---:|",
+             *(f"| {a} | {b} | {c} |" for a, b, c in probe_rows(probe)), "", probe_note(probe), "",
+             "| statistic (papers/002, Table 2) | value |", "|---|---:|",
+             *(f"| {a} | {b} |" for a, b in statistics_rows(stats)), "",
+             *(f"- {k}: {v}" for k, v in result["conventions"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ running
+
+def run_probe(cfg: Config, plan: C.Plan, inputs: ProbeInputs, seeds: int, test_fraction: float) -> dict[str, Any]:
+    """Probe the run's training rows (`probe_inputs`) with `seeds` repeats from cfg.seed; write
+    <run.dir>/probe/probe.json and probe.md, log the scalars to the active MLflow run as probe.<name>;
+    returns what probe.json holds."""
+    probe = probe_table(inputs.weights, inputs.labels, seeds=seeds, test_fraction=test_fraction, seed=cfg.seed)
+    stats = weight_statistics(inputs.weights, seed=cfg.seed)
+    result = {"store": inputs.store, "field_type": inputs.field_type, "rows": len(inputs.rows),
+              "data_shapes": cfg.data.shapes, "seed": cfg.seed, "probe": probe, "statistics": stats,
+              "conventions": CONVENTIONS}
+    out = plan.run.probe
+    cache.write_json(C.join(out, C.PROBE_JSON), result)
+    cache.write_text(C.join(out, C.PROBE_TABLE), markdown(result))
+    scalars = {**probe_scalars(probe), **statistics_scalars(stats)}
+    tracking.log_metrics({"probe": scalars})
+    tracking.log_json(result, f"{C.PROBE}/{C.PROBE_JSON}")
+    log.info("probe: %s", ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if isinstance(v, float)))
+    return result
