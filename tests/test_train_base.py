@@ -94,7 +94,7 @@ def test_mlora_fields_fit_on_the_trained_base_through_raywsl_fit(ingested, tmp_p
     assert (store.status() == DONE).all()
     field = field_of(store)
     assert store.group[C.ROW_WEIGHTS].shape == (8, field.layout.size)
-    assert store.attrs["layout"][0] == ["block0.fc0.a0", [16]]
+    assert store.attrs["layout"][0] == ["block0.fc0.a0_free", [12]]  # 16 channels, 4 frozen (the masks)
     assert store.attrs["frozen_fingerprint"] == field.frozen_fingerprint()
     # the fit found the base train-base made for the same config (the train-base stage was reused)
     assert json.loads((run / C.STAGES_FILE).read_text())["stages"]["train-base"]["reused"]
