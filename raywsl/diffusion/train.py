@@ -36,10 +36,9 @@ from raywsl import tracking
 from raywsl.config import Config, build, to_dict
 from raywsl.geometry import figures
 from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, report_progress
-from raywsl.store.rows import RowStore, StoreError
-from raywsl.store.split import training_rows
+from raywsl.store.rows import RowStore
 from raywsl.store.standardize import Standardizer
-from raywsl.store.weights import open_weights
+from raywsl.store.weights import fitted_training_rows
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,8 @@ def fit_standardizer(store: RowStore, keep: np.ndarray, enabled: bool) -> Standa
 def training_set(cfg: Config, plan: C.Plan) -> tuple[RowStore, np.ndarray]:
     """The weight store and the rows diffusion trains on; refused (StoreError) unless the run's
     training shapes are fitted."""
-    try:
-        store = open_weights(plan.weights)
-    except StoreError as e:
-        raise StoreError(f"{e}: the weights of this config are not fitted; run `raywsl fit` with this "
-                         f"config first") from e
-    rows = training_rows(store, cfg.data.shapes)
-    if len(rows) < max(2, cfg.scaling.num_workers):
-        raise StoreError(f"{store.path}: {len(rows)} fitted training rows for data.shapes={cfg.data.shapes}; "
-                         f"diffusion needs at least max(2, scaling.num_workers): run `raywsl fit` with this "
-                         f"config first")
-    return store, rows
+    return fitted_training_rows(plan.weights, cfg.data.shapes, max(2, cfg.scaling.num_workers),
+                                "diffusion (max(2, scaling.num_workers))")
 
 
 def train(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[str, Any]:

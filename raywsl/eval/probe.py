@@ -25,9 +25,7 @@ from raywsl import cache, tracking
 from raywsl import contract as C
 from raywsl.config import Config
 from raywsl.eval.weights import PROBES, probe_classes, probe_table, weight_statistics
-from raywsl.store.rows import StoreError
-from raywsl.store.split import training_rows
-from raywsl.store.weights import open_weights
+from raywsl.store.weights import fitted_training_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +88,7 @@ class ProbeInputs:
 def training_weights(cfg: Config, plan: C.Plan) -> ProbeInputs:
     """The run's fitted training rows (store/split.py) and their categories; refused (StoreError)
     unless `raywsl fit` has fitted at least two of them."""
-    try:
-        store = open_weights(plan.weights)
-    except StoreError as e:
-        raise StoreError(f"{e}: the weights of this config are not fitted; run `raywsl fit` with this "
-                         f"config first") from e
-    rows = training_rows(store, cfg.data.shapes)
-    if len(rows) < 2:
-        raise StoreError(f"{store.path}: {len(rows)} fitted training rows for data.shapes={cfg.data.shapes}; the "
-                         f"weight-space probes need at least 2: run `raywsl fit` with this config first")
+    store, rows = fitted_training_rows(plan.weights, cfg.data.shapes, 2, "the weight-space probes")
     weights = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
     labels = np.array([str(c) for c in store.row_meta()[C.CATEGORY][rows]])  # numpy StringDType -> str
     return ProbeInputs(store.path, str(store.attrs[C.Attr.FIELD_TYPE]), rows, weights, labels)

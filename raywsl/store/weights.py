@@ -14,11 +14,28 @@ import numpy as np
 import torch
 
 from raywsl import contract as C
-from raywsl.store.rows import DONE, RowStore
+from raywsl.store.rows import DONE, RowStore, StoreError
+from raywsl.store.split import training_rows
 
 
 def open_weights(path: str) -> RowStore:
     return RowStore.open(path, kind="weights")
+
+
+def fitted_training_rows(path: str, shapes: int, need: int, purpose: str) -> tuple[RowStore, np.ndarray]:
+    """The weight store at `path` and the fitted rows of its first `shapes` training shapes
+    (store/split.py; 0: all); refused (StoreError naming the command to run) when the store is
+    missing or holds fewer than `need` of them (`purpose` says who needs them)."""
+    try:
+        store = open_weights(path)
+    except StoreError as e:
+        raise StoreError(f"{e}: the weights of this config are not fitted; run `raywsl fit` with this "
+                         f"config first") from e
+    rows = training_rows(store, shapes)
+    if len(rows) < need:
+        raise StoreError(f"{store.path}: {len(rows)} fitted training rows for data.shapes={shapes}; {purpose} "
+                         f"need at least {need}: run `raywsl fit` with this config first")
+    return store, rows
 
 
 def shard_tensors(store: RowStore, k: int, device: str | torch.device = "cpu") -> dict[str, Any]:
