@@ -26,7 +26,8 @@ def test_grid_axes_multiply_in_a_fixed_order_and_pin_the_base_to_the_largest_sca
     assert first.name == "N=20,mlp-warm,rank=4,seed=0"
     assert first.params == {"data.shapes": 20, "variant": "mlp-warm", "field.rank": 4, "seed": 0}
     c = first.config
-    assert (c.data.shapes, c.field.type, c.fit.init, c.field.rank, c.seed, c.base.shapes) == (20, "mlp", "warm", 4, 0, 50)
+    assert (c.data.shapes, c.field.type, c.fit.init, c.field.rank, c.seed) == (20, "mlp", "warm", 4, 0)
+    assert c.base.shapes == 50
     last = s.trials[-1].config
     assert (last.data.shapes, last.field.type, last.field.asym, last.field.rank, last.seed) == (50, "mlora", True, 8, 1)
     assert len({t.name for t in s.trials}) == len(s.trials)
@@ -68,7 +69,8 @@ def test_load_sweep_resolves_the_base_beside_the_file(tmp_path):
     ({"space": {"train.lr": {"uniform": [1e-3, 1e-4]}}}, r"low < high"),
     ({"space": {"train.lr": {"between": [1, 2]}}}, r"space.train.lr: one of \{grid"),
     ({"space": {"field.rank": {"grid": [4, 4]}}}, r"values repeat"),
-    ({"space": {"train.lrr": {"grid": [1e-3]}}}, r"trial lrr=0.001: unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"),
+    ({"space": {"train.lrr": {"grid": [1e-3]}}},
+     r"trial lrr=0.001: unknown config key 'train.lrr' \(did you mean 'train.lr'\?\)"),
     ({"space": {"field.type": {"grid": ["siren"]}}}, r"trial type=siren: .*field.type"),
     ({"space": {"data.shapes": {"grid": [5]}}, "scale": [5]}, r"data.shapes is set by `scale`"),
     ({"variants": {"a": {}}}, r"variants: a mapping of names to non-empty mappings"),

@@ -196,7 +196,8 @@ def _base_path(value: Any, folder: Path, fail) -> str:
     for candidate in (folder / value, Path(value)):
         if candidate.is_file():
             return str(candidate)
-    raise fail(f"base: run config {value!r} does not exist (looked beside the sweep file and in the working folder)")
+    raise fail(f"base: run config {value!r} does not exist (looked beside the sweep file and in the "
+               f"working folder)")
 
 
 def _string_list(value: Any, key: str, fail) -> tuple[str, ...]:
