@@ -217,7 +217,8 @@ def _int_list(value: Any, key: str, fail) -> tuple[int, ...]:
 def _scale(value: Any, fail) -> tuple[int, ...]:
     scale = _int_list(value, "scale", fail)
     if any(n < 1 for n in scale) or list(scale) != sorted(scale):
-        raise fail(f"scale: positive numbers of training shapes in increasing order (nested subsets), got {list(scale)}")
+        raise fail(f"scale: positive numbers of training shapes in increasing order (nested subsets), "
+                   f"got {list(scale)}")
     return scale
 
 
