@@ -5,7 +5,7 @@
 # ~9 per category). The base is trained once and shared by lora and mlora (one artifact in the cache).
 #   bash benchmarks/fit/field_types.sh [WORK=/tmp/raywsl-field-types]
 # Prints the table rows; every run folder keeps metrics.json and probe/probe.json.
-# CPU-sized: ~15 min on 2 cores.
+# CPU-sized: ~50 min on 2 cores.
 set -euo pipefail
 WORK=${1:-/tmp/raywsl-field-types}
 B=.venv/bin
@@ -34,6 +34,9 @@ run_type mlora field.type=mlora field.preset=default field.rank=20
 run_type mlora-asym field.type=mlora field.preset=default field.rank=20 field.asym=true
 # the small-data study's decoder, warm-started from one anchor shape (its Table 2 statistics)
 run_type decoder54k-warm field.type=mlp field.preset=decoder54k fit.init=warm
+# ... with the study's own fitting schedule from the anchor (lr 1e-4, cosine decay)
+run_type decoder54k-warm-lr1e-4 field.type=mlp field.preset=decoder54k fit.init=warm fit.lr=1e-4 \
+    fit.schedule=cosine fit.lr_end=0
 echo
 $B/python benchmarks/fit/field_types_row.py --probes "$WORK" mlp fourier fourier-asym lora lora-asym mlora mlora-asym \
-    decoder54k-warm
+    decoder54k-warm decoder54k-warm-lr1e-4
