@@ -45,6 +45,57 @@ def default_tracking_uri(run_dir: str) -> str:
 
 
 @contextmanager
+def tracking_server(folder: str, timeout: float = 90.0) -> Iterator[str]:
+    """A local MLflow tracking server for many concurrent writers (sweep trials), on 127.0.0.1 and a
+    free port, storing runs in <folder>/mlflow.db and artifacts in <folder>/mlartifacts (served
+    through it); yields its http:// URI and stops it on exit. One server process serialises the
+    writes that many processes on one sqlite file would fight over. Its log: <folder>/mlflow-server.log."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = os.path.abspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with socket.socket() as s:  # a free port (another process could take it before the server: rare, and reported)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(folder, "mlflow-server.log")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{os.path.join(folder, 'mlflow.db')}",
+           "--artifacts-destination", os.path.join(folder, "mlartifacts")]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = Path(log_path).read_text(errors="replace")[-2000:]
+                why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout:g} s"
+                raise RuntimeError(f"the MLflow tracking server ({' '.join(cmd)}) {why}; {log_path}:\n{tail}")
+            time.sleep(0.5)
+        log.info("MLflow tracking server at %s (runs in %s)", uri, folder)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@contextmanager
 def run_context(cfg: Any, verb: str, plan: Any, restart: bool = False) -> Iterator[None]:
     """Start or resume the run folder's MLflow run for one verb. The run folder keeps its run (its id
     in contract.MLFLOW_RUN) while the config stays the same; a command with other settings starts a new
