@@ -134,18 +134,17 @@ class Field:
 
     def _init_std(self, name: str) -> float:
         """Standard deviation of the init of entry `name`: nn.Linear's U(-1/sqrt(d_in), 1/sqrt(d_in))."""
-        return math.sqrt(1.0 / (3 * dict(self.shapes.entries)[name][-1]))
+        return math.sqrt(1.0 / (3 * self.shapes.shape_of[name][-1]))
 
     def full(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Row parameters -> every parameter `_forward` uses (frozen entries put back)."""
         if not self.masks:
             return dict(params)
         out = {name: p for name, p in params.items() if not name.endswith("_free")}
-        shapes = dict(self.shapes.entries)
         for name, mask in self.masks.items():
             free = params[f"{name}_free"]
-            out[name] = mask.assemble(free.reshape(len(free), mask.free.shape[0], -1)).reshape(len(free),
-                                                                                                *shapes[name])
+            out[name] = mask.assemble(free.reshape(len(free), mask.free.shape[0], -1)).reshape(
+                len(free), *self.shapes.shape_of[name])
         return out
 
     def _drop_frozen(self, params: dict[str, Tensor]) -> Tensor:
@@ -154,7 +153,7 @@ class Field:
             full = params.pop(name)
             n = len(full)
             params[f"{name}_free"] = full.reshape(n, *mask.fixed.shape[:1], -1).gather(
-                2, mask.free.expand(n, -1, -1)).reshape(n, *dict(self.layout.entries)[f"{name}_free"])
+                2, mask.free.expand(n, -1, -1)).reshape(n, *self.layout.shape_of[f"{name}_free"])
         return self.layout.flatten(params)
 
     def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -180,10 +179,9 @@ class Field:
 
     def init_rows(self, n: int, generator: torch.Generator) -> Tensor:
         """(n, P) float32 rows drawn from nn.Linear's init: W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        shapes = dict(self.shapes.entries)
         params = {}
         for name, shape in self.shapes.entries:
-            fan_in = shapes[name.rsplit(".", 1)[0] + ".weight"][-1]
+            fan_in = self.shapes.shape_of[name.rsplit(".", 1)[0] + ".weight"][-1]
             params[name] = (torch.rand((n, *shape), generator=generator) * 2 - 1) / math.sqrt(fan_in)
         return self._drop_frozen(params)
 
@@ -271,6 +269,23 @@ def linear(params: Mapping[str, Tensor], name: str, h: Tensor) -> Tensor:
     return torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
 
 
+def linear_stack(dims: list[int]) -> Layout:
+    """The layout of linear layers l0, l1, ... mapping dims[0] -> dims[1] -> ... -> dims[-1]."""
+    entries = []
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+        entries += [(f"l{i}.weight", (d_out, d_in)), (f"l{i}.bias", (d_out,))]
+    return Layout(tuple(entries))
+
+
+def relu_stack(params: Mapping[str, Tensor], h: Tensor, first: int, n_linear: int) -> Tensor:
+    """Layers l<first> .. l<n_linear - 1> of a `linear_stack`, a ReLU after all but the last; (B, M)."""
+    for i in range(first, n_linear):
+        h = linear(params, f"l{i}", h)
+        if i < n_linear - 1:
+            h = torch.relu(h)
+    return h.squeeze(-1)
+
+
 @register("mlp")
 class MLPField(Field):
     PRESETS = {
@@ -283,20 +298,11 @@ class MLPField(Field):
     def __init__(self, bands: int, hidden: int, layers: int, **common: Any):
         super().__init__(bands=bands, hidden=hidden, layers=layers, **common)
         self.bands = bands
-        dims = [3 + 6 * bands] + [hidden] * layers + [1]
-        self.n_linear = len(dims) - 1
-        entries = []
-        for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
-            entries += [(f"l{i}.weight", (d_out, d_in)), (f"l{i}.bias", (d_out,))]
-        self._build(Layout(tuple(entries)))
+        self.n_linear = layers + 1
+        self._build(linear_stack([3 + 6 * bands] + [hidden] * layers + [1]))
 
     def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        h = positional_encoding(x, self.bands)
-        for i in range(self.n_linear):
-            h = linear(params, f"l{i}", h)
-            if i < self.n_linear - 1:
-                h = torch.relu(h)
-        return h.squeeze(-1)
+        return relu_stack(params, positional_encoding(x, self.bands), 0, self.n_linear)
 
 
 @register("fourier")
@@ -310,20 +316,12 @@ class FourierField(Field):
     def __init__(self, hidden: int, omega: float, layers: int = 3, **common: Any):
         super().__init__(hidden=hidden, layers=layers, omega=omega, **common)
         self.omega = omega
-        dims = [3] + [hidden] * (layers + 1) + [1]
-        self.n_linear = len(dims) - 1
-        entries = []
-        for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
-            entries += [(f"l{i}.weight", (d_out, d_in)), (f"l{i}.bias", (d_out,))]
-        self._build(Layout(tuple(entries)))
+        self.n_linear = layers + 2
+        self._build(linear_stack([3] + [hidden] * (layers + 1) + [1]))
 
     def _forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         h = torch.sin(self.omega * linear(params, "l0", x))  # the Fourier feature layer
-        for i in range(1, self.n_linear):
-            h = linear(params, f"l{i}", h)
-            if i < self.n_linear - 1:
-                h = torch.relu(h)
-        return h.squeeze(-1)
+        return relu_stack(params, h, 1, self.n_linear)
 
 
 # The field types on a trained base live in their own modules; importing them here registers them,

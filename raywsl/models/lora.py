@@ -65,11 +65,10 @@ class LoRAField(Field):
         self._build(Layout(tuple(entries)))
 
     def _mask_targets(self) -> dict[str, int]:
-        shapes = dict(self.shapes.entries)
-        return {name: frozen_per_row(self.d_out[name], d) for name, (d,) in shapes.items()}
+        return {name: frozen_per_row(self.d_out[name], d) for name, (d,) in self.shapes.entries}
 
     def _init_std(self, name: str) -> float:
-        return 1.0 / math.sqrt(dict(self.shapes.entries)[name][0])
+        return 1.0 / math.sqrt(self.shapes.shape_of[name][0])
 
     def _init_means(self) -> dict[str, float]:
         """The init's mean per entry: mlora's first rank pair is 1 (B A = 1), everything else 0."""

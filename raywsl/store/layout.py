@@ -25,6 +25,11 @@ class Layout:
     entries: tuple[tuple[str, tuple[int, ...]], ...]
 
     @cached_property
+    def shape_of(self) -> dict[str, tuple[int, ...]]:
+        """{name: shape}, for lookups by name."""
+        return dict(self.entries)
+
+    @cached_property
     def sizes(self) -> list[int]:
         return [math.prod(shape) for _, shape in self.entries]
 
