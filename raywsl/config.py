@@ -335,17 +335,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML), then validated."""
-    raw: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path) if path else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -358,6 +348,22 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
         node[leaf] = yaml.safe_load(value) if value.strip() else ""
     return build(Config, raw).validate()
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file",
+                      error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The mapping a YAML file holds; `error` names `what` and the file when it is missing, is not
+    YAML or holds something else than a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what} '{path}' is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise error(f"{what} '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+    return raw
 
 
 def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:

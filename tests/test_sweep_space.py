@@ -132,3 +132,14 @@ def test_onset_rules_and_errors():
         estimate_onset([50, 20], curves([0.1] * 2, [0.1] * 2, [0.9] * 2))
     with pytest.raises(ValueError, match=r"no values of \['valid_share'\]"):
         estimate_onset([20], {"weights_attractor_share": [[0.1]], "memorisation_rate": [[0.1]]})
+
+
+def test_unreadable_sweep_files_are_clear_errors(tmp_path):
+    with pytest.raises(SweepError, match=r"sweep config '.*nowhere.yaml' does not exist"):
+        load_sweep(tmp_path / "nowhere.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SweepError, match=r"sweep config '.*list.yaml' must hold a mapping of keys, got list"):
+        load_sweep(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(SweepError, match=r"sweep config '.*bad.yaml' is not valid YAML"):
+        load_sweep(tmp_path / "bad.yaml")

@@ -38,9 +38,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raywsl.config import Config, ConfigError, load_config
+from raywsl.config import Config, ConfigError, load_config, read_yaml_mapping
 from raywsl.models.registry import check_config
 
 GRID, CHOICE, UNIFORM, LOGUNIFORM = "grid", "choice", "uniform", "loguniform"
@@ -99,14 +97,7 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read, check and expand the sweep config at `path` (SweepError naming what is wrong)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep config '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep config '{path}' is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise SweepError(f"sweep config '{path}' must hold a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "sweep config", SweepError)
     return parse_sweep(raw, where=str(path), folder=path.parent)
 
 
