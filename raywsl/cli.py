@@ -199,6 +199,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raywsl.sweep.run import run_sweep
+    from raywsl.sweep.space import load_sweep
+
+    sweep = load_sweep(args.config)  # every trial's config checked before any work
+    outcome = run_sweep(sweep, folder=args.dir or None, restart=args.restart)
+    return 0 if outcome.counts.get("finished") else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if os.path.exists(C.join(args.folder, C.SWEEP_JSON)):
+        from raywsl.sweep.report import write_sweep_report
+
+        report = write_sweep_report(args.folder)
+        console.info("wrote %s (%d figures, %s)", report.path, len(report.figures), report.table)
+        return 0
+    if not os.path.exists(C.join(args.folder, C.CONFIG)):
+        raise ConfigError(f"{args.folder}: neither a sweep folder (no {C.SWEEP_JSON}) nor a run folder (no {C.CONFIG})")
+    from raywsl.report import write_report
+    from raywsl.stages import plan_for
+
+    cfg = load_config(C.join(args.folder, C.CONFIG), [f"run.dir={os.path.abspath(args.folder)}"])
+    console.info("wrote %s", write_report(cfg, plan_for(cfg)))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from raywsl.store.inspect import format_summary, inspect_path
 
@@ -247,6 +273,17 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of each category held out per repeat")
 
 
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="sweep config (configs/sweeps/NAME.yaml)")
+    p.add_argument("--dir", default="", help="sweep folder (default: runs/sweeps/<name> beside the base config's runs)")
+    p.add_argument("--restart", action="store_true",
+                   help="a new Ray Tune experiment instead of resuming (finished trials' artifacts are still reused)")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a sweep folder (runs/sweeps/NAME) or a run folder (runs/NAME)")
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a store (samples.zarr, weights.zarr) or a run folder")
     p.add_argument("--json", action="store_true", help="print the stable JSON summary")
@@ -280,6 +317,11 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "probe": (("the weight store's training rows: 1-NN (cosine), logistic regression and k-means ARI over "
                "categories, mean ± std over seeded splits (papers/004, Table 4), and weight statistics "
                "(papers/002, Table 2) -> probe/probe.md, probe.json, MLflow"), _probe_args, cmd_probe, True),
+    "sweep": ("every trial of a sweep config as a run on Ray Tune (shared artifacts, resumable), one MLflow parent run "
+              "with a child run per trial, and the phase diagram: report/report.html with the onset N* per "
+              "parameterisation", _sweep_args, cmd_sweep, False),
+    "report": ("write the report of a sweep folder (phase diagram, onsets) or a run folder (report.html) again",
+               _report_args, cmd_report, False),
     "inspect": ("summarise a store or a run folder", _inspect_args, cmd_inspect, False),
     "gc": ("remove the cache's artifacts no run folder refers to (and what interrupted runs left)", _gc_args,
            cmd_gc, False),

@@ -190,6 +190,8 @@ class DiffusionConfig:
     timesteps: int = opt(500, "diffusion steps T", min=2)
     standardize: bool = opt(True, "standardise every parameter by its mean / std over the training rows "
                                   "(saved with the model)")
+    seed: int = opt(0, "seed of the denoiser's init, batches, noise and sampling, with `seed` (a sweep's seeds: "
+                       "one data split and one set of fits, several diffusion runs)")
 
 
 @dataclass
@@ -244,6 +246,8 @@ class MlflowConfig:
     enabled: bool = opt(True, "record the run folder in one MLflow run (params, metrics, figures)", fp=False)
     tracking_uri: str = opt("", "MLflow store; empty: sqlite next to the run folders (runs/mlflow.db)", fp=False)
     experiment: str = opt("raywsl", "MLflow experiment name", fp=False)
+    parent_run: str = opt("", "id of the MLflow run this run is a child of (a sweep's parent run; set by "
+                              "`raywsl sweep`)", fp=False)
 
 
 @dataclass

@@ -34,6 +34,16 @@ A run folder is a view: its own files plus links to the artifacts it used.
       probe/           the weight-space probes of the weight store (`raywsl probe`): probe.json, probe.md
       corpus, samples.zarr, weights.zarr, recon, generated, eval,
       checkpoints/base_final, checkpoints/diffusion_final      links into the cache
+
+A sweep folder (`raywsl sweep`) holds one run folder per trial and what ties them together:
+
+    runs/sweeps/<sweep name>/
+      sweep.json       the sweep: its axes, its trials (name, params, run folder), the MLflow parent run
+      trials/<trial>/  a run folder, plus trial.json (status, attempts, seconds, stage fingerprints)
+      tune/            Ray Tune's experiment state (what `Tuner.restore` resumes from)
+      mlflow/          the sweep's MLflow store (mlflow.db, mlartifacts/), served while the sweep runs
+      report/          report.html (the phase diagram), results.csv, onset.json, figures
+      logs/sweep.log   the sweep driver's log (Ray's and the trials' relayed output included)
 """
 
 from __future__ import annotations
@@ -57,6 +67,14 @@ PROBE = "probe"  # `raywsl probe`: the folder, and its files
 PROBE_JSON = "probe.json"
 PROBE_TABLE = "probe.md"
 CACHE = "cache"  # the default cache folder, beside the run folders (runs/cache)
+
+SWEEPS = "sweeps"  # sweep folders, beside the run folders (runs/sweeps/<name>)
+SWEEP_JSON = "sweep.json"
+SWEEP_TRIALS = "trials"
+SWEEP_TUNE = "tune"
+SWEEP_MLFLOW = "mlflow"
+SWEEP_REPORT = "report"
+TRIAL_JSON = "trial.json"
 
 # ------------------------------------------------------------------------------------ artifacts
 

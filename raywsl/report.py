@@ -6,6 +6,7 @@ novelty), weight space (the category probes and weight statistics of the trainin
 training rows and samples in the top-two PCA plane, collapse signals).
 Every figure comes from the artifact of the stage that made it (found through the plan); a missing one
 (a stage not run) is left out. The stages table says which artifacts were reused.
+The page helpers (page_html, table_html, figure_html) give the sweep report (sweep/report.py) the same look.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import base64
 import datetime
 import html
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 
@@ -24,6 +25,11 @@ from raywsl.config import Config, dump_yaml
 from raywsl.eval.probe import from_metrics, probe_note, probe_rows, statistics_rows
 
 log = logging.getLogger(__name__)
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
+         "th{background:#f6f6f6}td:last-child{text-align:right}"
+         "figure{margin:1em 0}img{max-width:100%}pre{background:#f6f6f6;padding:1em;font-size:12px}")
 
 # (section, [(stage, figure file in its artifact, caption)], [metric keys]) in page order
 SECTIONS = [
@@ -56,28 +62,29 @@ def write_report(cfg: Config, plan: C.Plan) -> str:
     if stages:
         rows = {name: f"{'reused' if e['reused'] else 'computed'} &middot; {e['seconds']:.1f} s &middot; "
                       f"{html.escape(e['fingerprint'])}" for name, e in stages.items()}
-        parts.append("<h2>Stages</h2>" + _table(rows, escape=False))
+        parts.append("<h2>Stages</h2>" + table_html(rows, escape=False))
     for title, pictures, keys in SECTIONS:
-        body = [_figure(fs, plan[stage].join(name), caption) for stage, name, caption in pictures if stage in plan]
+        body = [figure_html(fs, plan[stage].join(name), caption) for stage, name, caption in pictures if stage in plan]
         body = [b for b in body if b]
         values = {k: metrics[k] for k in keys if k in metrics}
         tables = _weight_space(metrics) if title == "Weight space" else ""
         if not body and not values and not tables:
             continue
-        parts.append(f"<h2>{title}</h2>" + tables + (_table(values) if values else "") + "".join(body))
+        parts.append(f"<h2>{title}</h2>" + tables + (table_html(values) if values else "") + "".join(body))
     parts.append("<h2>Config</h2><pre>" + html.escape(dump_yaml(cfg)) + "</pre>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>raywsl " + html.escape(cfg.run.name) +
-            "</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
-            "th{background:#f6f6f6}td:last-child{text-align:right}"
-            "figure{margin:1em 0}img{max-width:100%}pre{background:#f6f6f6;padding:1em;font-size:12px}</style>"
-            "</head><body>" + "\n".join(parts) + "</body></html>")
-    cache.write_text(run.report, page)
+    cache.write_text(run.report, page_html(f"raywsl {cfg.run.name}", parts))
     log.info("report: %s", run.report)
     return run.report
 
 
-def _table(values: dict[str, Any], escape: bool = True) -> str:
+def page_html(title: str, parts: Sequence[str]) -> str:
+    """One self-contained page of HTML `parts` under the style sheet every raywsl report shares."""
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>" +
+            STYLE + "</style></head><body>" + "\n".join(parts) + "</body></html>")
+
+
+def table_html(values: dict[str, Any], escape: bool = True) -> str:
+    """A two-column table of name -> value (floats to 4 significant digits)."""
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v)) if escape else str(v)
 
@@ -101,7 +108,8 @@ def _weight_space(metrics: dict[str, Any]) -> str:
     return out
 
 
-def _figure(fs, path: str, caption: str) -> str:
+def figure_html(fs, path: str, caption: str) -> str:
+    """The PNG at `path` on `fs`, inlined (base64) with its caption; empty when there is none."""
     if not fs.exists(path):
         return ""
     data = base64.b64encode(fs.cat_file(path)).decode()

@@ -155,7 +155,8 @@ def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(name=C.TRAIN_RUN, storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                       failure_config=ray.train.FailureConfig(max_failures=2)),
+                                       failure_config=ray.train.FailureConfig(max_failures=2),
+                                       callbacks=_tune_callbacks()),
         datasets={"train": dataset})
     stop = threading.Event()
     watcher = None
@@ -171,6 +172,17 @@ def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int
     if result.error:
         raise result.error
     return result
+
+
+def _tune_callbacks() -> list:
+    """Inside a Ray Tune trial (a sweep), what the training loop reports also reaches Tune, whose
+    scheduler (ASHA) may stop the trial early: the pattern Ray 2.60 documents for Train inside Tune."""
+    try:
+        from ray.tune.integration.ray_train import TuneReportCallback
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session  # what the callback itself checks
+    except ImportError:
+        return []
+    return [TuneReportCallback()] if _in_tune_session() else []
 
 
 def report_progress(path: str, step: int, total: int, loss: float) -> None:

@@ -68,7 +68,8 @@ def tracking_server(folder: str, timeout: float = 90.0) -> Iterator[str]:
            "--backend-store-uri", f"sqlite:///{os.path.join(folder, 'mlflow.db')}",
            "--artifacts-destination", os.path.join(folder, "mlartifacts")]
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
+                                preexec_fn=_stop_with_parent)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -95,6 +96,24 @@ def tracking_server(folder: str, timeout: float = 90.0) -> Iterator[str]:
                 proc.wait()
 
 
+def _stop_with_parent() -> None:
+    """In the server's process, before it starts: SIGTERM when raywsl dies (a killed sweep leaves no
+    server behind). Linux only; elsewhere the server outlives a killed sweep."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def local_artifacts(store_uri: str) -> str:
+    """The artifact location of experiments in a local sqlite store: mlartifacts/ beside the file (not
+    ./mlruns of whatever folder a command ran in), as a file URI any process on this machine writes to."""
+    return Path(os.path.join(os.path.dirname(store_uri[len("sqlite:///"):]), "mlartifacts")).as_uri()
+
+
 @contextmanager
 def run_context(cfg: Any, verb: str, plan: Any, restart: bool = False) -> Iterator[None]:
     """Start or resume the run folder's MLflow run for one verb. The run folder keeps its run (its id
@@ -118,21 +137,22 @@ def run_context(cfg: Any, verb: str, plan: Any, restart: bool = False) -> Iterat
     db_lock = f"{uri[len('sqlite:///'):]}.lock" if uri.startswith("sqlite:///") else ""
     with cache.file_lock(db_lock) if db_lock else contextlib.nullcontext():
         if mlflow.get_experiment_by_name(mc.experiment) is None and uri.startswith("sqlite:///"):
-            # artifacts beside the sqlite file, not in ./mlruns of whatever folder the command ran in
-            artifacts = os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-            mlflow.create_experiment(mc.experiment, artifact_location=Path(artifacts).as_uri())
+            mlflow.create_experiment(mc.experiment, artifact_location=local_artifacts(uri))
         mlflow.set_experiment(mc.experiment)
         run = None
         if previous:
             try:
                 existing = mlflow.get_run(previous)
-                same = all(existing.data.params.get(k, v) == v for k, v in params.items())
+                same = all(existing.data.params.get(k, v) == v for k, v in params.items()
+                           if not k.startswith("mlflow."))  # where runs are recorded is not a setting
                 run = mlflow.start_run(run_id=previous) if same else None
             except mlflow.exceptions.MlflowException:  # an id of another store (a copied folder)
                 previous = None
         if run is None:
-            run = mlflow.start_run(run_name=cfg.run.name,
-                                   tags={"raywsl.previous_run_id": previous} if previous else None)
+            tags = {"raywsl.previous_run_id": previous} if previous else {}
+            if mc.parent_run:  # a sweep's trial: MLflow shows it under the sweep's run
+                tags["mlflow.parentRunId"] = mc.parent_run
+            run = mlflow.start_run(run_name=cfg.run.name, tags=tags or None)
     cache.write_text(str(id_file), run.info.run_id)
     status = "FAILED"
     try:

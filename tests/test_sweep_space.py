@@ -24,12 +24,14 @@ def test_grid_axes_multiply_in_a_fixed_order_and_pin_the_base_to_the_largest_sca
     assert len(s.trials) == 2 * 2 * 2 * 2
     first = s.trials[0]
     assert first.name == "N=20,mlp-warm,rank=4,seed=0"
-    assert first.params == {"data.shapes": 20, "variant": "mlp-warm", "field.rank": 4, "seed": 0}
+    assert first.params == {"data.shapes": 20, "variant": "mlp-warm", "field.rank": 4, "diffusion.seed": 0}
     c = first.config
-    assert (c.data.shapes, c.field.type, c.fit.init, c.field.rank, c.seed) == (20, "mlp", "warm", 4, 0)
+    assert (c.data.shapes, c.field.type, c.fit.init, c.field.rank, c.diffusion.seed) == (20, "mlp", "warm", 4, 0)
     assert c.base.shapes == 50
     last = s.trials[-1].config
-    assert (last.data.shapes, last.field.type, last.field.asym, last.field.rank, last.seed) == (50, "mlora", True, 8, 1)
+    assert (last.data.shapes, last.field.type, last.field.asym, last.field.rank, last.diffusion.seed) == (
+        50, "mlora", True, 8, 1)
+    assert c.seed == last.seed == 0  # seeds vary the diffusion run; the data split and fits stay
     assert len({t.name for t in s.trials}) == len(s.trials)
     # the quickstart's own settings stay where the sweep does not touch them
     assert c.fit.steps == 400 and c.data.source == "corpus:64"
@@ -45,14 +47,34 @@ def test_sampled_axes_are_drawn_per_grid_point_the_same_way_every_time():
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == len(lrs)
     assert all(1.0 <= t.config.field.kappa <= 6.0 for t in a.trials)
     assert {t.config.diffusion.prediction for t in a.trials} <= {"eps", "x0"}
-    assert a.trials[0].config.seed == 0
+    assert a.trials[0].config.diffusion.seed == 0
+
+
+def test_a_variants_own_grid_axis_multiplies_only_its_trials():
+    s = sweep(scale=[20], variants={"mlp": {"field.type": "mlp"},
+                                    "mlora-asym": {"field.type": "mlora", "field.preset": "default", "field.asym": True,
+                                                   "field.kappa": {"grid": [2.0, 6.0]}}}, seeds=[0])
+    assert [t.name for t in s.trials] == ["N=20,mlp,seed=0", "N=20,mlora-asym,kappa=2,seed=0",
+                                          "N=20,mlora-asym,kappa=6,seed=0"]
+    assert [t.config.field.kappa for t in s.trials] == [6.0, 2.0, 6.0]  # mlp keeps the default
+    assert s.trials[1].params == {"data.shapes": 20, "variant": "mlora-asym", "field.kappa": 2.0, "diffusion.seed": 0}
+
+
+def test_a_variant_can_run_at_some_of_the_scales_only():
+    s = sweep(scale=[20, 50], variants={"mlp": {"field.type": "mlp"},
+                                        "grid": {"field.type": "mlp", "data.shapes": {"grid": [50]},
+                                                 "field.mask_seed": {"grid": [1, 2]}}})
+    assert [t.name for t in s.trials] == ["N=20,mlp", "N=50,mlp", "N=50,grid,mask_seed=1", "N=50,grid,mask_seed=2"]
+    assert s.trials[-1].config.data.shapes == 50 and s.trials[-1].config.field.mask_seed == 2
+    with pytest.raises(SweepError, match=r"variants.grid.data.shapes: \{grid: \[...\]\} with some of the sweep's"):
+        sweep(scale=[20, 50], variants={"grid": {"data.shapes": {"grid": [30]}}})
 
 
 def test_a_sweep_without_axes_is_the_base_run_and_overrides_apply_to_every_trial():
     s = sweep(overrides=["fit.steps=50"], seeds=[3])
     assert [t.name for t in s.trials] == ["seed=3"]
     assert s.trials[0].config.fit.steps == 50 and s.trials[0].config.base.shapes == 0
-    assert s.max_concurrent_trials == 1 and s.trial_resources == {"cpu": 1.0, "gpu": 0.0}
+    assert s.max_concurrent_trials == 1 and s.trial_resources == {"cpu": 0.5, "gpu": 0.0}
 
 
 def test_load_sweep_resolves_the_base_beside_the_file(tmp_path):
@@ -75,8 +97,14 @@ def test_load_sweep_resolves_the_base_beside_the_file(tmp_path):
     ({"space": {"data.shapes": {"grid": [5]}}, "scale": [5]}, r"data.shapes is set by `scale`"),
     ({"variants": {"a": {}}}, r"variants: a mapping of names to non-empty mappings"),
     ({"seeds": [1, 1]}, r"seeds: values repeat"),
+    ({"variants": {"a": {"field.kappa": {"uniform": [1, 2]}}}},
+     r"variants.a.field.kappa: a variant's own axes are grids"),
+    ({"variants": {"a": {"field.rank": {"grid": []}}}}, r"variants.a: space.field.rank.grid: a non-empty list"),
     ({"samples": 0}, r"samples: a positive integer"),
     ({"trial_resources": {"tpu": 1}}, r"trial_resources"),
+    ({"trial_resources": {"cpu": 0}}, r"trial_resources.cpu: more than 0"),
+    ({"asha": {"metric": "loss", "grace": 3}}, r"asha: a mapping with keys among"),
+    ({"asha": {"reduction_factor": 1}}, r"asha.reduction_factor: at least 2"),
     ({"overrides": ["fit.steps"]}, r"overrides: a list of key=value strings"),
     ({"spaces": {}}, r"unknown keys \['spaces'\]"),
     ({"base": "nowhere.yaml"}, r"base: run config 'nowhere.yaml' does not exist"),

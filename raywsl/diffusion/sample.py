@@ -27,7 +27,7 @@ from raywsl import tracking
 from raywsl.config import Config
 from raywsl.geometry import figures
 from raywsl.geometry.extract import decode_rows
-from raywsl.models.denoiser import load_for_sampling, make_diffusion
+from raywsl.models.denoiser import diffusion_seed, load_for_sampling, make_diffusion
 from raywsl.models.fields import field_of
 from raywsl.progress import Progress
 from raywsl.store.rows import StoreError
@@ -56,7 +56,7 @@ def sample(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and cfg.fit.device != "cpu" else "cpu"
     denoiser.to(device)
     diffusion = make_diffusion(cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(diffusion_seed(cfg))
     P = field.layout.size
     parts = []
     with Progress("sample", total=sc.count, unit="rows") as progress:
@@ -81,7 +81,7 @@ def sample(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
         entries.append({"id": name, "surface": ex.mesh is not None, "reason": ex.reason})
     no_surface = sum(not e["surface"] for e in entries)
     summary = {"count": len(rows), "no_surface": no_surface, "sampler": sc.sampler, "steps": sc.steps,
-               "eta": sc.eta, "ema": sc.ema, "seed": cfg.seed, "samples": entries}
+               "eta": sc.eta, "ema": sc.ema, "seed": diffusion_seed(cfg), "samples": entries}
     cache.write_json(os.path.join(out, C.SAMPLES_SUMMARY), summary)
     shown = cfg.eval.render or 16
     figures.render_meshes(meshes[:shown], os.path.join(out, C.GENERATED_GRID), titles=[e["id"] for e in entries][:shown])

@@ -138,7 +138,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from raywsl.models.dit import EMA
     from raywsl.models.gaussian import bucket_losses
-    from raywsl.models.denoiser import build_denoiser, load_checkpoint, make_diffusion, save_checkpoint
+    from raywsl.models.denoiser import build_denoiser, diffusion_seed, load_checkpoint, make_diffusion, save_checkpoint
     from raywsl.store.layout import Layout
     from raywsl.store.datasource import cache_shard, stream_shard
 
@@ -175,7 +175,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     window_loss, window_t = [], []
     clock, clock_step = time.perf_counter(), step
     while step < tc.steps:
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rank, step]).integers(2**62)))
+        seed = np.random.default_rng([diffusion_seed(cfg), rank, step]).integers(2**62)
+        gen = torch.Generator().manual_seed(int(seed))
         if cached:
             pick = torch.randint(0, len(cached[C.ROW_WEIGHTS]), (per_worker,), generator=gen).numpy()
             rows = cached[C.ROW_WEIGHTS][pick]

@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,9 +48,17 @@ def tokenizer_options(cfg: Config) -> dict[str, Any]:
     return {"token_size" if d.tokenizer == "latent" else "chunk_size": d.token_size}
 
 
+def diffusion_seed(cfg: Config) -> int:
+    """The seed of the denoiser's init, batches and sampling: `seed` itself when diffusion.seed is 0, else a
+    seed mixed from both (a sweep's seeds vary the diffusion run, not the data split or the fits)."""
+    if cfg.diffusion.seed == 0:
+        return cfg.seed
+    return int(np.random.default_rng([cfg.seed, cfg.diffusion.seed]).integers(2**31))
+
+
 def build_denoiser(cfg: Config, layout: Layout) -> Denoiser:
     """A fresh denoiser (seeded: every Ray Train worker builds the same one)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(diffusion_seed(cfg))
     if cfg.diffusion.model not in MODELS:
         raise ValueError(f"diffusion.model {cfg.diffusion.model!r}: known sizes {sorted(MODELS)}")
     tokenizer = make_tokenizer(cfg.diffusion.tokenizer, layout, MODELS[cfg.diffusion.model]["dim"],

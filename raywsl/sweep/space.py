@@ -8,19 +8,25 @@ A sweep config (configs/sweeps/NAME.yaml) names a base run config and the axes t
     scale: [20, 50, 100]                   # data.shapes: nested subsets of one source (first-class axis)
     variants:                              # named bundles of keys (the parameterisations)
       mlp-warm: {field.type: mlp, fit.init: warm}
-      mlora-asym: {field.type: mlora, field.asym: true}
+      mlora-asym: {field.type: mlora, field.asym: true, field.kappa: {grid: [2.0, 6.0]}}  # own grid axis
     space:                                 # any config key
       field.rank: {grid: [4, 8]}
       field.kappa: {choice: [2.0, 6.0]}
       train.lr: {loguniform: [1.0e-4, 1.0e-3]}
-    seeds: [0, 1, 2]                       # the key `seed`, a grid axis
+    seeds: [0, 1, 2]                       # diffusion.seed, a grid axis: one data split and one set of
+                                           # fits, several diffusion runs (confidence bands)
     samples: 2                             # draws of the sampled axes per grid point
     max_concurrent_trials: 1
-    trial_resources: {cpu: 2, gpu: 0}
+    trial_resources: {cpu: 0.5, gpu: 0}    # the trial's own process (its stages' workers ask for their own)
+    asha: {metric: loss, mode: min, grace_period: 200, reduction_factor: 2}   # optional early stopping
 
-Grid axes (scale, variants, seeds, `grid`) multiply; sampled axes (`choice`, `uniform`,
+Grid axes (scale, variants, seeds, `grid`) multiply; a variant's own grid axes multiply only its
+trials (mask variance kappa exists only where masks do), and a variant's own `data.shapes: {grid: [200]}`
+runs it at those of the sweep's scales only (a (rank, kappa) heatmap at one N); sampled axes (`choice`, `uniform`,
 `loguniform`) are drawn `samples` times per grid point from a generator seeded by the sweep's name,
 so a sweep's trials are the same list every time it is read (what resuming and sharing rely on).
+`asha` stops trials early on a metric the denoiser's training reports (loss, at train.checkpoint_every
+steps; time is the denoiser step): worse trials stop after grace_period steps.
 Across scales the base network is pinned to the largest N (`base.shapes`), so every trial of one
 base config shares one trained base unless the space sets base.shapes itself.
 
@@ -43,9 +49,10 @@ from raywsl.models.registry import check_config
 
 GRID, CHOICE, UNIFORM, LOGUNIFORM = "grid", "choice", "uniform", "loguniform"
 KINDS = (GRID, CHOICE, UNIFORM, LOGUNIFORM)
-SCALE_KEY, SEED_KEY, BASE_SHAPES_KEY = "data.shapes", "seed", "base.shapes"
+SCALE_KEY, SEED_KEY, BASE_SHAPES_KEY = "data.shapes", "diffusion.seed", "base.shapes"
 TOP_KEYS = ("name", "base", "overrides", "scale", "variants", "space", "seeds", "samples",
-            "max_concurrent_trials", "trial_resources")
+            "max_concurrent_trials", "trial_resources", "asha")
+ASHA_DEFAULTS = {"metric": "loss", "mode": "min", "grace_period": 200, "reduction_factor": 2}
 
 
 class SweepError(ConfigError):
@@ -91,6 +98,7 @@ class Sweep:
     samples: int
     max_concurrent_trials: int
     trial_resources: dict[str, float]
+    asha: dict[str, Any] | None
     trials: tuple[Trial, ...]
 
 
@@ -123,37 +131,48 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep", folder: Path = Path("
     samples = _positive_int(raw.get("samples", 1), "samples", fail)
     concurrent = _positive_int(raw.get("max_concurrent_trials", 1), "max_concurrent_trials", fail)
     resources = _resources(raw.get("trial_resources", {}), fail)
-    varied = [a.key for a in axes] + [k for bundle in variants.values() for k in bundle]
+    asha = _asha(raw["asha"], fail) if raw.get("asha") is not None else None
+    varied = [a.key for a in axes] + [k for bundle in variants.values() for k in bundle if k != SCALE_KEY]
     for reserved, axis in ((SCALE_KEY, "scale"), (SEED_KEY, "seeds")):
         if reserved in varied and (scale if axis == "scale" else seeds):
             raise fail(f"{reserved} is set by `{axis}`; do not also vary it in space or variants")
+    for name, bundle in variants.items():  # a variant's own scales: a subset of the sweep's
+        if SCALE_KEY in bundle and not (_is_axis(bundle[SCALE_KEY]) and set(bundle[SCALE_KEY][GRID]) <= set(scale)):
+            raise fail(f"variants.{name}.{SCALE_KEY}: {{grid: [...]}} with some of the sweep's scales {list(scale)} "
+                       f"(the scales this variant runs at), got {bundle[SCALE_KEY]!r}")
 
-    sweep = Sweep(name, base, overrides, scale, variants, axes, seeds, samples, concurrent, resources, ())
+    sweep = Sweep(name, base, overrides, scale, variants, axes, seeds, samples, concurrent, resources, asha, ())
     return dataclasses.replace(sweep, trials=tuple(expand(sweep, fail)))
 
 
 def expand(sweep: Sweep, fail=SweepError) -> list[Trial]:
-    """Every trial of the sweep, in a fixed order: grid points (scale, variant, grid axes, seeds)
-    outermost first, then `samples` draws of the sampled axes per grid point."""
+    """Every trial of the sweep, in a fixed order: grid points (scale, variant with its own grid axes,
+    grid axes, seeds) outermost first, then `samples` draws of the sampled axes per grid point."""
     grid_axes = [a for a in sweep.axes if a.kind == GRID]
     sampled = [a for a in sweep.axes if a.kind != GRID]
     rng = random.Random(sweep.name)  # same draws every time this sweep is read
-    dims: list[list[tuple[str, Any]]] = []
+    dims: list[list[tuple[tuple[str, Any], ...]]] = []  # per grid dimension: its points, each a few (key, value)
     if sweep.scale:
-        dims.append([(SCALE_KEY, n) for n in sweep.scale])
+        dims.append([((SCALE_KEY, n),) for n in sweep.scale])
     if sweep.variants:
-        dims.append([("variant", v) for v in sweep.variants])
-    dims += [[(a.key, v) for v in a.values] for a in grid_axes]
+        dims.append([(("variant", name), *local) for name, bundle in sweep.variants.items()
+                     for local in itertools.product(*[[(k, v) for v in spec[GRID]] for k, spec in bundle.items()
+                                                      if _is_axis(spec) and k != SCALE_KEY])])
+    dims += [[((a.key, v),) for v in a.values] for a in grid_axes]
     if sweep.seeds:
-        dims.append([(SEED_KEY, s) for s in sweep.seeds])
+        dims.append([((SEED_KEY, s),) for s in sweep.seeds])
     pin_base = bool(sweep.scale) and BASE_SHAPES_KEY not in {a.key for a in sweep.axes} and not any(
         BASE_SHAPES_KEY in bundle for bundle in sweep.variants.values())
     trials, names = [], set()
     for point in itertools.product(*dims) if dims else [()]:
         for _ in range(sweep.samples if sampled else 1):
-            params = dict(point) | {a.key: a.draw(rng) for a in sampled}
-            keys = {k: v for k, v in params.items() if k != "variant"}
-            keys |= sweep.variants.get(params.get("variant"), {})
+            params = dict(pair for group in point for pair in group)
+            bundle = sweep.variants.get(params.get("variant"), {})
+            if SCALE_KEY in bundle and params[SCALE_KEY] not in bundle[SCALE_KEY][GRID]:
+                break  # not one of this variant's scales
+            params |= {a.key: a.draw(rng) for a in sampled}
+            fixed = {k: v for k, v in bundle.items() if not _is_axis(v)}
+            keys = fixed | {k: v for k, v in params.items() if k != "variant"}
             if pin_base:
                 keys[BASE_SHAPES_KEY] = max(sweep.scale)
             overrides = (*sweep.overrides, *(f"{k}={json.dumps(v)}" for k, v in keys.items()))
@@ -167,6 +186,11 @@ def expand(sweep: Sweep, fail=SweepError) -> list[Trial]:
                 raise fail(f"trial {name}: {e}") from e
             trials.append(Trial(name, params, overrides, cfg))
     return trials
+
+
+def _is_axis(value: Any) -> bool:
+    """A variant's own grid axis ({grid: [...]}) rather than a fixed value."""
+    return isinstance(value, dict) and set(value) == {GRID}
 
 
 def trial_name(params: dict[str, Any]) -> str:
@@ -223,6 +247,13 @@ def _variants(value: Any, fail) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or not all(isinstance(v, dict) and v for v in value.values()):
         raise fail("variants: a mapping of names to non-empty mappings of config keys "
                    "(e.g. mlora-asym: {field.type: mlora, field.asym: true})")
+    for name, bundle in value.items():
+        for key, spec in bundle.items():
+            if isinstance(spec, dict):  # the variant's own grid axis: checked like one of `space`
+                axis = _axis(key, spec, lambda msg: fail(f"variants.{name}: {msg}"))
+                if axis.kind != GRID:
+                    raise fail(f"variants.{name}.{key}: a variant's own axes are grids ({{grid: [...]}}), "
+                               f"got {axis.kind}")
     return {str(k): dict(v) for k, v in value.items()}
 
 
@@ -230,7 +261,26 @@ def _resources(value: Any, fail) -> dict[str, float]:
     if not isinstance(value, dict) or set(value) - {"cpu", "gpu"} or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value.values()):
         raise fail(f"trial_resources: {{cpu: N, gpu: N}} with non-negative numbers, got {value!r}")
-    return {"cpu": float(value.get("cpu", 1)), "gpu": float(value.get("gpu", 0))}
+    if value.get("cpu", 0.5) <= 0:  # Ray Tune refuses a trial of 0 CPUs
+        raise fail(f"trial_resources.cpu: more than 0 (a fraction such as 0.5), got {value['cpu']!r}")
+    # A trial's own process mostly waits for its stages' tasks and workers, which ask for their own CPUs:
+    # half a CPU leaves those free (a whole one per trial starves them on a 2-core laptop).
+    return {"cpu": float(value.get("cpu", 0.5)), "gpu": float(value.get("gpu", 0))}
+
+
+def _asha(value: Any, fail) -> dict[str, Any]:
+    if value is True:
+        value = {}
+    if not isinstance(value, dict) or set(value) - set(ASHA_DEFAULTS):
+        raise fail(f"asha: a mapping with keys among {', '.join(ASHA_DEFAULTS)} (or true), got {value!r}")
+    asha = ASHA_DEFAULTS | value
+    if asha["mode"] not in ("min", "max") or not isinstance(asha["metric"], str):
+        raise fail(f"asha: metric a name of the denoiser's training metrics (loss), mode min or max, got {value!r}")
+    for key in ("grace_period", "reduction_factor"):
+        _positive_int(asha[key], f"asha.{key}", fail)
+    if asha["reduction_factor"] < 2:
+        raise fail(f"asha.reduction_factor: at least 2, got {asha['reduction_factor']}")
+    return asha
 
 
 def _axis(key: Any, spec: Any, fail) -> Axis:
