@@ -220,9 +220,9 @@ class LockService:
 def lock_service():
     import ray
 
-    return ray.remote(num_cpus=0)(LockService).options(
+    return ray.remote(num_cpus=0)(LockService).options(  # DEFAULT: never inside a sweep trial's placement group
         name=LockService.NAME, namespace=LockService.NAMESPACE, lifetime="detached",
-        get_if_exists=True).remote()
+        get_if_exists=True, scheduling_strategy="DEFAULT").remote()
 
 
 @contextmanager

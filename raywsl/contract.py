@@ -75,6 +75,9 @@ SWEEP_TUNE = "tune"
 SWEEP_MLFLOW = "mlflow"
 SWEEP_REPORT = "report"
 TRIAL_JSON = "trial.json"
+# a trial's status in its trial.json (pending: no trial.json yet)
+TRIAL_FINISHED, TRIAL_RUNNING, TRIAL_FAILED, TRIAL_STOPPED, TRIAL_PENDING = (
+    "finished", "running", "failed", "stopped early", "pending")
 
 # ------------------------------------------------------------------------------------ artifacts
 

@@ -128,6 +128,15 @@ def _workers_output_to_log() -> None:
         log.debug("Ray workers' output stays on the terminal: %s", e)
 
 
+def remote(fn, **options):
+    """`ray.remote(**options)(fn)` scheduled outside any placement group: inside a Ray Tune trial (a
+    sweep) a task would otherwise be captured by the trial's placement group, whose one bundle is the
+    trial's own fraction of a CPU, and be refused. (Ray Data and Ray Train place their own work.)"""
+    import ray
+
+    return ray.remote(scheduling_strategy="DEFAULT", **options)(fn)
+
+
 def task_concurrency() -> int | None:
     """How many CPU tasks a Ray Data stage may run at once: the real core count on the embedded
     local Ray (its logical CPUs are oversubscribed on purpose), unbounded on a cluster."""

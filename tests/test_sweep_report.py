@@ -134,11 +134,22 @@ def test_one_seed_gives_a_point_interval_and_a_copied_folder_is_still_read(tmp_p
     trials = [({SCALE_KEY: n, SEED_KEY: 0}, "finished", metrics(n >= 50, 0)) for n in (20, 50)]
     make_sweep(tmp_path, trials, scale=(20, 50), seeds=(0,), run_root=tmp_path / "gone" / "trials")
 
+    from raywsl.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0  # `raywsl report SWEEP_DIR`: the same page again
+    assert (tmp_path / "report" / "report.html").exists()
     report = write_sweep_report(tmp_path, bootstrap=50)
     assert report.onset["all trials"] | {"means": None} == {
         "onset": 50, "low": 50, "high": 50, "found_share": 1.0, "means": None,
         "rules": ["weights_attractor_share <= 0.5", "memorisation_rate <= 0.5", "valid_share >= 0.8"]}
     assert [p.rsplit("/", 1)[-1] for p in report.figures] == ["curves.png"]
+
+
+def test_report_refuses_a_folder_that_is_neither_a_sweep_nor_a_run(tmp_path, capsys):
+    from raywsl.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "neither a sweep folder (no sweep.json) nor a run folder (no config.yaml)" in capsys.readouterr().err
 
 
 def test_a_parameterisation_missing_a_scale_is_not_given_an_onset(tmp_path):

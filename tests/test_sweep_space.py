@@ -60,14 +60,19 @@ def test_a_variants_own_grid_axis_multiplies_only_its_trials():
     assert s.trials[1].params == {"data.shapes": 20, "variant": "mlora-asym", "field.kappa": 2.0, "diffusion.seed": 0}
 
 
-def test_a_variant_can_run_at_some_of_the_scales_only():
-    s = sweep(scale=[20, 50], variants={"mlp": {"field.type": "mlp"},
-                                        "grid": {"field.type": "mlp", "data.shapes": {"grid": [50]},
-                                                 "field.mask_seed": {"grid": [1, 2]}}})
-    assert [t.name for t in s.trials] == ["N=20,mlp", "N=50,mlp", "N=50,grid,mask_seed=1", "N=50,grid,mask_seed=2"]
+def test_a_variant_can_run_at_some_of_the_scales_and_seeds_only():
+    s = sweep(scale=[20, 50], seeds=[0, 1],
+              variants={"mlp": {"field.type": "mlp"},
+                        "grid": {"field.type": "mlp", "data.shapes": {"grid": [50]}, "diffusion.seed": {"grid": [1]},
+                                 "field.mask_seed": {"grid": [1, 2]}}})
+    assert [t.name for t in s.trials] == ["N=20,mlp,seed=0", "N=20,mlp,seed=1", "N=50,mlp,seed=0", "N=50,mlp,seed=1",
+                                          "N=50,grid,mask_seed=1,seed=1", "N=50,grid,mask_seed=2,seed=1"]
     assert s.trials[-1].config.data.shapes == 50 and s.trials[-1].config.field.mask_seed == 2
+    assert s.name == "t"
     with pytest.raises(SweepError, match=r"variants.grid.data.shapes: \{grid: \[...\]\} with some of the sweep's"):
         sweep(scale=[20, 50], variants={"grid": {"data.shapes": {"grid": [30]}}})
+    with pytest.raises(SweepError, match=r"variants.grid.diffusion.seed: .* some of the sweep's seeds \[0\]"):
+        sweep(seeds=[0], variants={"grid": {"diffusion.seed": 3}})
 
 
 def test_a_sweep_without_axes_is_the_base_run_and_overrides_apply_to_every_trial():

@@ -39,7 +39,7 @@ from raywsl.geometry import figures
 from raywsl.geometry.sampling import shape_rng
 from raywsl.models.fields import Field, field_from_config
 from raywsl.progress import Progress
-from raywsl.runtime import ray_session
+from raywsl.runtime import ray_session, remote
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
 from raywsl.store.split import shards_of, training_range
 
@@ -186,7 +186,7 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_i
 
         k = inp.ids.index(anchor_id)
         t0 = time.perf_counter()
-        task = ray.remote(num_cpus=1, num_gpus=_gpus_per_actor(cfg))(fit_anchor)
+        task = remote(fit_anchor, num_cpus=1, num_gpus=_gpus_per_actor(cfg))
         result = ray.get(task.remote(field, cfg, ShapeData(k, anchor_id, *inp.anchor(k), row)))
         if not result.ok:
             raise StoreError(f"fit.init=warm: the anchor shape {anchor_id} failed to fit ({result.reason}); "

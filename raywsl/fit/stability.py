@@ -37,7 +37,7 @@ from raywsl.fit.engine import BatchedFitter, ShapeData
 from raywsl.geometry.extract import decode_rows
 from raywsl.geometry.shape import RECON_POINTS, surface_chamfer, thin_surface
 from raywsl.models.fields import FIELDS, field_from_config
-from raywsl.runtime import ray_session
+from raywsl.runtime import ray_session, remote
 from raywsl.store.rows import RowStore, StoreError
 from raywsl.store.split import training_rows
 
@@ -200,7 +200,7 @@ def run_stability(cfg: Config, variants: list[str], lambdas: list[float], n_shap
         import ray
 
         gpus = 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        task = ray.remote(num_cpus=1, num_gpus=gpus)(run_variant)
+        task = remote(run_variant, num_cpus=1, num_gpus=gpus)
         shapes_ref = ray.put(shapes)  # once in the object store, read by every task
         pending = {task.remote(c, shapes_ref, lambdas, bases.get(name, "")): name for name, c in configs.items()}
         outputs = {}

@@ -119,7 +119,7 @@ def render_meshes(meshes: Sequence[trimesh.Trimesh | None], path, titles: Sequen
         if titles is not None:
             fig.text((col + 0.5) / ncols, 1 - row / nrows - 0.5 * title_px / height, str(titles[i]),
                      ha="center", va="center", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_histogram(values: Mapping[str, Sequence[float]], path, xlabel: str, bins: int = 50,
@@ -145,7 +145,7 @@ def plot_histogram(values: Mapping[str, Sequence[float]], path, xlabel: str, bin
     ax.set_ylabel("count")
     if title:
         ax.set_title(title)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_spectrum(explained_ratio: Sequence[float], path, title: str | None = None) -> Path:
@@ -164,7 +164,7 @@ def plot_spectrum(explained_ratio: Sequence[float], path, title: str | None = No
     cum.set_ylim(0, 1.02)
     cum.set_ylabel("cumulative", color="C1")
     ax.set_title(title or f"top {len(ratio)} components: {np.sum(ratio):.1%} of the variance")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_embedding(W, labels: Sequence | None, path, method: str = "pca", seed: int = 0,
@@ -208,7 +208,7 @@ def plot_embedding(W, labels: Sequence | None, path, method: str = "pca", seed: 
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(title or f"{len(W)} weight vectors ({method})")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, xlabel: str = "step",
@@ -230,7 +230,7 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]], path,
@@ -258,10 +258,10 @@ def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write the PNG under a temporary name, then rename it: a reader never sees half a picture."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

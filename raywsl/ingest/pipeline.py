@@ -30,7 +30,7 @@ from raywsl.config import Config, to_dict
 from raywsl.data.sources import MeshRef, resolve_source
 from raywsl.geometry.sampling import sample_mesh
 from raywsl.progress import Progress
-from raywsl.runtime import ray_session, task_concurrency
+from raywsl.runtime import ray_session, remote, task_concurrency
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 from raywsl.store.split import held_out_count, shards_of, store_order
 
@@ -151,7 +151,7 @@ def _find_crashing_rows(store: RowStore, shards: list[int], cfg: Config) -> dict
     the culprits. Returns {row: reason}."""
     import ray
 
-    probe = ray.remote(num_cpus=1, max_retries=0)(sample_mesh)
+    probe = remote(sample_mesh, num_cpus=1, max_retries=0)
     refs = {}
     for k in shards:
         rows = store.shard_rows(k)

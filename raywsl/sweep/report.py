@@ -37,7 +37,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from raywsl import cache
-from raywsl.geometry.figures import DPI, _save
+from raywsl import contract as C
+from raywsl.geometry.figures import DPI, save_figure
 from raywsl.report import figure_html, page_html, table_html
 from raywsl.sweep.onset import RULES, Rule, estimate_onset
 from raywsl.sweep.space import LOGUNIFORM, SCALE_KEY, SEED_KEY, UNIFORM
@@ -45,7 +46,7 @@ from raywsl.sweep.space import LOGUNIFORM, SCALE_KEY, SEED_KEY, UNIFORM
 log = logging.getLogger(__name__)
 
 VARIANT_KEY = "variant"
-FINISHED, PENDING = "finished", "pending"  # pending: no trial.json yet, the trial has not started
+FINISHED, PENDING = C.TRIAL_FINISHED, C.TRIAL_PENDING
 # the headline metrics, in the order of the curves' panels and the tables' columns
 METRICS = ("weights_attractor_share", "memorisation_rate", "valid_share", "1nna_cd", "cov_cd", "mmd_cd",
            "novelty_cd_median", "novelty_distinct_nearest", "weights_distinct_nearest")
@@ -83,7 +84,7 @@ def write_sweep_report(sweep_dir: str | Path, rules: Sequence[Rule] = RULES, boo
     """Write the report of the sweep in `sweep_dir` under its report/ folder (again on every call: a
     sweep still running gets a report of what has finished so far)."""
     sweep_dir = Path(sweep_dir)
-    out = sweep_dir / "report"
+    out = sweep_dir / C.SWEEP_REPORT
     meta, trials = _read(sweep_dir)
     rows = [_row(t) for t in trials if t.status == FINISHED]
     scales = [int(n) for n in meta.get("scale") or []]
@@ -133,15 +134,15 @@ def write_sweep_report(sweep_dir: str | Path, rules: Sequence[Rule] = RULES, boo
 # ------------------------------------------------------------------------------------------ reading
 
 def _read(sweep_dir: Path) -> tuple[dict, list[_Trial]]:
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    meta = json.loads((sweep_dir / C.SWEEP_JSON).read_text())
     trials = []
     for t in meta.get("trials", []):
         run_dir = Path(t["run_dir"])
         if not run_dir.exists():  # the sweep folder was copied elsewhere (e.g. off the cluster)
-            run_dir = sweep_dir / "trials" / run_dir.name
-        state = cache.read_json(str(run_dir / "trial.json"), {})
+            run_dir = sweep_dir / C.SWEEP_TRIALS / run_dir.name
+        state = cache.read_json(str(run_dir / C.TRIAL_JSON), {})
         status = state.get("status", PENDING)
-        metrics = cache.read_json(str(run_dir / "metrics.json"), {}) if status == FINISHED else {}
+        metrics = cache.read_json(str(run_dir / C.METRICS), {}) if status == FINISHED else {}
         trials.append(_Trial(t["name"], dict(t["params"]), status, state,
                              {k: v for k, v in metrics.items() if _is_number(v)}))
     return meta, trials
@@ -252,7 +253,7 @@ def _curves_png(series: dict[str, list[dict]], scales: list[int], rules: Sequenc
         ax.grid(alpha=0.3)
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(series)),
                fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _heatmaps(meta: dict, rows: list[dict], scales: list[int], out: Path) -> list[tuple[Path, str]]:
@@ -303,7 +304,7 @@ def _heatmap_png(rows: list[dict], ykey: str, ys: list[str], xkey: str, xs: list
         ax.set_ylabel(ykey)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------- tables

@@ -45,11 +45,12 @@ from raywsl import contract as C
 from raywsl import tracking
 from raywsl.config import Config, load_config
 from raywsl.progress import console, native_output_to, open_log_file, setup_logging
+from raywsl.sweep.report import write_sweep_report
 from raywsl.sweep.space import Sweep, Trial
 
 log = logging.getLogger(__name__)
 
-FINISHED, RUNNING, FAILED, STOPPED = "finished", "running", "failed", "stopped early"
+FINISHED, RUNNING, FAILED, STOPPED = C.TRIAL_FINISHED, C.TRIAL_RUNNING, C.TRIAL_FAILED, C.TRIAL_STOPPED
 # What a trial reports to Tune and prints when it ends (the metrics the phase diagram reads).
 SHOWN = ("train_loss", "1nna_cd", "cov_cd", "memorisation_rate", "weights_attractor_share", "valid_share")
 
@@ -105,8 +106,6 @@ def run_sweep(sweep: Sweep, folder: str | None = None, restart: bool = False) ->
         try:
             results = _tune(sweep, folder, specs, uri, parent, base, restart)
             counts = _settle(folder, specs, results)
-            from raywsl.sweep.report import write_sweep_report
-
             report = write_sweep_report(folder)
             if parent:
                 _log_parent(parent, report, counts, time.perf_counter() - t0)
@@ -245,7 +244,7 @@ def _settle(folder: str, specs: dict, results) -> dict[str, int]:
             status = FAILED if errors[name] is not None else STOPPED
             cache.write_json(path, {**info, "status": status, "error": str(errors[name] or "")[-2000:]})
             _end_child_run(C.join(folder, C.SWEEP_TRIALS, name, C.MLFLOW_RUN))
-        counts[status or "not started"] = counts.get(status or "not started", 0) + 1
+        counts[status or C.TRIAL_PENDING] = counts.get(status or C.TRIAL_PENDING, 0) + 1
     return counts
 
 

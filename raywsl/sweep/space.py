@@ -22,7 +22,8 @@ A sweep config (configs/sweeps/NAME.yaml) names a base run config and the axes t
 
 Grid axes (scale, variants, seeds, `grid`) multiply; a variant's own grid axes multiply only its
 trials (mask variance kappa exists only where masks do), and a variant's own `data.shapes: {grid: [200]}`
-runs it at those of the sweep's scales only (a (rank, kappa) heatmap at one N); sampled axes (`choice`, `uniform`,
+runs it at those of the sweep's scales only (a (rank, kappa) heatmap at one N), as its own
+`diffusion.seed: {grid: [0]}` does with the seeds; sampled axes (`choice`, `uniform`,
 `loguniform`) are drawn `samples` times per grid point from a generator seeded by the sweep's name,
 so a sweep's trials are the same list every time it is read (what resuming and sharing rely on).
 `asha` stops trials early on a metric the denoiser's training reports (loss, at train.checkpoint_every
@@ -132,14 +133,16 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep", folder: Path = Path("
     concurrent = _positive_int(raw.get("max_concurrent_trials", 1), "max_concurrent_trials", fail)
     resources = _resources(raw.get("trial_resources", {}), fail)
     asha = _asha(raw["asha"], fail) if raw.get("asha") is not None else None
-    varied = [a.key for a in axes] + [k for bundle in variants.values() for k in bundle if k != SCALE_KEY]
-    for reserved, axis in ((SCALE_KEY, "scale"), (SEED_KEY, "seeds")):
-        if reserved in varied and (scale if axis == "scale" else seeds):
+    sweep_axes = {SCALE_KEY: ("scale", scale), SEED_KEY: ("seeds", seeds)}
+    varied = [a.key for a in axes] + [k for bundle in variants.values() for k in bundle if k not in sweep_axes]
+    for reserved, (axis, values) in sweep_axes.items():
+        if reserved in varied and values:
             raise fail(f"{reserved} is set by `{axis}`; do not also vary it in space or variants")
-    for name, bundle in variants.items():  # a variant's own scales: a subset of the sweep's
-        if SCALE_KEY in bundle and not (_is_axis(bundle[SCALE_KEY]) and set(bundle[SCALE_KEY][GRID]) <= set(scale)):
-            raise fail(f"variants.{name}.{SCALE_KEY}: {{grid: [...]}} with some of the sweep's scales {list(scale)} "
-                       f"(the scales this variant runs at), got {bundle[SCALE_KEY]!r}")
+    for variant, bundle in variants.items():  # a variant's own scales / seeds: a subset of the sweep's
+        for key, (axis, values) in sweep_axes.items():
+            if key in bundle and not (_is_axis(bundle[key]) and set(bundle[key][GRID]) <= set(values)):
+                raise fail(f"variants.{variant}.{key}: {{grid: [...]}} with some of the sweep's {axis} {list(values)} "
+                           f"(the ones this variant runs at), got {bundle[key]!r}")
 
     sweep = Sweep(name, base, overrides, scale, variants, axes, seeds, samples, concurrent, resources, asha, ())
     return dataclasses.replace(sweep, trials=tuple(expand(sweep, fail)))
@@ -157,7 +160,7 @@ def expand(sweep: Sweep, fail=SweepError) -> list[Trial]:
     if sweep.variants:
         dims.append([(("variant", name), *local) for name, bundle in sweep.variants.items()
                      for local in itertools.product(*[[(k, v) for v in spec[GRID]] for k, spec in bundle.items()
-                                                      if _is_axis(spec) and k != SCALE_KEY])])
+                                                      if _is_axis(spec) and k not in (SCALE_KEY, SEED_KEY)])])
     dims += [[((a.key, v),) for v in a.values] for a in grid_axes]
     if sweep.seeds:
         dims.append([((SEED_KEY, s),) for s in sweep.seeds])
@@ -168,8 +171,8 @@ def expand(sweep: Sweep, fail=SweepError) -> list[Trial]:
         for _ in range(sweep.samples if sampled else 1):
             params = dict(pair for group in point for pair in group)
             bundle = sweep.variants.get(params.get("variant"), {})
-            if SCALE_KEY in bundle and params[SCALE_KEY] not in bundle[SCALE_KEY][GRID]:
-                break  # not one of this variant's scales
+            if any(k in bundle and params[k] not in bundle[k][GRID] for k in (SCALE_KEY, SEED_KEY)):
+                break  # not one of this variant's scales or seeds
             params |= {a.key: a.draw(rng) for a in sampled}
             fixed = {k: v for k, v in bundle.items() if not _is_axis(v)}
             keys = fixed | {k: v for k, v in params.items() if k != "variant"}
