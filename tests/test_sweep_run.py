@@ -59,6 +59,7 @@ def test_a_killed_sweep_resumes_and_its_trials_share_artifacts_and_one_mlflow_pa
     runs = mlflow.search_runs(experiment_names=["two-seeds"])
     parent = runs[runs["tags.mlflow.runName"] == "two-seeds"]
     assert len(parent) == 1 and parent["run_id"].iloc[0] == meta["mlflow"]["parent_run_id"]
+    assert parent["metrics.trials_finished"].iloc[0] == 2 and parent["metrics.sweep_seconds"].iloc[0] > 0
     children = runs[runs["tags.mlflow.parentRunId"] == meta["mlflow"]["parent_run_id"]]
     assert sorted(children["tags.mlflow.runName"]) == [first, second]
     assert set(runs["status"]) == {"FINISHED"}

@@ -70,13 +70,18 @@ def sweep_folder(sweep: Sweep) -> str:
     return os.path.join(parent, C.SWEEPS, sweep.name)
 
 
+def trial_dir(folder: str, name: str) -> str:
+    """The run folder of trial `name` in sweep folder `folder`."""
+    return C.join(folder, C.SWEEP_TRIALS, name)
+
+
 def trial_overrides(sweep: Sweep, trial: Trial, folder: str) -> list[str]:
     """A trial's config: its sweep overrides, its own run folder, the base config's cache (shared with
     every run and trial), the sweep's MLflow experiment."""
     cache_dir = trial.config.cache_dir
     cache_dir = cache_dir if "://" in cache_dir else os.path.abspath(cache_dir)
     return [*trial.overrides, f"run.name={json.dumps(trial.name)}",
-            f"run.dir={json.dumps(C.join(folder, C.SWEEP_TRIALS, trial.name))}",
+            f"run.dir={json.dumps(trial_dir(folder, trial.name))}",
             f"cache.dir={json.dumps(cache_dir)}", f"mlflow.experiment={json.dumps(sweep.name)}"]
 
 
@@ -164,15 +169,10 @@ def _parent_run(sweep: Sweep, uri: str, store: str, previous: str | None, enable
 
 def _log_parent(parent: str, report, counts: dict[str, int], seconds: float) -> None:
     """The phase diagram in the parent run: figures, the page, the onset per variant as metrics."""
-    import mlflow
-
-    mlflow.log_metrics({f"trials_{k.replace(' ', '_')}": v for k, v in counts.items()} | {"sweep_seconds": seconds})
-    for key, est in report.onset.items():
-        name = tracking.flatten_metrics({f"onset.{key}": {"N": est.get("onset"), "low": est.get("low"),
-                                                          "high": est.get("high"),
-                                                          "found_share": est.get("found_share")}})
-        if name:
-            mlflow.log_metrics(name)
+    onsets = {f"onset.{key}": {"N": est.get("onset"), "low": est.get("low"), "high": est.get("high"),
+                               "found_share": est.get("found_share")} for key, est in report.onset.items()}
+    tracking.log_metrics({**{f"trials_{k.replace(' ', '_')}": v for k, v in counts.items()},
+                          "sweep_seconds": seconds, **onsets})  # one call; no onset (None) is left out
     for path in report.figures:
         tracking.log_figure(path, artifact_dir="phase_diagram")
     tracking.log_figure(report.path, artifact_dir="phase_diagram")
@@ -237,13 +237,13 @@ def _settle(folder: str, specs: dict, results) -> dict[str, int]:
     errors = {r.config.get("trial"): r.error for r in results if r.config}
     counts: dict[str, int] = {}
     for name in specs:
-        path = C.join(folder, C.SWEEP_TRIALS, name, C.TRIAL_JSON)
+        path = C.join(trial_dir(folder, name), C.TRIAL_JSON)
         info = cache.read_json(path, {})
         status = info.get("status")
         if status != FINISHED and name in errors:
             status = FAILED if errors[name] is not None else STOPPED
             cache.write_json(path, {**info, "status": status, "error": str(errors[name] or "")[-2000:]})
-            _end_child_run(C.join(folder, C.SWEEP_TRIALS, name, C.MLFLOW_RUN))
+            _end_child_run(C.join(trial_dir(folder, name), C.MLFLOW_RUN))
         counts[status or C.TRIAL_PENDING] = counts.get(status or C.TRIAL_PENDING, 0) + 1
     return counts
 
@@ -350,5 +350,5 @@ def _describe(sweep: Sweep, folder: str, specs: dict, mlflow_info: dict[str, Any
             "variants": sweep.variants, "seeds": list(sweep.seeds),
             "axes": [{"key": a.key, "kind": a.kind, "values": list(a.values)} for a in sweep.axes],
             "overrides": list(sweep.overrides), "mlflow": mlflow_info,
-            "trials": [{"name": t.name, "params": t.params, "run_dir": C.join(folder, C.SWEEP_TRIALS, t.name)}
+            "trials": [{"name": t.name, "params": t.params, "run_dir": trial_dir(folder, t.name)}
                        for t in sweep.trials]}
