@@ -349,13 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     from raywsl.eval.run import EvalError
     from raywsl.fit.stability import StabilityError
     from raywsl.models.bases import BaseError
+    from raywsl.runtime import ShardsUnfinished
     from raywsl.store.layout import LayoutError
     from raywsl.store.rows import StoreError
 
     try:
         return args.handler(args)
     except (ConfigError, SourceError, StoreError, LayoutError, BaseError, EvalError, StabilityError,
-            ProbeError) as e:
+            ProbeError, ShardsUnfinished) as e:
         print(f"raywsl {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -78,11 +78,21 @@ class IngestConfig:
                                               "uniform in the cube [-1,1]^3 (sum to 1)")
     margin: float = opt(0.03, "normalised mesh fits in a sphere of radius 1/(1+margin)", min=0.0)
     max_faces: int = opt(2_000_000, "meshes with more faces fail with a clear reason", min=1)
+    max_file_mb: float = opt(1024.0, "mesh files larger than this (MB, 10^6 bytes) fail with a clear reason, "
+                                     "unread; 0: no limit", min=0.0)
     shard_size: int = opt(8, "shapes per Zarr shard: the unit of work, of writing and of resume", min=1)
+    memory_gb: float = opt(2.0, "memory reserved per ingest task (Ray's `memory` resource): the scheduler "
+                                "packs no more tasks on a node than its memory holds; a mesh that is "
+                                "killed for memory even alone fails with that reason", min=0.0, fp=False)
     test_fraction: float = opt(0.2, "share of shapes held out as the reference set of generation metrics: a "
                                     "shape is held out when a hash of (seed, shape id) says so (store/split.py), "
                                     "fixed by the source at ingest time (recorded in samples.zarr); held-out "
                                     "shapes are ingested, never fitted", min=0.0, max=0.9)
+
+    @property
+    def max_bytes(self) -> int:
+        """max_file_mb in bytes (0: no limit), as data/meshes.py `load_mesh` takes it."""
+        return int(self.max_file_mb * 1e6)
 
 
 @dataclass
@@ -161,6 +171,11 @@ class BaseConfig:
     latent_reg: float = opt(1e-4, "lambda_r: weight of |z|^2 in the loss", min=0.0)
     latent_std: float = opt(0.01, "std of the initial latent codes", min=0.0)
     ema: float = opt(0.999, "decay of the exponential moving average of the network", min=0.0, max=1.0)
+    grad_clip: float = opt(1.0, "clip the gradient (network and latents together) to this global L2 norm before "
+                                "each update (0: no clipping); the norm before clipping is logged as grad_norm",
+                           min=0.0)
+    max_bad_steps: int = opt(10, "a step whose loss or gradient is NaN / inf is skipped (no update, counted in "
+                                 "skipped_steps); this many in a row abort train-base with an error", min=1, fp=False)
     loss: str = opt("auto", "reconstruction loss: l1, clamped_l1 (delta fit.clamp), mse; auto: the base's own "
                             "(l1 for the modulated base, clamped_l1 for DeepSDF)",
                     choices=["auto", "l1", "clamped_l1", "mse"])
@@ -201,6 +216,10 @@ class TrainConfig:
     lr: float = opt(2e-4, "AdamW learning rate", min=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
     ema: float = opt(0.9999, "decay of the denoiser's exponential moving average (with warm-up)", min=0.0, max=1.0)
+    grad_clip: float = opt(1.0, "clip the denoiser's gradient to this global L2 norm before each update (0: no "
+                                "clipping); the norm before clipping is logged as grad_norm", min=0.0)
+    max_bad_steps: int = opt(10, "a step whose loss or gradient is NaN / inf is skipped (no update, counted in "
+                                 "skipped_steps); this many in a row abort train with an error", min=1, fp=False)
     checkpoint_every: int = opt(500, "steps between checkpoints (reported to Ray Train)", min=1, fp=False)
     log_every: int = opt(50, "steps between logged losses (and per-timestep-bucket losses)", min=1, fp=False)
 

@@ -116,6 +116,7 @@ SOURCE = "source"
 CATEGORY = "category"
 STATUS = "status"
 REASON = "reason"
+REJECTED = "rejected: "  # prefix of the reason of a shape refused before any work (sources.py MeshRef.problem)
 SHARD_DONE = "shard_done"  # one chunk per shard; written last, it is the shard's commit marker
 
 # Arrays of the sample store (written by ingest).
@@ -184,13 +185,14 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("corpus", ("seed", "data.source"), (), "corpus", 1),
-    Stage("ingest", ("seed", "ingest"), (SOURCE_INPUT,), SAMPLES, 2, store=SAMPLES),
+    Stage("ingest", ("seed", "ingest"), (SOURCE_INPUT,), SAMPLES, 3, store=SAMPLES),
     Stage("train-base", ("seed", "base", "base_shapes", "fit.clamp"), ("ingest",), "checkpoints/base_final", 2),
-    Stage("fit", ("seed", "field", "fit"), ("ingest", "train-base"), WEIGHTS, 3, store=WEIGHTS),
-    Stage("recon", ("seed", "fit.recon_count", "fit.recon_resolution", "data.shapes"), ("fit",), "recon", 2),
+    Stage("fit", ("seed", "field", "fit"), ("ingest", "train-base"), WEIGHTS, 4, store=WEIGHTS),
+    Stage("recon", ("seed", "fit.recon_count", "fit.recon_resolution", "data.shapes"), ("fit",), "recon", 3),
     Stage("train", ("seed", "diffusion", "train", "data.shapes"), ("fit",), "checkpoints/diffusion_final", 2),
     Stage("sample", ("seed", "sample"), ("train",), "generated", 2),
-    Stage("eval", ("seed", "eval", "data.shapes", "ingest.max_faces", "ingest.margin"), ("sample",), "eval", 3),
+    Stage("eval", ("seed", "eval", "data.shapes", "ingest.max_faces", "ingest.max_file_mb", "ingest.margin"),
+          ("sample",), "eval", 4),
     Stage("report", (), ("recon", "train", "sample", "eval"), REPORT, 1, cached=False),
 )}
 

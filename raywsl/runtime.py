@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 # tasks: a silent hang. Declaring more logical CPUs than cores (oversubscription) keeps a free slot.
 LOCAL_CPU_OVERSUBSCRIPTION = 2
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
-
+OOM_RETRIES = 2  # retries of a task killed for memory (each bounded by its `memory` reservation)
+PROBE_ATTEMPTS = 2  # a shape is blamed for a crash only if it kills its own process this many times in a row
 
 _started_local = False
 
@@ -58,6 +59,9 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
             dashboard_port=_free_port(),  # two local runs at once must not fight over 8265
             object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             log_to_driver=True,
+            # A task killed by Ray's memory monitor is retried without limit by default: one mesh too
+            # big for memory would never let the job end. (On a cluster: RAY_task_oom_retries.)
+            _system_config={"task_oom_retries": OOM_RETRIES},
         )
         _started_local = True
     import ray.data
@@ -135,6 +139,63 @@ def remote(fn, **options):
     import ray
 
     return ray.remote(scheduling_strategy="DEFAULT", **options)(fn)
+
+
+class ShardsUnfinished(RuntimeError):
+    """Shards of a Ray Data job that did not finish for a reason no single shape explains (an error
+    of the job itself, a full disk, a lost node): their rows stay pending, and a rerun retries them."""
+
+
+def unfinished_message(stage: str, where: str, errors: dict[int, str], rows: int) -> str:
+    """What a stage says when shards stay pending ({shard: error}, `rows` rows in them): how many,
+    the distinct errors with a shard of each, and how to resume."""
+    first: dict[str, int] = {}
+    for k, e in errors.items():
+        first.setdefault(e, k)
+    shown = "; ".join(f"{e} (shard {k})" for e, k in list(first.items())[:3])
+    more = f"; and {len(first) - 3} other errors" if len(first) > 3 else ""
+    return (f"{stage}: {len(errors)} shard(s) ({rows} rows) of {where} did not finish, for reasons no single "
+            f"shape explains: {shown}{more}. Finished shards are kept: fix the cause and rerun the same "
+            f"command to do the rest")
+
+
+def crash_verdict(error: BaseException) -> str:
+    """What a failed task that handled ONE shape says about that shape: why its own process died
+    (a native crash, a kill for memory), or "" when the failure says nothing about the shape (a
+    Python exception is a bug or an environment error; a lost node or object is the cluster's)."""
+    import ray.exceptions as rx
+
+    if isinstance(error, rx.OutOfMemoryError):
+        return "its worker process was killed for using too much memory"
+    if isinstance(error, rx.WorkerCrashedError):
+        return "its worker process died (a crash in native code, or killed)"
+    return ""
+
+
+def isolate_crashes(fn, calls: dict, attempts: int = PROBE_ATTEMPTS, **options) -> dict:
+    """Run `fn(*args)` for each {key: args} of `calls`, each in a task of its own without retries,
+    `attempts` rounds: a call whose own process dies every time (`crash_verdict`) is a culprit.
+    Returns {key: why} for the culprits only; what fn returns is dropped (keep it small: a verdict,
+    not the data). Everything else, a clean return, a Python error, a lost node, clears the call:
+    a probe never blames a shape for the cluster's faults."""
+    import ray
+
+    task = remote(fn, max_retries=0, **options)
+    suspects = dict(calls)
+    verdicts: dict = {}
+    for _ in range(attempts):
+        refs = {key: task.remote(*args) for key, args in suspects.items()}
+        verdicts = {}
+        for key, ref in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                if why := crash_verdict(e):
+                    verdicts[key] = why
+        suspects = {key: calls[key] for key in verdicts}
+        if not suspects:
+            break
+    return verdicts
 
 
 def task_concurrency() -> int | None:

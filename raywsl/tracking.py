@@ -185,28 +185,51 @@ def _active() -> bool:
     return True
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested dicts flattened to "a.b" names, keeping only finite numbers (bools as 0/1, numpy
-    scalars and 0-d arrays included); arrays, strings, None, NaN and inf are left out."""
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "", finite_only: bool = True) -> dict[str, float]:
+    """Nested dicts flattened to "a.b" names, keeping the numbers (bools as 0/1, numpy scalars and 0-d
+    arrays included); arrays, strings and None are left out, and so are NaN and inf unless
+    `finite_only` is False."""
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = _INVALID_NAME.sub("_", f"{prefix}{key}")
         if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, f"{name}."))
+            flat.update(flatten_metrics(value, f"{name}.", finite_only))
         elif isinstance(value, (bool, int, float, np.number, np.bool_)) or (
                 isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"):
             number = float(value)
-            if math.isfinite(number):
+            if math.isfinite(number) or not finite_only:
                 flat[name] = number
     return flat
 
 
+ALARM_TAG = "alarm.nonfinite"  # the run's tag listing every metric that was ever NaN or inf
+NONFINITE_METRIC = "nonfinite_metrics"  # how many metric names that tag lists
+_TAG_LIMIT = 5000  # characters of a tag value MLflow stores everywhere
+
+
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
-    """Log the finite numbers in `metrics` (see `flatten_metrics`); returns what was (or, with no
-    active run, would have been) logged."""
-    flat = flatten_metrics(metrics)
-    if flat and _active():
-        mlflow.log_metrics(flat, step=step)
+    """Log the numbers in `metrics` (see `flatten_metrics`); returns the finite ones (what was, or with
+    no active run would have been, logged besides the alarms).
+
+    A NaN or inf (a diverged loss, an undefined score) is never dropped silently: it gets a warning,
+    is logged as MLflow records it (NaN as NaN, +-inf clamped to +-1.8e308 by MLflow's store), its
+    name joins the run's `alarm.nonfinite` tag (comma-separated, every such name of the run so far)
+    and `nonfinite_metrics` counts the names that tag lists."""
+    everything = flatten_metrics(metrics, finite_only=False)
+    flat = {k: v for k, v in everything.items() if math.isfinite(v)}
+    bad = sorted(k for k in everything if k not in flat)
+    for name in bad:
+        log.warning("metric %s is %s at step %s: a non-finite value (diverged or undefined); logged as is and "
+                    "listed in the MLflow run's tag %s", name, everything[name], step, ALARM_TAG)
+    if not everything or not _active():
+        return flat
+    if bad:
+        tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+        names = sorted({*filter(None, tags.get(ALARM_TAG, "").split(",")), *bad})
+        value = ",".join(names)
+        mlflow.set_tag(ALARM_TAG, value if len(value) <= _TAG_LIMIT else value[:_TAG_LIMIT - 3] + "...")
+        everything[NONFINITE_METRIC] = float(len(names))
+    mlflow.log_metrics(everything, step=step)
     return flat
 
 
@@ -233,3 +256,42 @@ def log_json(obj: Any, name: str) -> None:
     scalars are converted, NaN / inf are written as Python's json writes them (NaN, Infinity)."""
     if _active():
         mlflow.log_text(json.dumps(obj, default=jsonable, indent=2), name)
+
+
+class StepGuard:
+    """The non-finite step rule of the training loops (train-base, train): a step whose loss or
+    gradient norm is NaN or inf is skipped (no update), counted and warned about; `max_bad` such
+    steps in a row abort the run, since a model that diverged would otherwise keep "training" on
+    nothing and report success.
+
+        guard = StepGuard("train", "train.max_bad_steps", cfg.train.max_bad_steps)
+        if guard.healthy(step, loss, grad_norm):
+            opt.step()
+    """
+
+    def __init__(self, stage: str, option: str, max_bad: int, skipped: int = 0):
+        self.stage, self.option, self.max_bad = stage, option, max_bad
+        self.skipped = skipped  # steps skipped so far (restored from a checkpoint by the caller)
+        self.in_a_row = 0
+
+    def healthy(self, step: int, loss: float, grad_norm: float, bad_anywhere: bool = False) -> bool:
+        """True: take step `step`. False: skip it (counted and warned). `bad_anywhere`: some worker's
+        loss was not finite (in a distributed run every worker must skip the same steps). Raises
+        RuntimeError when this is the `max_bad`-th skipped step in a row."""
+        if math.isfinite(loss) and math.isfinite(grad_norm) and not bad_anywhere:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        if math.isfinite(loss) and bad_anywhere:
+            what += ", another worker's loss not finite"
+        if self.in_a_row >= self.max_bad:
+            raise RuntimeError(f"{self.stage}: diverged: {self.in_a_row} steps in a row with a non-finite loss or "
+                               f"gradient, the last at step {step} ({what}); {self.option} = {self.max_bad} aborts "
+                               f"there. Lower the learning rate, clip gradients harder, or look for NaN in the "
+                               f"training data")
+        log.warning("%s: step %d skipped (no update): non-finite loss or gradient (%s); %d skipped so far, %d in "
+                    "a row (%s = %d aborts)", self.stage, step, what, self.skipped, self.in_a_row, self.option,
+                    self.max_bad)
+        return False

@@ -7,12 +7,13 @@ import pytest
 
 from raywsl import contract as C
 from raywsl.store.datasource import RowStoreDatasource, read_rows
-from raywsl.store.rows import DONE, FAILED, PENDING, ArraySpec, RowStore, StoreError
+from raywsl.store.rows import DONE, FAILED, PENDING, REASON_BYTES, ArraySpec, RowStore, StoreError
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(60)]
 
 N, SHARD, M = 10, 4, 16  # shards [0,4) [4,8) [8,10): the last one is short
 NAMES = [C.POINTS, C.SDF, C.SCALE]
+LONG_REASON = "bad mesh ✗ " * 100  # 1,200 bytes: stored cut to REASON_BYTES, ending in "..."
 
 
 def expected(n=N):
@@ -28,7 +29,7 @@ def store_path(tmp_path):
     path = str(tmp_path / "samples.zarr")
     ids = [f"s{i}" for i in range(N)]
     store = RowStore.create(path, kind="samples", ids=ids, sources=[f"/m/{i}.ply" for i in ids],
-                            categories=["chair" if i % 2 else "table" for i in range(N)],
+                            categories=["chair" if i % 2 else "tàble 桌" for i in range(N)],
                             shard_size=SHARD, fingerprint="fp",
                             arrays=[ArraySpec(C.POINTS, (M, 3)), ArraySpec(C.SDF, (M,)),
                                     ArraySpec(C.SCALE, ())])
@@ -36,9 +37,10 @@ def store_path(tmp_path):
     for k in (0, 1, 2):
         rows = store.shard_rows(k)
         status = [FAILED if i == 1 else DONE for i in range(rows.start, rows.stop)]
-        reason = ["bad mesh" if i == 1 else "" for i in range(rows.start, rows.stop)]
+        reason = [LONG_REASON if i == 1 else "" for i in range(rows.start, rows.stop)]
         store.write_shard(k, {name: v[rows] for name, v in data.items()}, status, reason)
-    store.group[C.SHARD_DONE][1] = 0  # shard 1: data and status written, never committed
+    store.group[C.SHARD_DONE][1] = 0  # deletes the marker: shard 1's data and status written, never committed
+    assert store.pending_shards() == [1]
     return path
 
 
@@ -59,11 +61,16 @@ def test_reads_every_row_as_written(ray_local, store_path):
         np.testing.assert_array_equal(cols[name], data[name])
     assert cols[C.POINTS].shape[1:] == (M, 3)
     assert cols[C.SHAPE_ID].tolist() == [f"s{i}" for i in range(N)]
-    assert cols[C.CATEGORY].tolist()[:2] == ["table", "chair"]
+    assert cols[C.CATEGORY].tolist()[:2] == ["tàble 桌", "chair"]
+    for name in (C.SHAPE_ID, C.CATEGORY, C.REASON):  # python str objects (arrow strings), not bytes
+        assert all(type(v) is str for v in cols[name])
     assert cols["row"].dtype == np.int64 and cols[C.STATUS].dtype == np.int8
     # Shard 1 has no marker: pending whatever was written there (and no stale reason).
     assert cols[C.STATUS].tolist() == [DONE, FAILED, DONE, DONE] + [PENDING] * 4 + [DONE, DONE]
-    assert cols[C.REASON].tolist() == ["", "bad mesh"] + [""] * 8
+    reason = cols[C.REASON].tolist()
+    assert reason[0] == "" and reason[2:] == [""] * 8
+    assert reason[1].endswith("...") and LONG_REASON.startswith(reason[1][:-3])
+    assert REASON_BYTES - 6 < len(reason[1].encode()) <= REASON_BYTES
 
 
 def test_custom_ranges_are_one_block_each(ray_local, store_path):
@@ -120,3 +127,16 @@ def test_bad_names_and_missing_store(store_path, tmp_path):
         RowStoreDatasource(store_path, [C.STATUS])
     with pytest.raises(StoreError, match="no store here"):
         read_rows(str(tmp_path / "nowhere.zarr"), NAMES)
+
+
+def test_a_read_task_reads_text_arrays_as_python_strings(store_path):
+    """Any string array can be asked for by name (here the sources); no Ray needed to run a task."""
+    from ray.data.block import BlockAccessor
+
+    from raywsl.store.datasource import _read_range
+
+    [block] = list(_read_range(store_path, [C.SOURCE], 2, 6))  # spans committed shard 0 and pending shard 1
+    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+    assert batch[C.SOURCE].tolist() == [f"/m/s{i}.ply" for i in range(2, 6)]
+    assert all(type(v) is str for v in batch[C.SOURCE])
+    assert batch[C.STATUS].tolist() == [DONE, DONE, PENDING, PENDING]

@@ -113,7 +113,9 @@ def test_tracking_logs_metrics_and_artifacts(mlflow_run, tmp_path):
     run_id = mlflow_run.info.run_id
     metrics = mlflow.get_run(run_id).data.metrics
     assert metrics["cosine.mean"] == pytest.approx(0.96) and metrics["bad name_"] == 2.0
-    assert "probes.logistic_accuracy" not in metrics and "barrier" not in metrics
+    # Non-finite values are logged as MLflow stores them (NaN; inf as the largest float), and flagged.
+    assert math.isnan(metrics["probes.logistic_accuracy"]) and metrics["barrier"] == 1.7976931348623157e308
+    assert mlflow.get_run(run_id).data.tags["alarm.nonfinite"] == "barrier,probes.logistic_accuracy"
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "cosine.std")] == [3]
     client = MlflowClient()
     assert [a.path for a in client.list_artifacts(run_id, "figures")] == ["figures/loss.png"]

@@ -103,6 +103,47 @@ def test_divergence_restarts_at_a_lower_lr_then_fails_and_leaves_others_untouche
     np.testing.assert_allclose(results[1].row, alone.row, rtol=0, atol=1e-4)
 
 
+class SilentNaNMLP(MLPField):
+    """Weights that turn NaN while the loss stays finite, for shapes whose points reach beyond |x| = 2
+    (the marker): their output bias is never read (a constant stands in), and an unselected
+    torch.where branch sqrt(b - b) gives it the gradient 0 x inf = NaN (the where-gradient trap).
+    A fitter that judged the loss alone would report such a shape ok, with a NaN row."""
+
+    def forward(self, params, x):
+        marked = (x.abs().flatten(1).amax(1) > 2).unsqueeze(1)  # (B, 1)
+        bias = params["l2.bias"]  # (B, 1)
+        trap = torch.sqrt(bias - bias + (~marked).to(bias.dtype))  # sqrt(0) where marked: infinite slope
+        always = torch.ones_like(marked)
+        out = super().forward({**params, "l2.bias": torch.where(marked, torch.zeros_like(bias), bias)}, x)
+        return out + torch.where(always, torch.zeros_like(trap), trap)  # adds 0; its gradient carries the NaN
+
+
+def test_a_shape_with_finite_loss_but_non_finite_weights_fails_and_the_batch_goes_on():
+    silent = SilentNaNMLP(**MLPField.PRESETS["tiny"])
+    poisoned = sphere(3, 0.5)
+    poisoned.points = poisoned.points * 3  # the marker: points out to |x| = 3
+    poisoned.sdf = np.linalg.norm(poisoned.points, axis=1).astype(np.float32) - 1.5
+    good = [sphere(1, 0.4), sphere(2, 0.5)]
+    cfg = settings(max_restarts=1)
+    results = run([good[0], poisoned, good[1]], cfg, silent)
+    bad = results[3]
+    assert not bad.ok and bad.row is None and bad.restarts == 1
+    assert bad.reason.startswith("diverged: non-finite weights at step 25"), bad.reason
+    assert math.isfinite(bad.loss)  # the loss alone never said so
+    for shape in good:  # the shapes sharing its batch fit to the end, finite, as they fit alone
+        result = results[shape.key]
+        assert result.ok and result.steps == 100 and np.isfinite(result.row).all() and result.loss < 0.1
+        np.testing.assert_allclose(result.row, run([shape], cfg, silent)[shape.key].row, rtol=0, atol=1e-4)
+
+
+def test_a_result_with_a_non_finite_row_is_never_ok():
+    row = np.ones(FIELD.layout.size, np.float32)
+    assert engine.FitResult(0, "a", row.copy(), 0.1, 100).ok
+    row[5] = np.inf
+    result = engine.FitResult(0, "a", row, 0.1, 100)
+    assert not result.ok and result.row is None and result.reason == "diverged: non-finite weights at step 100"
+
+
 def test_plateau_stops_a_shape_early():
     flat = sphere(0, 0.4)
     flat.sdf[:] = 0.25  # a constant is learnt at once; the loss then stops improving

@@ -1,8 +1,16 @@
 """`raywsl probe` and the eval stage's weight-space tables on a small real fitted store (3 categories x
 3 shapes, none held out): the files, the numbers against a recomputation from the store, MLflow,
-the refusals; and the tables' layout."""
+the refusals; and the tables' layout. The store's rows streamed (StoreRows) with memory that does not
+grow with their number; and the recon stage's file names on the same store, whose shape ids are
+path-like on purpose ('chair/<id>/model' as a ShapeNet folder gives; ingest refuses a '..' component,
+data/sources.py, but not '..' inside a name)."""
 
+import csv
+import functools
+import hashlib
 import json
+import os
+import tracemalloc
 
 import mlflow
 import numpy as np
@@ -13,9 +21,12 @@ from raywsl import contract as C
 from raywsl.cli import main
 from raywsl.data.corpus import write_corpus
 from raywsl.eval import probe as P
+from raywsl.eval import run as eval_run
 from raywsl.eval import weights
 from raywsl.eval.run import _weight_diagnostics
+from raywsl.fit.recon import recon_file, reconstruct
 from raywsl.report import _weight_space
+from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 
 INGEST = ["ingest.points=4096", "ingest.surface_points=1024", "ingest.shard_size=4", "ingest.test_fraction=0"]
 FIT = ["field.preset=tiny", "fit.steps=60", "fit.points_per_step=512", "fit.check_every=20", "fit.batch_size=9",
@@ -23,11 +34,26 @@ FIT = ["field.preset=tiny", "fit.steps=60", "fit.points_per_step=512", "fit.chec
 CATEGORIES = ["blob", "torus", "chair"]
 
 
+def path_like_ids(manifest):
+    """Rewrite the corpus manifest's ids to '<category>/<id>/model' ('<category>/..<id>/model' for the
+    first): ids that are not file names."""
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for k, row in enumerate(rows):
+        row["id"] = f"{row['category']}/{'..' if k == 0 else ''}{row['id']}/model"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return manifest
+
+
 @pytest.fixture(scope="module")
 def fitted(ray_local, tmp_path_factory):
-    """(run folder, config args): 9 corpus shapes of 3 categories, ingested and fitted in-process."""
+    """(run folder, config args): 9 corpus shapes of 3 categories with path-like ids, ingested and
+    fitted in-process."""
     root = tmp_path_factory.mktemp("probe")
-    manifest = write_corpus(root / "corpus", 9, seed=0, categories=CATEGORIES, progress=False)
+    manifest = path_like_ids(write_corpus(root / "corpus", 9, seed=0, categories=CATEGORIES, progress=False))
     run, args = root / "run", [f"data.source={manifest}", *INGEST, *FIT]
     assert main(["ingest", f"run.dir={run}", *args]) == 0
     assert main(["fit", f"run.dir={run}", *args]) == 0
@@ -67,7 +93,8 @@ def test_probe_command_writes_the_tables_and_logs_them(fitted, capsys):
     assert stats["norm_std"] == pytest.approx(norms.std(), rel=1e-4)
     X = W / norms[:, None]
     cos = (X @ X.T)[np.triu_indices(9, k=1)]
-    assert stats["cos_min"] == pytest.approx(cos.min(), abs=1e-5) and stats["cos_max"] == pytest.approx(cos.max(), abs=1e-5)
+    assert stats["cos_min"] == pytest.approx(cos.min(), abs=1e-5)
+    assert stats["cos_max"] == pytest.approx(cos.max(), abs=1e-5)
     assert stats["cos_mean"] == pytest.approx(cos.mean(), abs=1e-5)
     assert stats["dims"] == W.shape[1] and 0 < stats["top10_dims_share"] <= 1
     table = (run / C.PROBE / C.PROBE_TABLE).read_text()
@@ -110,6 +137,8 @@ def test_eval_weight_diagnostics_carry_the_same_tables(fitted, tmp_path):
     stats = weights.weight_statistics(W, seed=cfg.seed)
     assert metrics == {**P.eval_metrics(probe, stats),
                        "weights_pca10_share": pytest.approx(metrics["weights_pca10_share"])}
+    # nine rows, far below SAMPLE_ROWS: every statistic over all of them
+    assert (metrics["weights_n"], metrics["weights_sample_rows"], metrics["weights_subsampled"]) == (9, 9, False)
     for key in ("weights_probe_nn_accuracy", "weights_probe_nn_accuracy_std", "weights_probe_logistic_accuracy",
                 "weights_probe_logistic_accuracy_std", "weights_probe_kmeans_ari", "weights_probe_kmeans_ari_std",
                 "weights_probe_chance", "weights_norm_mean", "weights_norm_std", "weights_cos_mean",
@@ -130,6 +159,52 @@ def test_eval_weight_diagnostics_carry_the_same_tables(fitted, tmp_path):
     assert "<td>mean L2 norm</td>" in _weight_space(few) and "1-NN" not in _weight_space(few)
 
 
+def test_eval_weight_diagnostics_on_a_seeded_subset(fitted, tmp_path, monkeypatch):
+    """Above the subset size, pairs / PCA / probes see the subset and say so; norms, variance shares
+    and cosine to the mean stay those of all rows."""
+    run, args = fitted
+    cfg, plan = plan_of(f"run.dir={run}", *args)
+    monkeypatch.setattr(eval_run, "training_weights", functools.partial(P.training_weights, max_rows=5))
+    metrics = _weight_diagnostics(cfg, plan, str(tmp_path))
+    W, _ = _training(run, args)
+    assert (metrics["weights_n"], metrics["weights_sample_rows"], metrics["weights_subsampled"]) == (9, 5, True)
+    full, sub = weights.weight_statistics(W, seed=cfg.seed), weights.weight_statistics(W, max_rows=5, seed=cfg.seed)
+    for key in ("norm_mean", "norm_std", "cos_to_mean", "top10_dims_share", "dims"):  # exact over all 9 rows
+        assert metrics[f"weights_{key}"] == pytest.approx(full[key], rel=1e-6), key
+    assert metrics["weights_cos_mean"] == pytest.approx(sub["cos_mean"]) and sub["pairs"] == 10  # 5 rows: 10 pairs
+    # 5 of 3 categories: some category has fewer than 2 rows, and the reason names the subset
+    assert "a seeded subset of 5" in metrics["weights_probe_skipped"]
+    assert "<td>rows of the seeded subset (pairwise cosine, PCA, probes)</td><td>5</td>" in _weight_space(metrics)
+
+
+def test_recon_files_are_named_by_row_not_by_shape_id(fitted, tmp_path):
+    """A shape id is data: 'chair/<id>/model' (a subfolder recon/ does not have) gives a flat file
+    inside recon/, listed next to its id in metrics.json; so would '../../escape' (ingest refuses such
+    ids now, but a store may hold anything)."""
+    run, args = fitted
+    cfg, plan = plan_of(f"run.dir={run}", *args, "fit.recon_count=9", "fit.recon_resolution=24")
+    out = tmp_path / "run" / "recon"
+    out.mkdir(parents=True)
+    before = {p for p in tmp_path.rglob("*")} | {p for p in run.parent.rglob("*")}
+    result = reconstruct(cfg, plan, str(out))
+    created = ({p for p in tmp_path.rglob("*")} | {p for p in run.parent.rglob("*")}) - before
+    assert created and all(p.parent == out for p in created), sorted(map(str, created))
+    shapes = json.loads((out / C.STAGE_METRICS).read_text())["recon"]["shapes"]
+    assert result["recon_count"] == len(shapes) == 9
+    assert all(s["shape_id"].endswith("/model") for s in shapes) and any("/.." in s["shape_id"] for s in shapes)
+    written = [s for s in shapes if s["file"]]
+    assert len(written) >= 7  # a 60-step fit may leave a field without a surface, not most of them
+    for s in written:
+        assert s["file"] == recon_file(s["row"], s["shape_id"]) and "/" not in s["file"]
+        assert (out / s["file"]).stat().st_size > 100
+    assert sorted(p.name for p in out.glob("*.ply")) == sorted(s["file"] for s in written)
+    assert len({s["file"] for s in written}) == len(written)
+    assert recon_file(12, "chair/x/model") == f"0000012-{hashlib.sha1(b'chair/x/model').hexdigest()[:8]}.ply"
+    for shape_id in ("../../escape", "a/../../../b", "/etc/passwd", ".."):
+        name = recon_file(3, shape_id)
+        assert os.path.dirname(os.path.normpath(os.path.join(out, name))) == str(out), shape_id
+
+
 def test_tables_round_trip_through_metric_keys():
     rng = np.random.default_rng(0)
     labels = np.repeat(["mug", "lamp"], 10)
@@ -144,3 +219,84 @@ def test_tables_round_trip_through_metric_keys():
     assert rows["variance held by the top 10 coordinates"] == "100% (all 8 coordinates)"
     assert rows["std of the L2 norm"].endswith("of the mean)")
     assert P.eval_metrics(None, stats) == {k: v for k, v in metrics.items() if not k.startswith("weights_probe_")}
+
+
+# ------------------------------------------------------------------------------------ streaming a real store
+
+def weight_store(path, n, dims, shard_size=16, failed=(), seed=0):
+    """(store, W): a real weight store of n rows (row k of category 'c<k % 3>') written shard by shard;
+    rows in `failed` are recorded failed (zeros), as fit leaves them."""
+    W = (1.0 + 0.2 * np.random.default_rng(seed).normal(size=(n, dims))).astype(np.float32)
+    store = RowStore.create(str(path), kind="weights", ids=[f"s{k}" for k in range(n)], sources=[""] * n,
+                            categories=[f"c{k % 3}" for k in range(n)], shard_size=shard_size,
+                            arrays=[ArraySpec(C.ROW_WEIGHTS, (dims,))], fingerprint="test")
+    for k in range(store.n_shards):
+        rows = range(n)[store.shard_rows(k)]
+        status = np.array([FAILED if r in failed else DONE for r in rows])
+        store.write_shard(k, {C.ROW_WEIGHTS: np.where(status[:, None] == DONE, W[rows.start:rows.stop], 0)},
+                          status, ["bad" if r in failed else "" for r in rows])
+    return store, W
+
+
+def test_store_rows_stream_the_exact_statistics(tmp_path):
+    store, W = weight_store(tmp_path / "w.zarr", n=90, dims=256, failed={5, 40, 41})  # 1 KiB rows: a chunk each
+    rows = np.flatnonzero(store.status() == DONE)
+    source = P.StoreRows(store, rows, read_elements=7 * 256)  # slices of <= 7 rows inside shards of 16
+    blocks = list(source.blocks())
+    assert max(len(b) for _, b in blocks) == 7 and len({a for a, _ in blocks}) == len(blocks)
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), W[rows])  # failed rows left out
+    assert [a for a, _ in blocks] == list(np.cumsum([0] + [len(b) for _, b in blocks[:-1]]))
+    np.testing.assert_array_equal(source.categories(np.array([0, 5, 84])), [f"c{rows[k] % 3}" for k in (0, 5, 84)])
+
+    T, G = W[rows], W[[3, 3, 70]] + np.float32(0.01)  # generated rows near training rows 3 and 70
+    scan = weights.scan_weights(source, max_rows=30, seed=4, generated=G)
+    memory = weights.scan_weights(T, max_rows=30, seed=4, generated=G)
+    stats = scan.statistics
+    assert (stats["n"], stats["sample_rows"], stats["subsampled"], stats["pairs"]) == (87, 30, True, 435)
+    np.testing.assert_array_equal(scan.subset, weights.seeded_subset(87, 30, 4))
+    np.testing.assert_array_equal(scan.subset_weights, T[scan.subset])
+    # exact over all 87 rows: float64 definitions
+    T64 = T.astype(np.float64)
+    norms, var, mean = np.linalg.norm(T64, axis=1), T64.var(axis=0), T64.mean(axis=0)
+    assert stats["norm_mean"] == pytest.approx(norms.mean(), rel=1e-12)
+    assert stats["norm_std"] == pytest.approx(norms.std(), rel=1e-9)
+    assert stats["cos_to_mean"] == pytest.approx(np.mean(T64 @ mean / (norms * np.linalg.norm(mean))), rel=1e-6)
+    assert stats["top10_dims_share"] == pytest.approx(np.sort(var)[::-1][:10].sum() / var.sum(), rel=1e-9)
+    assert stats["coord_std_median"] == pytest.approx(np.sqrt(np.median(var)), rel=1e-9)
+    for key, value in memory.statistics.items():  # and what the in-memory matrix gives
+        if key.startswith("cos_") and key != "cos_to_mean" and key != "cos_to_mean_max":
+            assert value == stats[key], key  # the same subset rows: the same pairs, bit for bit
+        else:
+            np.testing.assert_allclose(stats[key], value, rtol=1e-6, err_msg=key)
+    near = scan.nearest
+    np.testing.assert_array_equal(near["cos_index"][:, 0], [3, 3, 67])  # row 70 is position 67 (5, 40, 41 failed)
+    np.testing.assert_array_equal(near["l2_index"], memory.nearest["l2_index"])
+    np.testing.assert_allclose(near["l2_dist"], memory.nearest["l2_dist"], rtol=1e-12)
+    assert (near["distinct_nearest"], near["n_training"]) == (2, 87)
+    metrics = P.eval_metrics(None, stats)
+    assert (metrics["weights_n"], metrics["weights_sample_rows"], metrics["weights_subsampled"]) == (87, 30, True)
+    assert ("rows of the seeded subset (pairwise cosine, PCA, probes)", "30") in P.statistics_rows(stats)
+
+
+def _peak_bytes(store) -> int:
+    """The tracemalloc peak of scanning the store's rows (subset of 50, reads of 32 rows)."""
+    rows = np.flatnonzero(store.status() == DONE)
+    dims = int(store.group[C.ROW_WEIGHTS].shape[1])
+    tracemalloc.start()
+    try:
+        weights.scan_weights(P.StoreRows(store, rows, read_elements=32 * dims), max_rows=50, bins=1 << 12,
+                             generated=np.ones((4, dims), np.float32))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_streaming_memory_does_not_grow_with_the_rows(tmp_path):
+    """Ten times the rows: the peak grows by the few numbers kept per row (norms, cosine to the mean),
+    not by the rows; the whole scan holds a fraction of the matrix."""
+    small, _ = weight_store(tmp_path / "small.zarr", n=400, dims=200, shard_size=100)
+    big, W = weight_store(tmp_path / "big.zarr", n=4000, dims=200, shard_size=100)
+    peak_small, peak_big = _peak_bytes(small), _peak_bytes(big)
+    print(f"peak {peak_small / 1e6:.2f} MB at 400 rows, {peak_big / 1e6:.2f} MB at 4000 ({W.nbytes / 1e6:.1f} MB)")
+    assert peak_big < W.nbytes / 4
+    assert peak_big - peak_small < 0.1 * W.nbytes  # loading the rows would add 0.9 * W.nbytes

@@ -11,7 +11,7 @@ import trimesh
 
 from raywsl.geometry.sampling import (DEFAULT_MIX, DEFAULT_NEAR_SIGMAS, ShapeSamples, sample_query_points,
                                     sample_shape, sample_surface, split_counts)
-from raywsl.geometry.sdf import SDF_BACKENDS, _is_closed, signed_distance
+from raywsl.geometry.sdf import SDF_BACKENDS, _is_closed, _morton_order, _winding_clusters, signed_distance
 
 # --- exact references ------------------------------------------------------------------------------
 
@@ -275,3 +275,34 @@ def test_sampling_validates_input():
 def test_defaults_follow_deepsdf_and_sum_to_one():
     np.testing.assert_allclose(np.square(DEFAULT_NEAR_SIGMAS), (0.0005, 0.005))
     assert sum(DEFAULT_MIX) == 1 and DEFAULT_MIX[2] == 0.5
+
+
+# --- the clustered sign of closed meshes ------------------------------------------------------------
+
+
+def test_winding_clusters_join_points_whose_empty_balls_overlap():
+    # 0 and 1: neither ball holds the other point, but the balls overlap (1.5 < 1.0 + 1.2): one
+    # cluster. 1 and 2: 2.2 apart with radii 1.2 + 0.9 = 2.1: separate.
+    p = np.array([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [3.7, 0.0, 0.0]])
+    label, representative = _winding_clusters(p, np.array([1.0, 1.2, 0.9]))
+    assert label[0] == label[1] != label[2]
+    assert representative[label[0]] == 1 and representative[label[2]] == 2  # the farthest from the surface
+
+
+def test_winding_clusters_never_cross_the_surface_and_save_most_evaluations(rng):
+    mesh = trimesh.creation.icosphere(subdivisions=3)  # 1,280 faces
+    v, f = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
+    p = sample_query_points(mesh, 20_000, rng).astype(np.float64)
+    p = p[_morton_order(p)]  # as the backend orders them
+    tree = igl.AABB()
+    tree.init(v, f)
+    dist = np.sqrt(tree.squared_distance(v, f, p)[0])
+    label, representative = _winding_clusters(p, dist)
+    inside = igl.winding_number(v, f, p) > 0.5
+    n_clusters = len(representative)
+    per_cluster = np.bincount(label, weights=inside, minlength=n_clusters) / np.bincount(label)
+    assert np.isin(per_cluster, [0.0, 1.0]).all()  # every cluster wholly inside or wholly outside
+    assert (dist[representative[label]] >= dist).all()  # and represented by its farthest point
+    # 23-24 % of the points here; joining only points inside each other's ball (|p - q| < the
+    # larger radius, not the sum) left 34 %.
+    assert n_clusters < 0.28 * len(p), n_clusters

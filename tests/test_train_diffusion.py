@@ -45,6 +45,9 @@ def test_train_then_sample(fitted, tmp_path):
     assert state["step"] == info["step"] == 60 and info["metrics"]["step"] == 60
     assert [h["step"] for h in info["history"]] == [10, 20, 30, 40, 50, 60]
     assert all(np.isfinite(h["loss"]) and h["buckets"] for h in info["history"])
+    # the health of the run: the gradient norm before clipping, and no step skipped for NaN / inf
+    assert all(h["grad_norm"] > 0 and h["skipped_steps"] == 0 for h in info["history"])
+    assert info["metrics"]["skipped_steps"] == 0 and info["metrics"]["grad_norm"] == info["history"][-1]["grad_norm"]
     assert (final / C.DIFFUSION_LOSS).exists()
     # trained on the training split only: the held-out shapes are the reference set
     store = open_weights(str(run / C.WEIGHTS))
@@ -92,3 +95,92 @@ def test_two_ddp_workers(fitted, tmp_path):
     assert main(["train", f"run.dir={run}", *fitted, *TRAIN, "train.steps=20", "scaling.num_workers=2"]) == 0
     info = json.loads((run / FINAL / C.CHECKPOINT_INFO).read_text())
     assert info["step"] == 20 and np.isfinite(info["history"][-1]["loss"])
+
+
+# ------------------------------------------------------------------ one step of the denoiser (no Ray needed)
+
+def _update(*overrides, sgd_lr=0.0):
+    """A DenoiserUpdate on the tiny denoiser of the tiny MLP's rows, as a Ray Train worker builds it
+    (AdamW; plain SGD at `sgd_lr` to see the applied gradient in the update)."""
+    from raywsl.config import load_config
+    from raywsl.diffusion.train import DenoiserUpdate
+    from raywsl.models.denoiser import build_denoiser, make_diffusion
+    from raywsl.models.dit import EMA
+    from raywsl.models.fields import make_field
+
+    cfg = load_config(None, ["diffusion.model=tiny", "diffusion.timesteps=100", *overrides])
+    denoiser = build_denoiser(cfg, make_field("mlp", "tiny").layout)
+    opt = (torch.optim.SGD(denoiser.parameters(), lr=sgd_lr) if sgd_lr else
+           torch.optim.AdamW(denoiser.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
+    ema = EMA(denoiser, cfg.train.ema)
+    return DenoiserUpdate(denoiser, denoiser, ema, opt, make_diffusion(cfg), cfg.train)
+
+
+def _rows(step, n=8, nan=False):
+    from raywsl.models.fields import make_field
+
+    x0 = torch.randn(n, make_field("mlp", "tiny").layout.size, generator=torch.Generator().manual_seed(step))
+    if nan:
+        x0[3, 7] = float("nan")  # one NaN weight in one row of the batch
+    return x0
+
+
+def _weights(update):
+    return [p.detach().clone() for p in (*update.denoiser.parameters(), *update.ema.model.parameters())]
+
+
+def test_a_nan_row_skips_its_step_and_training_finishes_finite(caplog):
+    import logging
+
+    update = _update()
+    with caplog.at_level(logging.WARNING, "raywsl.tracking"):
+        for step in range(12):
+            before = _weights(update)
+            outcome = update(_rows(step, nan=step == 5), torch.Generator().manual_seed(step), step)
+            assert outcome.taken == (step != 5)
+            moved = [not torch.equal(a, b) for a, b in zip(before, _weights(update))]
+            assert any(moved) if outcome.taken else not any(moved)  # skipped: no update, EMA included
+    assert update.skipped == 1 and update.ema.updates == 11
+    assert all(torch.isfinite(w).all() for w in _weights(update))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("train: step 5 skipped (no update): non-finite loss or gradient (loss nan")
+
+
+def test_persistent_nan_aborts_train_naming_step_and_option():
+    update = _update("train.max_bad_steps=4")
+    with pytest.raises(RuntimeError, match=r"train: diverged: 4 steps in a row .* the last at step 9 .*"
+                                           r"train\.max_bad_steps = 4"):
+        for step in range(20):
+            update(_rows(step, nan=step >= 6), torch.Generator().manual_seed(step), step)
+    assert update.skipped == 4 and all(torch.isfinite(w).all() for w in _weights(update))
+
+
+def test_gradient_clipping_bounds_the_update():
+    """With SGD the update is lr x the applied gradient: its norm is lr x grad_clip, while the norm
+    reported (and logged as grad_norm) is the one before clipping."""
+    lr, clip = 0.1, 1e-4
+    norms = {}
+    for name, grad_clip in (("clipped", clip), ("free", 0)):
+        update = _update(f"train.grad_clip={grad_clip}", sgd_lr=lr)
+        before = [p.detach().clone() for p in update.params]
+        outcome = update(_rows(0), torch.Generator().manual_seed(0), 0)
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(update.params, before)])
+        norms[name] = (outcome.grad_norm, step.norm().item() / lr)
+    (before_clip, applied), (free_norm, free_applied) = norms["clipped"], norms["free"]
+    assert before_clip == pytest.approx(free_norm) and before_clip > 100 * clip
+    assert applied == pytest.approx(clip, rel=1e-3)
+    assert free_applied == pytest.approx(free_norm, rel=1e-3)
+
+
+def test_a_diverging_denoiser_fails_the_run_and_publishes_nothing(fitted, tmp_path):
+    """lr 1e30: after the first update every loss is inf / NaN. Each step is skipped, the third in a row
+    raises in the Ray Train worker, and `raywsl train` fails with that error (after Ray Train's retries
+    from the last checkpoint, runtime.fit_torch_trainer), instead of hanging or publishing a model."""
+    run = tmp_path / "run"
+    args = ["train", f"run.dir={run}", *fitted, *TRAIN, "train.steps=60", "train.lr=1e30", "train.max_bad_steps=3"]
+    with pytest.raises(Exception, match=r"(?s)train: diverged: 3 steps in a row.*the last at step 3 .*"
+                                        r"train\.max_bad_steps = 3") as error:
+        main(args)
+    assert not isinstance(error.value, AssertionError)
+    _, plan = plan_of(*args[1:])
+    assert not cache.is_complete(plan["train"].path) and not (run / FINAL).exists()

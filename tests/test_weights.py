@@ -202,3 +202,54 @@ def test_weight_statistics_match_hand_computation():
     assert s["coord_std_median"] == pytest.approx(np.sqrt(32 / 9))
     default = weights.weight_statistics(W)  # papers/002 Table 2's ks (and 100)
     assert {"top10_dims_share", "top100_dims_share", "top1000_dims_share", "top10000_dims_share"} <= set(default)
+
+
+def test_seeded_subset():
+    np.testing.assert_array_equal(weights.seeded_subset(7, max_rows=10), np.arange(7))  # small sets: every row
+    a = weights.seeded_subset(1000, max_rows=50, seed=2)
+    assert len(a) == 50 and (np.diff(a) > 0).all() and 0 <= a[0] and a[-1] < 1000
+    np.testing.assert_array_equal(a, weights.seeded_subset(1000, max_rows=50, seed=2))  # the seed fixes the rows
+    assert not np.array_equal(a, weights.seeded_subset(1000, max_rows=50, seed=3))
+    with pytest.raises(ValueError, match="max_rows must be at least 2"):
+        weights.seeded_subset(10, max_rows=1)
+
+
+def test_scan_in_blocks_equals_the_whole_matrix():
+    """A RowSource read 10 rows at a time gives the in-memory numbers: the exact statistics up to
+    float64 rounding, the same subset rows, the same nearest training rows."""
+    rng = np.random.default_rng(5)
+    W = rng.normal(size=32) + 0.3 * rng.normal(size=(257, 32))
+    G = W[[0, 100, 256, 100]] + 0.001 * rng.normal(size=(4, 32))
+    whole = weights.scan_weights(W, max_rows=40, seed=2, generated=G)
+    blocked = weights.scan_weights(weights.ArrayRows(W, block_rows=10), max_rows=40, seed=2, generated=G)
+    assert whole.subsampled and blocked.statistics["sample_rows"] == 40 and blocked.statistics["pairs"] == 780
+    np.testing.assert_array_equal(blocked.subset, weights.seeded_subset(257, 40, 2))
+    np.testing.assert_array_equal(blocked.subset_weights, W[blocked.subset])
+    for key, value in whole.statistics.items():
+        np.testing.assert_allclose(blocked.statistics[key], value, rtol=1e-12, atol=1e-15, err_msg=key)
+    np.testing.assert_allclose(blocked.cosine["cos_to_mean"], whole.cosine["cos_to_mean"], rtol=1e-12)
+    stats = weights.weight_statistics(W, max_rows=40, seed=2)  # the matrix path is scan_weights' one block
+    assert stats.keys() == whole.statistics.keys()
+    for key, value in whole.statistics.items():
+        np.testing.assert_array_equal(stats[key], value, err_msg=key)
+    for key in ("cos_index", "l2_index", "nearest_counts", "attractors"):
+        np.testing.assert_array_equal(blocked.nearest[key], whole.nearest[key], err_msg=key)
+    np.testing.assert_array_equal(blocked.nearest["cos_index"][:, 0], [0, 100, 256, 100])
+    np.testing.assert_allclose(blocked.nearest["l2_dist"], whole.nearest["l2_dist"], rtol=1e-12)
+    share = weights.top_dims_variance(weights.ArrayRows(W, block_rows=10), ks=(1, 5))["share"]
+    assert share == pytest.approx(weights.top_dims_variance(W, ks=(1, 5))["share"], rel=1e-12)
+
+
+def test_nearest_training_over_blocks_smaller_than_top_k():
+    rng = np.random.default_rng(6)
+    generated, training = rng.normal(size=(9, 12)), rng.normal(size=(23, 12))
+    r = weights.nearest_training(generated, weights.ArrayRows(training, block_rows=2), top_k=5)
+    cos = (generated / np.linalg.norm(generated, axis=1, keepdims=True)) @ (
+        training / np.linalg.norm(training, axis=1, keepdims=True)).T
+    dist = np.linalg.norm(generated[:, None] - training[None], axis=2)
+    np.testing.assert_array_equal(r["cos_index"], np.argsort(-cos, axis=1)[:, :5])
+    np.testing.assert_array_equal(r["l2_index"], np.argsort(dist, axis=1)[:, :5])
+    np.testing.assert_allclose(r["l2_dist"], np.sort(dist, axis=1)[:, :5])
+    assert r["n_training"] == 23 and r["nearest_counts"].sum() == 9
+    with pytest.raises(ValueError, match="generated vectors have 12 dims, training vectors 11"):
+        weights.nearest_training(generated, weights.ArrayRows(training[:, :11]))

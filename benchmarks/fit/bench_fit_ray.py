@@ -140,8 +140,8 @@ def bare_fit(cfg, plan, threads: int, path: str) -> tuple[float, int]:
     for k in range(store.n_shards):
         rows = store.shard_rows(k)
         g = samples.group
-        batch = {"row": np.arange(rows.start, rows.stop), C.SHAPE_ID: g[C.SHAPE_ID][rows].astype(object),
-                 C.STATUS: status_all[rows], C.REASON: g[C.REASON][rows].astype(object),
+        batch = {"row": np.arange(rows.start, rows.stop), C.SHAPE_ID: samples.read(C.SHAPE_ID, rows).astype(object),
+                 C.STATUS: status_all[rows], C.REASON: samples.read(C.REASON, rows).astype(object),
                  C.POINTS: g[C.POINTS][rows], C.SDF: g[C.SDF][rows]}
         arrays, status, reason, stats = pipeline.fit_block(fitter, field, cfg, batch, shared)
         store.write_shard(k, arrays, status, reason)

@@ -8,6 +8,9 @@ The objective is the LoRA paper's (and DeepSDF's): reconstruction of every shape
 latent, plus latent_reg x |z_i|^2. Latents start N(0, latent_std^2); the network and the latents
 have their own Adam learning rates, both decayed geometrically to lr_end over the run; an
 exponential moving average (EMA) of the network weights, with a warm-up, is kept for use after training.
+The gradient (network and latents together) is clipped to a global L2 norm of grad_clip; a step whose
+loss or gradient is NaN / inf is skipped (no update, no EMA), and max_bad_steps of those in a row
+raise (tracking.StepGuard): a diverged base never trains on to a "successful" end.
 
 `batches` draws the staged schedule of the LoRA paper: early stages many shapes x few points,
 late stages few shapes x many points, from a seeded generator whose state is checkpointed, so a
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -29,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raywsl.models.losses import LOSSES
-
 from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE
+from raywsl.models.losses import LOSSES
+from raywsl.tracking import StepGuard
 
 
 @dataclass
@@ -48,6 +52,8 @@ class AutoDecoderSettings:
     # (fraction of the steps, shapes per step, points per shape): many shapes x few points first
     stages: list[list[float]] = field(default_factory=lambda: [[0.5, 16, 1024], [0.3, 8, 4096], [0.2, 4, 8192]])
     seed: int = 0
+    grad_clip: float = 1.0  # max global L2 norm of the gradient (0: no clipping)
+    max_bad_steps: int = 10  # non-finite steps in a row that abort the run
 
 
 class AutoDecoder:
@@ -66,6 +72,13 @@ class AutoDecoder:
         self.step_count = 0
         self.sampler = torch.Generator().manual_seed(settings.seed + 1)
         self.loss_fn = LOSSES[settings.loss]
+        self.guard = StepGuard("train-base", "base.max_bad_steps", settings.max_bad_steps)
+        self.grad_norm = math.nan  # the last step's gradient norm before clipping
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite loss or gradient (checkpointed with the run)."""
+        return self.guard.skipped
 
     def stage(self) -> tuple[int, int]:
         """(shapes per step, points per shape) of the stage the next step is in."""
@@ -75,8 +88,11 @@ class AutoDecoder:
 
     def step(self, idx: Tensor, points: Tensor, sdf: Tensor,
              sync: Callable[[list[Tensor]], None] | None = None) -> float:
-        """One Adam step on shapes `idx`. `sync` averages the gradients across workers (Ray Train)
-        between backward and the update; every worker then holds the same network and latents."""
+        """One Adam step on shapes `idx`; returns its reconstruction loss, NaN when the step was skipped
+        (its loss or gradient was not finite: tracking.StepGuard). `sync` averages tensors across
+        workers (Ray Train) between backward and the update: the gradients, and a flag saying that
+        some worker's loss was not finite, so that every worker skips the same steps and holds the same
+        network and latents."""
         s = self.s
         decay = (s.lr_end / s.lr) ** (self.step_count / max(s.steps, 1))
         for group, lr in zip(self.opt.param_groups, self.base_lrs):
@@ -86,8 +102,20 @@ class AutoDecoder:
         loss = recon + s.latent_reg * z.square().sum(1).mean()
         self.opt.zero_grad()
         loss.backward()
+        params = [p for p in (*self.net.parameters(), self.latents) if p.grad is not None]
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)  # > 0 after sync: some worker's loss
         if sync is not None:
-            sync([p.grad for p in (*self.net.parameters(), self.latents)])
+            sync([*(p.grad for p in params), flag])
+        # The norm of the averaged gradient is the same on every worker, and so is the choice below.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss_value, norm_value, any_bad = torch.stack([loss.detach().float(), norm.float(), flag[0]]).tolist()
+        self.grad_norm = norm_value
+        if not self.guard.healthy(self.step_count, loss_value, norm_value, bad_anywhere=any_bad > 0):
+            self.opt.zero_grad()
+            self.step_count += 1  # a skipped step still counts: the lr schedule and the sampler move on
+            return math.nan
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, s.grad_clip, norm)
         self.opt.step()
         # EMA warm-up (decay (1 + t) / (10 + t) until it reaches s.ema): a short run's EMA would
         # otherwise still be mostly the random init (0.999^300 = 0.74)
@@ -116,7 +144,8 @@ class AutoDecoder:
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         state = {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "latents": self.latents.detach(),
-                 "opt": self.opt.state_dict(), "step": self.step_count, "sampler": self.sampler.get_state()}
+                 "opt": self.opt.state_dict(), "step": self.step_count, "sampler": self.sampler.get_state(),
+                 "skipped_steps": self.guard.skipped}
         tmp = os.path.join(folder, CHECKPOINT_STATE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(folder, CHECKPOINT_STATE))  # a kill mid-write leaves the old one
@@ -135,3 +164,4 @@ class AutoDecoder:
         self.opt.load_state_dict(state["opt"])
         self.step_count = int(state["step"])
         self.sampler.set_state(state["sampler"])
+        self.guard.skipped = int(state.get("skipped_steps", 0))  # checkpoints before it was kept: 0

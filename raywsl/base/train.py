@@ -8,7 +8,9 @@ shapes of the source (store/split.py; by default the run's data.shapes), never o
         each worker: its shard of shapes (read once and kept in memory up to base.cache_gb, else
                      streamed epoch after epoch), S shapes x K random points, one AutoDecoder step;
                      gradients (network and latents) averaged across workers with all_reduce
-        rank 0: a checkpoint every base.checkpoint_every steps, reported with ray.train.report
+        rank 0: a checkpoint every base.checkpoint_every steps, reported with ray.train.report (with the
+                mean loss and gradient norm since the last one, and the steps skipped so far for a NaN / inf
+                loss or gradient; base.max_bad_steps of those in a row fail the run: autodecoder.py)
     --> <cache>/train-base/<fp>.work/ (Ray Train's run folder, resumable) until the last step, then
         the final state published as the artifact <cache>/train-base/<fp>/ (state.pt, info.json,
         shape_ids.json: the shape of each latent), shown in the run folder as checkpoints/base_final
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from typing import Any
@@ -51,7 +54,8 @@ def make_trainer(cfg: Config, n_shapes: int) -> AutoDecoder:
     settings = AutoDecoderSettings(steps=b.steps, lr=b.lr, latent_lr=b.latent_lr, lr_end=b.lr_end,
                                    latent_reg=b.latent_reg, latent_std=b.latent_std, ema=b.ema,
                                    loss=net.default_loss if b.loss == "auto" else b.loss, clamp=cfg.fit.clamp,
-                                   stages=[list(s) for s in b.stages], seed=cfg.seed)
+                                   stages=[list(s) for s in b.stages], seed=cfg.seed, grad_clip=b.grad_clip,
+                                   max_bad_steps=b.max_bad_steps)
     return AutoDecoder(net, lambda net, x, z: net.decode(x, z), n_shapes, net.config["latent"], settings)
 
 
@@ -140,15 +144,17 @@ def _train_loop(config: dict[str, Any]) -> None:
     else:  # too big to keep: (up to) `shapes` rows of the next batch of the stream
         draws = _streamed(trainer, stream_shard(shard, columns, max(int(st[1]) for st in trainer.s.stages)),
                           np.random.default_rng([cfg.seed, rank, trainer.step_count]))
-    loss_sum, n = 0.0, 0
+    loss_sum, norm_sum, n = 0.0, 0.0, 0  # over the steps taken (not skipped) since the last report
     for rows, pts, sdf in draws:
         # every worker takes exactly one step per iteration: the all_reduce in `sync` stays in lockstep
-        loss_sum += trainer.step(torch.from_numpy(latent_of_row[rows]), pts, sdf, sync)
-        n += 1
+        loss = trainer.step(torch.from_numpy(latent_of_row[rows]), pts, sdf, sync)
+        if not math.isnan(loss):  # NaN: the step was skipped
+            loss_sum, norm_sum, n = loss_sum + loss, norm_sum + trainer.grad_norm, n + 1
         step = trainer.step_count
         if step % cfg.base.checkpoint_every == 0 or step == trainer.s.steps:
-            metrics = {"step": step, "loss": loss_sum / max(n, 1), "resumed_from": resumed_from}
-            loss_sum, n = 0.0, 0
+            metrics = {"step": step, "loss": loss_sum / n if n else math.nan, "resumed_from": resumed_from,
+                       "grad_norm": norm_sum / n if n else math.nan, "skipped_steps": trainer.skipped_steps}
+            loss_sum, norm_sum, n = 0.0, 0.0, 0
             if rank == 0:
                 report_progress(config["progress"], step, trainer.s.steps, metrics["loss"])
                 with tempfile.TemporaryDirectory() as folder:

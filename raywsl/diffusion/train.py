@@ -6,7 +6,9 @@
                              nccl on GPU), each with its shard of rows (kept in memory up to
                              CACHE_BYTES, else streamed)
         each step: batch_size / workers rows per worker, standardised, one DDPM loss (t uniform);
-                   AdamW, gradients averaged by DDP; EMA of the denoiser
+                   AdamW, gradients averaged by DDP and clipped to train.grad_clip; EMA of the denoiser.
+                   A step whose loss or gradient is NaN / inf on any worker is skipped on every worker
+                   and counted (skipped_steps); train.max_bad_steps in a row fail the run (DenoiserUpdate)
         rank 0: a checkpoint every train.checkpoint_every steps (reported with ray.train.report),
                 with the loss history (overall and per timestep bucket)
     --> <cache>/train/<fp>.work/ (Ray Train's run folder, resumable) until the last step, then the
@@ -22,18 +24,21 @@ uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from raywsl import cache
 from raywsl import contract as C
 from raywsl import tracking
-from raywsl.config import Config, build, to_dict
+from raywsl.config import Config, TrainConfig, build, to_dict
 from raywsl.geometry import figures
 from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, report_progress
 from raywsl.store.rows import RowStore
@@ -124,10 +129,61 @@ def log_train(folder: str) -> dict[str, Any]:
     returns its final metrics."""
     info = cache.read_json(C.join(folder, C.CHECKPOINT_INFO), {})
     for h in info.get("history", []):
-        tracking.log_metrics({"diffusion_loss": h["loss"],
+        health = {f"diffusion_{k}": h[k] for k in ("grad_norm", "skipped_steps") if k in h}  # older checkpoints
+        tracking.log_metrics({"diffusion_loss": h["loss"], **health,
                               **{f"diffusion_loss_{k}": v for k, v in h["buckets"].items()}}, step=h["step"])
     tracking.log_figure(C.join(folder, C.DIFFUSION_LOSS))
     return info.get("metrics", {})
+
+
+# ------------------------------------------------------------------------------------ one step
+
+class StepOutcome(NamedTuple):
+    losses: Tensor  # (rows,) per-row DDPM losses of the step, detached
+    t: Tensor  # (rows,) their timesteps
+    grad_norm: float  # the global gradient norm before clipping
+    taken: bool  # False: skipped (a non-finite loss or gradient somewhere), no update
+
+
+class DenoiserUpdate:
+    """One optimiser step of the denoiser: the DDPM loss of a batch, backward (DDP averages the
+    gradients across workers), clipping to the global norm train.grad_clip, the optimiser and the
+    EMA. A step whose loss or gradient is NaN / inf on any worker is skipped on every worker (the
+    gradient norm is the averaged one, the loss flag is all-reduced: all workers decide alike and stay
+    in lockstep); train.max_bad_steps of those in a row raise RuntimeError (tracking.StepGuard), which
+    fails the Ray Train run on every worker at the same step."""
+
+    def __init__(self, model: torch.nn.Module, denoiser: torch.nn.Module, ema, opt: torch.optim.Optimizer,
+                 diffusion, tc: TrainConfig, skipped: int = 0):
+        self.model, self.denoiser, self.ema, self.opt, self.diffusion = model, denoiser, ema, opt, diffusion
+        self.grad_clip = tc.grad_clip
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.guard = tracking.StepGuard("train", "train.max_bad_steps", tc.max_bad_steps, skipped)
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def skipped(self) -> int:
+        return self.guard.skipped
+
+    def __call__(self, x0: Tensor, generator: torch.Generator, step: int) -> StepOutcome:
+        losses, t = self.diffusion.training_losses(self.model, x0, generator=generator)
+        loss = losses.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.distributed:
+            dist.all_reduce(flag)  # > 0: some worker's loss was not finite
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        loss_value, norm_value, any_bad = torch.stack([loss.detach().float(), norm.float(), flag[0]]).tolist()
+        if not self.guard.healthy(step, loss_value, norm_value, bad_anywhere=any_bad > 0):
+            self.opt.zero_grad(set_to_none=True)
+            return StepOutcome(losses.detach(), t, norm_value, False)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+        self.opt.step()
+        self.ema.update(self.denoiser)
+        return StepOutcome(losses.detach(), t, norm_value, True)
 
 
 # ------------------------------------------------------------------------------------ one worker
@@ -150,7 +206,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     denoiser = build_denoiser(cfg, layout)
     ema = EMA(denoiser, tc.ema)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    step, history = 0, []
+    step, history, skipped = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -160,11 +216,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         ema.load_state_dict({"model": state["ema"], **state["ema_state"]})
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
+        skipped = int(state.get("skipped_steps", 0))  # checkpoints from before it was kept: 0
     resumed_from = step
     model = ray.train.torch.prepare_model(denoiser)  # DDP when there are several workers; to the device
     device = next(denoiser.parameters()).device
     ema.model.to(device)
     diffusion = make_diffusion(cfg)
+    update = DenoiserUpdate(model, denoiser, ema, opt, diffusion, tc, skipped)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     per_worker = max(1, tc.batch_size // world)
@@ -172,7 +230,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     cached = cache_shard(shard, [C.ROW_WEIGHTS], CACHE_BYTES)
     streamed = None if cached else stream_shard(shard, [C.ROW_WEIGHTS], per_worker)
-    window_loss, window_t = [], []
+    window_loss, window_t, window_norm = [], [], []  # of the steps taken (not skipped) since the last log
     clock, clock_step = time.perf_counter(), step
     while step < tc.steps:
         seed = np.random.default_rng([diffusion_seed(cfg), rank, step]).integers(2**62)
@@ -183,35 +241,39 @@ def _train_loop(config: dict[str, Any]) -> None:
         else:
             rows = next(streamed)[C.ROW_WEIGHTS]
         x0 = std.forward(torch.from_numpy(np.asarray(rows, np.float32))).to(device)
-        losses, t = diffusion.training_losses(model, x0, generator=gen)
-        loss = losses.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(denoiser)
+        outcome = update(x0, gen, step)  # a skipped step still counts: the next draws its own rows
         step += 1
-        window_loss.append(losses.detach().cpu())
-        window_t.append(t.cpu())
+        if outcome.taken:
+            window_loss.append(outcome.losses.cpu())
+            window_t.append(outcome.t.cpu())
+            window_norm.append(outcome.grad_norm)
         if step % tc.log_every == 0 or step == tc.steps:
-            all_losses, all_t = torch.cat(window_loss), torch.cat(window_t)
+            # every step of the window skipped (fewer than max_bad_steps in a row): NaN, an alarm in MLflow
+            all_losses = torch.cat(window_loss) if window_loss else torch.full((1,), math.nan)
+            all_t = torch.cat(window_t) if window_t else torch.zeros(1, dtype=torch.long)
             buckets = bucket_losses(all_t, all_losses, diffusion.T, BUCKETS)
             history.append({"step": step, "loss": float(all_losses.mean()),
-                            "buckets": {k: v[0] for k, v in buckets.items() if v[1]}})
-            window_loss, window_t = [], []
+                            "buckets": {k: v[0] for k, v in buckets.items() if v[1]},
+                            "grad_norm": float(np.mean(window_norm)) if window_norm else math.nan,
+                            "skipped_steps": update.skipped})
+            window_loss, window_t, window_norm = [], [], []
             if rank == 0:
                 report_progress(config["progress"], step, tc.steps, history[-1]["loss"])
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             rate = (step - clock_step) / (time.perf_counter() - clock)  # since the last checkpoint
             clock, clock_step = time.perf_counter(), step
             metrics = {"step": step, "loss": history[-1]["loss"] if history else float("nan"),
-                       "resumed_from": resumed_from, "rows_per_s": rate * per_worker * world}
+                       "resumed_from": resumed_from, "rows_per_s": rate * per_worker * world,
+                       "grad_norm": history[-1].get("grad_norm", math.nan) if history else math.nan,
+                       "skipped_steps": update.skipped}
             if rank == 0:
                 log.info("train: step %d/%d, loss %.4g, %.1f steps/s (%.0f rows/s)", step, tc.steps, metrics["loss"],
                          rate, metrics["rows_per_s"])
                 with tempfile.TemporaryDirectory() as folder:
                     save_checkpoint(folder, {"model": denoiser.state_dict(), "ema": ema.state_dict()["model"],
                                              "ema_state": {"decay": ema.decay, "updates": ema.updates},
-                                             "opt": opt.state_dict(), "step": step, "standardizer": std.state()},
+                                             "opt": opt.state_dict(), "step": step, "standardizer": std.state(),
+                                             "skipped_steps": update.skipped},
                                     {"step": step, "fingerprint": config["fingerprint"], "layout": layout.to_json(),
                                      "diffusion": to_dict(cfg.diffusion),
                                      "train": to_dict(tc), "history": history})

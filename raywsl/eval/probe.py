@@ -10,6 +10,11 @@ weight statistics (papers/002, Table 2), on the run's fitted training rows label
 The eval stage computes the same tables with PROBE_SEEDS and PROBE_TEST_FRACTION (`eval_metrics`)
 into metrics.json as weights_probe_<name> and weights_<statistic>; the report renders them back
 (`from_metrics`, `probe_rows`, `statistics_rows`).
+
+The rows are streamed from the store (`StoreRows`, shard by shard in bounded slices), never loaded
+whole: the statistics that are exact over all rows stay exact, and the pairwise cosine, PCA and the
+probes use a seeded subset of at most SAMPLE_ROWS rows (eval/weights.py `scan_weights`); `n` and
+`sample_rows` say how many rows each used.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from raywsl import cache, tracking
 from raywsl import contract as C
 from raywsl.config import Config
-from raywsl.eval.weights import PROBES, probe_classes, probe_table, weight_statistics
+from raywsl.eval.weights import PROBES, SAMPLE_ROWS, probe_classes, probe_table, scan_weights, seeded_subset
+from raywsl.store.rows import RowStore
 from raywsl.store.weights import fitted_training_rows
 
 log = logging.getLogger(__name__)
@@ -51,11 +57,12 @@ STATISTICS = (("norm_mean", "mean L2 norm"), ("norm_std", "std of the L2 norm"),
               ("top100_dims_share", "variance held by the top 100 coordinates"),
               ("top1000_dims_share", "variance held by the top 1,000 coordinates"),
               ("top10000_dims_share", "variance held by the top 10,000 coordinates"),
-              ("dims", "coordinates per row"))
+              ("dims", "coordinates per row"), ("n", "rows"),
+              ("sample_rows", "rows of the seeded subset (pairwise cosine, PCA, probes)"))
 
 CONVENTIONS = {
-    "split": "repeat r uses seed + r: per class of n rows, round(test_fraction * n) rows (halves up; at least 1, at most "
-             "n - 1) drawn as test rows, the rest train",
+    "split": "repeat r uses seed + r: per class of n rows, round(test_fraction * n) rows (halves up; at least 1, "
+             "at most n - 1) drawn as test rows, the rest train",
     "nn_accuracy": "1-NN: each test row gets the category of its most cosine-similar training row",
     "logistic_accuracy": "logistic regression (L2, C = 1) on features standardised with the training rows' "
                          "mean and std; fitted on the training rows, accuracy on the test rows",
@@ -65,8 +72,11 @@ CONVENTIONS = {
     "chance": "the majority-class share (the accuracy of always guessing the largest class); a random "
               "clustering has ARI 0",
     "statistics": "papers/002 Table 2 on the same rows: L2 norm mean and population std; cosine over all pairs "
-                  "i < j (a seeded subset of 10,000 rows above that many); share of the summed per-coordinate "
-                  "variance held by the k highest-variance coordinates (1 when k >= dims)",
+                  "i < j of the subset; share of the summed per-coordinate variance held by the k highest-variance "
+                  "coordinates (1 when k >= dims)",
+    "subset": f"above {SAMPLE_ROWS:,} rows the pairwise cosine, the PCA spectrum and the probes use a seeded "
+              f"uniform subset of {SAMPLE_ROWS:,} rows (`sample_rows` of `n`); norms, cosine to the mean, "
+              f"per-coordinate variance and nearest training rows are exact over all rows",
 }
 
 
@@ -74,24 +84,81 @@ class ProbeError(ValueError):
     """The weight store's rows cannot be probed as asked (too few rows per class, bad settings)."""
 
 
+# One read of weights holds at most this many (64 MiB of float32): 306 rows of 54,785 coordinates.
+READ_ELEMENTS = 1 << 24
+# Metadata (categories) is read this many rows at a time.
+META_ROWS = 1 << 16
+
+
+class StoreRows:
+    """Rows `rows` (sorted store row indices) of a store's weights as a RowSource (eval/weights.py):
+    each block is a slice of at most `read_elements` weights inside one shard (one storage object),
+    so a pass over 10^6 rows holds one slice at a time."""
+
+    def __init__(self, store: RowStore, rows: np.ndarray, read_elements: int = READ_ELEMENTS):
+        self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
+        if len(self.rows) and ((np.diff(self.rows) <= 0).any() or self.rows[0] < 0 or self.rows[-1] >= store.n_rows):
+            raise ValueError(f"{store.path}: rows must be sorted distinct row indices in 0..{store.n_rows - 1}")
+        array = store.group[C.ROW_WEIGHTS]
+        self.n_rows, self.dims, self.dtype = len(self.rows), int(array.shape[1]), array.dtype
+        self.block_rows = max(1, read_elements // max(1, self.dims))
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        array = self.store.group[C.ROW_WEIGHTS]
+        for k in range(self.store.n_shards):
+            shard = self.store.shard_rows(k)
+            for a in range(shard.start, shard.stop, self.block_rows):
+                b = min(a + self.block_rows, shard.stop)
+                lo, hi = np.searchsorted(self.rows, [a, b])
+                if lo == hi:
+                    continue
+                wanted = self.rows[lo:hi]
+                block = array[wanted[0]:wanted[-1] + 1]  # a row slice; rows left out (failed) are dropped
+                yield int(lo), block if len(block) == len(wanted) else block[wanted - wanted[0]]
+
+    def categories(self, positions: np.ndarray) -> np.ndarray:
+        """The category (str) of the rows at sorted `positions`, metadata read META_ROWS rows at a time."""
+        wanted = self.rows[positions]
+        out = []
+        for a in range(0, self.store.n_rows, META_ROWS):
+            lo, hi = np.searchsorted(wanted, [a, a + META_ROWS])
+            if lo < hi:
+                meta = self.store.row_meta(slice(a, min(a + META_ROWS, self.store.n_rows)))[C.CATEGORY]
+                out += [str(c) for c in meta[wanted[lo:hi] - a]]
+        return np.array(out, dtype=str)
+
+
 @dataclass
 class ProbeInputs:
-    """The run's fitted training rows and their categories."""
+    """The run's fitted training rows, streamed from the store, and the seeded subset of them that
+    the pairwise cosine, PCA and the probes use, with its categories."""
 
     store: str  # the weight store's path
     field_type: str
-    rows: np.ndarray  # row indices into the store
-    weights: np.ndarray  # (len(rows), P)
-    labels: np.ndarray  # (len(rows),) category per row
+    rows: np.ndarray  # the fitted training rows: row indices into the store
+    weights: StoreRows  # those rows' weights, read a block at a time (eval/weights.py `scan_weights`)
+    subset: np.ndarray  # sorted positions into `rows` of the subset: all of them up to SAMPLE_ROWS
+    labels: np.ndarray  # (len(subset),) category of each subset row
+
+    @property
+    def subsampled(self) -> bool:
+        return len(self.subset) < len(self.rows)
+
+    def describe(self) -> str:
+        """How many rows, for messages: "9 training rows" or "... (probed: a seeded subset of 10,000)"."""
+        sub = f" (probed: a seeded subset of {len(self.subset):,})" if self.subsampled else ""
+        return f"{len(self.rows):,} training rows{sub}"
 
 
-def training_weights(cfg: Config, plan: C.Plan) -> ProbeInputs:
-    """The run's fitted training rows (store/split.py) and their categories; refused (StoreError)
-    unless `raywsl fit` has fitted at least two of them."""
+def training_weights(cfg: Config, plan: C.Plan, max_rows: int = SAMPLE_ROWS) -> ProbeInputs:
+    """The run's fitted training rows (store/split.py), the seeded subset of at most `max_rows` of
+    them (drawn with cfg.seed) and its categories; refused (StoreError) unless `raywsl fit` has
+    fitted at least two rows. Reads no weights: `weights` streams them when asked."""
     store, rows = fitted_training_rows(plan.weights, cfg.data.shapes, 2, "the weight-space probes")
-    weights = store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))
-    labels = np.array([str(c) for c in store.row_meta()[C.CATEGORY][rows]])  # numpy StringDType -> str
-    return ProbeInputs(store.path, str(store.attrs[C.Attr.FIELD_TYPE]), rows, weights, labels)
+    weights = StoreRows(store, rows)
+    subset = seeded_subset(len(rows), max_rows, cfg.seed)
+    return ProbeInputs(store.path, str(store.attrs[C.Attr.FIELD_TYPE]), rows, weights, subset,
+                       weights.categories(subset))
 
 
 def probe_inputs(cfg: Config, plan: C.Plan, seeds: int, test_fraction: float) -> ProbeInputs:
@@ -103,10 +170,9 @@ def probe_inputs(cfg: Config, plan: C.Plan, seeds: int, test_fraction: float) ->
         raise ProbeError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     inputs = training_weights(cfg, plan)
     try:
-        probe_classes(inputs.labels, len(inputs.weights), test_fraction)
+        probe_classes(inputs.labels, len(inputs.subset), test_fraction)
     except ValueError as e:
-        raise ProbeError(f"{inputs.store} ({len(inputs.rows)} training rows, data.shapes={cfg.data.shapes}): "
-                         f"{e}") from None
+        raise ProbeError(f"{inputs.store} ({inputs.describe()}, data.shapes={cfg.data.shapes}): {e}") from None
     return inputs
 
 
@@ -123,9 +189,12 @@ def statistics_scalars(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def eval_metrics(probe: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, float]:
-    """The eval stage's keys: weights_probe_<name> (nn_accuracy, nn_accuracy_std, ..., chance) and
-    weights_<statistic> (norm_mean, cos_min, top10_dims_share, ...)."""
+    """The eval stage's keys: weights_probe_<name> (nn_accuracy, nn_accuracy_std, ..., chance),
+    weights_<statistic> (norm_mean, cos_min, top10_dims_share, ..., n, sample_rows) and
+    weights_subsampled."""
     out = {f"{STATISTICS_PREFIX}{k}": v for k, v in statistics_scalars(stats).items()}
+    if "subsampled" in stats:  # the pairwise cosine, PCA and probes saw a seeded subset (sample_rows of n)
+        out[f"{STATISTICS_PREFIX}subsampled"] = bool(stats["subsampled"])
     if probe is not None:
         out.update({f"{PROBE_PREFIX}{k}": v for k, v in probe_scalars(probe).items()})
     return out
@@ -184,8 +253,10 @@ def markdown(result: dict[str, Any]) -> str:
     sizes = ", ".join(f"{c} {n}" for c, n in zip(result["probe"]["class_names"], result["probe"]["class_sizes"]))
     title = (f"# Weight-space probes ({result['rows']} training rows of {result['field_type']} weights, "
              f"{result['statistics']['dims']} coordinates, seed={result['seed']})")
+    subset = [f"Pairwise cosine and probes on a seeded subset of {result['sample_rows']:,} of the "
+              f"{result['rows']:,} rows; the other statistics over all rows.", ""] if result.get("subsampled") else []
     lines = [title, "",
-             f"{result['store']}; classes: {sizes}", "",
+             f"{result['store']}; classes: {sizes}", "", *subset,
              "| probe (papers/004, Table 4) | mean ± std | chance |", "|---|---:|---:|",
              *(f"| {a} | {b} | {c} |" for a, b, c in probe_rows(probe)), "", probe_note(probe), "",
              "| statistic (papers/002, Table 2) | value |", "|---|---:|",
@@ -200,9 +271,11 @@ def run_probe(cfg: Config, plan: C.Plan, inputs: ProbeInputs, seeds: int, test_f
     """Probe the run's training rows (`probe_inputs`) with `seeds` repeats from cfg.seed; write
     <run.dir>/probe/probe.json and probe.md, log the scalars to the active MLflow run as probe.<name>;
     returns what probe.json holds."""
-    probe = probe_table(inputs.weights, inputs.labels, seeds=seeds, test_fraction=test_fraction, seed=cfg.seed)
-    stats = weight_statistics(inputs.weights, seed=cfg.seed)
+    scan = scan_weights(inputs.weights, subset=inputs.subset)  # two passes over the store
+    probe = probe_table(scan.subset_weights, inputs.labels, seeds=seeds, test_fraction=test_fraction, seed=cfg.seed)
+    stats = scan.statistics
     result = {"store": inputs.store, "field_type": inputs.field_type, "rows": len(inputs.rows),
+              "sample_rows": len(inputs.subset), "subsampled": inputs.subsampled,
               "data_shapes": cfg.data.shapes, "seed": cfg.seed, "probe": probe, "statistics": stats,
               "conventions": CONVENTIONS}
     out = plan.run.probe

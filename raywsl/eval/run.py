@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +41,7 @@ from raywsl.geometry.topology import topology
 from raywsl.eval.generation import generation_metrics, novelty
 from raywsl.eval.probe import CONVENTIONS as PROBE_CONVENTIONS
 from raywsl.eval.probe import PROBE_SEEDS, PROBE_TEST_FRACTION, eval_metrics, training_weights
-from raywsl.eval.weights import nearest_training, pca_spectrum, probe_table, weight_statistics
+from raywsl.eval.weights import pca_spectrum, probe_table, scan_weights
 from raywsl.store.rows import RowStore, StoreError
 from raywsl.store.split import write_split_manifests
 
@@ -94,8 +93,12 @@ def load_set(source: str, name: str, cfg: Config) -> ShapeSet:
     refs = resolve_source(source, f"eval.{name}")
     meshes, reasons, clouds = [], [], []
     for ref in refs:
+        if ref.problem:  # refused by name (data/sources.py): its uri may even name another file
+            meshes.append(None)
+            reasons.append(ref.problem)
+            continue
         try:
-            mesh = load_mesh(ref.uri, cfg.ingest.max_faces)
+            mesh = load_mesh(ref.uri, cfg.ingest.max_faces, max_bytes=cfg.ingest.max_bytes)
             if cfg.eval.normalise:
                 mesh, _, _ = normalise(mesh, cfg.ingest.margin)
         except MeshError as e:
@@ -161,41 +164,58 @@ def _add_samples_without_surface(gen: ShapeSet, generated: str) -> None:
             gen.reasons.append(entry["reason"] or "no surface")
 
 
+def _sampled_rows(plan: C.Plan, dims: int) -> np.ndarray | None:
+    """The sample artifact's generated rows (rows.npy), when there and as wide as the training rows."""
+    fs, path = fsspec.core.url_to_fs(plan["sample"].join(C.ROWS))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        generated = np.load(f)
+    return generated if generated.ndim == 2 and generated.shape[1] == dims else None
+
+
 def _weight_diagnostics(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
     """The weight-space diagnostics of the papers, on the run's training rows: the weight statistics
     (norms, pairwise cosine, variance in the top-k coordinates; papers/002 Table 2), the variance per
     principal direction (weights_spectrum.png), the category probes over PROBE_SEEDS seeded splits
     (papers/004 Table 4; eval/probe.py, as `raywsl probe`); and the collapse signals of the sampled
-    rows (rows.npy): distinct nearest training rows and the attractor share (papers/002, §3.3)."""
+    rows (rows.npy): distinct nearest training rows and the attractor share (papers/002, §3.3); and
+    weights_pca.png (training and sampled rows in one PCA plane).
+
+    The training rows are streamed from the store in two passes (eval/weights.py `scan_weights`):
+    memory does not grow with their number. Norms, cosine to the mean, the top-k variance shares and
+    the nearest training rows are exact; the pairwise cosine, the spectrum, the probes and the figure
+    use a seeded subset of at most SAMPLE_ROWS rows (all of them below that; `weights_sample_rows`
+    of `weights_n`, `weights_subsampled`)."""
     try:
         inputs = training_weights(cfg, plan)
     except StoreError:
         return {}
-    training = inputs.weights
+    generated = _sampled_rows(plan, inputs.weights.dims)
+    scan = scan_weights(inputs.weights, subset=inputs.subset, generated=generated)
+    training = scan.subset_weights
+    of = f"a seeded subset of {len(training):,} of {len(inputs.rows):,}" if scan.subsampled else f"{len(training)}"
     spectrum = pca_spectrum(training, k=min(50, len(training)))
     figures.plot_spectrum(spectrum["explained_ratio"], C.join(out, C.WEIGHTS_SPECTRUM),
-                          title=f"{len(training)} training rows: variance per principal direction")
+                          title=f"{of} training rows: variance per principal direction")
+    _weights_figure(inputs.field_type, training, inputs.labels, generated, out)
     try:
         probe = probe_table(training, inputs.labels, seeds=PROBE_SEEDS, test_fraction=PROBE_TEST_FRACTION,
                             seed=cfg.seed)
         skipped = {}
     except ValueError as e:  # e.g. one category, or a category of one shape: no split to probe
-        log.info("eval: no weight-space probes: %s", e)
-        probe, skipped = None, {"weights_probe_skipped": str(e)}
+        why = f"{e} ({inputs.describe()})" if scan.subsampled else str(e)
+        log.info("eval: no weight-space probes: %s", why)
+        probe, skipped = None, {"weights_probe_skipped": why}
     out_metrics: dict[str, Any] = {
-        **eval_metrics(probe, weight_statistics(training, seed=cfg.seed)), **skipped,
+        **eval_metrics(probe, scan.statistics), **skipped,
         "weights_pca10_share": float(spectrum["cumulative"][min(9, len(spectrum["cumulative"]) - 1)])}
-    fs, path = fsspec.core.url_to_fs(plan["sample"].join(C.ROWS))
-    if not fs.exists(path):
+    near = scan.nearest
+    if near is None:
         return out_metrics
-    with fs.open(path, "rb") as f:
-        generated = np.load(f)
-    if generated.shape[1] != training.shape[1]:
-        return out_metrics
-    near = nearest_training(generated, training)
     return {**out_metrics,
             "weights_distinct_nearest": int(near["distinct_nearest"]),
-            "weights_distinct_nearest_share": near["distinct_nearest"] / max(1, min(len(generated), len(training))),
+            "weights_distinct_nearest_share": near["distinct_nearest"] / max(1, min(len(generated), len(inputs.rows))),
             "weights_attractor_share": float(near["attractor_share"]),
             "weights_nearest_cos_median": float(np.median(near["cos_sim"][:, 0])),
             "weights_cos_to_training_mean": float(np.mean(near["cos_to_training_mean"]))}
@@ -259,9 +279,8 @@ def evaluate(cfg: Config, plan: C.Plan | None, out: str) -> dict[str, Any]:
     loo = np.where(np.eye(len(d_rr), dtype=bool), np.inf, d_rr).min(axis=1) if len(d_rr) > 1 else d_rr[:, 0]
     figures.plot_histogram({"generated -> nearest reference": d_gr.min(axis=1),
                             "reference -> nearest other reference": loo},
-                           C.join(out, "nearest_reference.png"), xlabel="Chamfer distance" if "cd" in matrices else ec.distances[0])
-    if own:
-        _weights_figure(cfg, plan, out)
+                           C.join(out, "nearest_reference.png"),
+                           xlabel="Chamfer distance" if "cd" in matrices else ec.distances[0])
 
     result["eval_seconds"] = time.perf_counter() - t0
     conventions = {k: v.format(points=ec.points, emd_eps=ec.emd_eps, normalised="normalised into the unit sphere"
@@ -279,22 +298,14 @@ def evaluate(cfg: Config, plan: C.Plan | None, out: str) -> dict[str, Any]:
     return result
 
 
-def _weights_figure(cfg: Config, plan: C.Plan, out: str) -> None:
+def _weights_figure(field_type: str, training: np.ndarray, labels, generated: np.ndarray | None, out: str) -> None:
     """weights_pca.png: the training rows (by category) and the sampled rows in one PCA plane."""
-    try:
-        inputs = training_weights(cfg, plan)
-    except StoreError:
+    if len(training) < 3:
         return
-    if len(inputs.rows) < 3:
-        return
-    W, labels = inputs.weights, [f"train: {c}" for c in inputs.labels]
-    generated = plan["sample"].join(C.ROWS)
-    if os.path.exists(generated):
-        G = np.load(generated)
-        if G.shape[1] == W.shape[1]:
-            W, labels = np.concatenate([W, G]), labels + ["sampled"] * len(G)
-    figures.plot_embedding(W, labels, C.join(out, C.WEIGHTS_PCA),
-                           title=f"{inputs.field_type} rows: training and sampled")
+    W, names = training, [f"train: {c}" for c in labels]
+    if generated is not None:
+        W, names = np.concatenate([W, generated.astype(W.dtype)]), names + ["sampled"] * len(generated)
+    figures.plot_embedding(W, names, C.join(out, C.WEIGHTS_PCA), title=f"{field_type} rows: training and sampled")
 
 
 def log_eval(folder: str) -> dict[str, Any]:

@@ -11,20 +11,33 @@ over seeded splits (`probe_table`, its Table 4); its linear mode connectivity ba
 `raywsl stability` (fit/stability.py). The eval stage and `raywsl probe` run these on the run's
 training rows (eval/probe.py).
 
-Inputs are numpy arrays; float32 stays float32 in the big matrix products (what a store holds),
-anything else is computed in float64. Outputs are plain dicts of floats, ints and numpy arrays;
-`raywsl.tracking.log_metrics` logs the scalars and skips the arrays.
+Rows too many to hold (10^6 rows x 54,785 float32 = 219 GB) come as a `RowSource`, read a block of
+rows at a time (eval/probe.py's StoreRows reads a weight store so). `scan_weights` reads them in two
+passes and holds one block, O(1) numbers per row and a seeded subset of at most SAMPLE_ROWS rows,
+whatever N: the norms, the per-coordinate variance, the cosine to the mean and the nearest training
+rows are exact over all rows; the pairwise cosine, the PCA spectrum and the probes use the subset
+(every row up to SAMPLE_ROWS rows, so small sets get the exact numbers).
+
+Inputs are numpy arrays (or RowSources); float32 stays float32 in the big matrix products (what a
+store holds), anything else is computed in float64. Outputs are plain dicts of floats, ints and
+numpy arrays; `raywsl.tracking.log_metrics` logs the scalars and skips the arrays.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
 
 # Products are tiled so that no temporary holds more than this many elements (128 MiB of float64).
 CHUNK_ELEMENTS = 1 << 24
+# Above this many rows the pairwise-cosine, PCA and probe statistics use a seeded uniform subset of
+# this many: 5 * 10^7 pairs, 2.2 GB of float32 at papers/002's 54,785 coordinates.
+SAMPLE_ROWS = 10_000
+# The top-k coordinate counts of papers/002 Table 2 (and 100).
+TOP_KS = (10, 100, 1000, 10_000)
 
 
 def _as_matrix(W) -> np.ndarray:
@@ -32,6 +45,11 @@ def _as_matrix(W) -> np.ndarray:
     if W.ndim != 2:
         raise ValueError(f"expected a 2-D matrix of weight vectors, got shape {W.shape}")
     return W if W.dtype == np.float32 else W.astype(np.float64)
+
+
+def _work_dtype(dtype) -> np.dtype:
+    """The dtype `_as_matrix` computes rows of `dtype` in."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float32 else np.dtype(np.float64)
 
 
 def _row_norms(W: np.ndarray) -> np.ndarray:
@@ -56,29 +74,180 @@ def _merge_moments(a: tuple[int, float, float], values: np.ndarray) -> tuple[int
     return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
 
 
-def cosine_stats(W, max_rows: int = 10_000, block: int = 2048, bins: int = 1 << 20, seed: int = 0) -> dict:
-    """Statistics of the cosine similarity over all pairs i < j of rows, plus norms and cosine to
-    the mean vector (papers/002, Table 2).
+# ------------------------------------------------------------------------------------ rows read a block at a time
 
-    Pairs are computed block by block (never an N x N matrix). Mean, std, min and max are exact;
-    the median comes from a histogram of `bins` bins over [-1, 1] (error below 2 / bins ~ 2e-6).
-    Above `max_rows` rows (10^4 rows = 5 * 10^7 pairs) the pair statistics use a deterministic
-    random subset of `max_rows` rows (`pairs_subsampled`); norms and cosine-to-mean always use all.
-    """
-    W = _as_matrix(W)
-    n = len(W)
-    if n < 2:
-        raise ValueError("cosine statistics need at least two weight vectors")
-    norms = _row_norms(W)
-    mean = W.mean(axis=0, dtype=np.float64)
-    cos_to_mean = (W @ mean.astype(W.dtype)) / np.maximum(norms * np.linalg.norm(mean), np.finfo(float).tiny)
+class RowSource(Protocol):
+    """N rows of P weights, read a block of consecutive rows at a time."""
 
-    rows = np.arange(n)
-    if n > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-    X = _unit_rows(W[rows])
+    n_rows: int
+    dims: int
+    dtype: np.dtype
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """One pass over all rows in order: (position of the block's first row, the block's rows)."""
+        ...
+
+
+class ArrayRows:
+    """A matrix in memory as a RowSource: one block, or blocks of `block_rows` rows."""
+
+    def __init__(self, W, block_rows: int | None = None):
+        self.W = _as_matrix(W)
+        self.n_rows, self.dims = self.W.shape
+        self.dtype = self.W.dtype
+        self.block_rows = max(1, block_rows or self.n_rows)
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for a in range(0, self.n_rows, self.block_rows):
+            yield a, self.W[a:a + self.block_rows]
+
+
+def as_rows(W) -> RowSource:
+    """`W` itself when it is a RowSource, else the matrix as one."""
+    return W if hasattr(W, "blocks") else ArrayRows(W)
+
+
+def seeded_subset(n: int, max_rows: int = SAMPLE_ROWS, seed: int = 0) -> np.ndarray:
+    """Sorted positions of a uniform random subset of `max_rows` of `n` rows drawn with `seed` (the
+    same seed, the same rows); all n positions when n <= max_rows."""
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be at least 2 (a pair), got {max_rows}")
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+
+
+class _Moments:
+    """Per-row L2 norms, and per-coordinate mean and sum of squared deviations merged block by
+    block (Chan et al., as `_merge_moments` per coordinate): for one block exactly what
+    W.mean(axis=0) and W.var(axis=0) compute in float64."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2, self.norms = 0, None, None, []
+
+    def update(self, start: int, block: np.ndarray) -> None:
+        self.norms.append(_row_norms(block))
+        n_b = len(block)
+        mean_b = block.mean(axis=0, dtype=np.float64)
+        deviations = block - mean_b  # float64
+        m2_b = np.square(deviations, out=deviations).sum(axis=0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + np.square(delta) * (self.n * n_b / n)
+        self.n = n
+
+
+class _Subset:
+    """Copies of the rows at sorted `positions`, taken from the blocks as they stream past."""
+
+    def __init__(self, positions: np.ndarray, dims: int, dtype):
+        self.positions = positions
+        self.rows = np.empty((len(positions), dims), dtype=dtype)
+
+    def update(self, start: int, block: np.ndarray) -> None:
+        lo, hi = np.searchsorted(self.positions, [start, start + len(block)])
+        self.rows[lo:hi] = block[self.positions[lo:hi] - start]
+
+
+def _keep_best(index: np.ndarray, score: np.ndarray, new_index: np.ndarray, new_score: np.ndarray, k: int,
+               largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two candidate lists per row (columns), best first; ties keep the earlier list's
+    entries first (the lower row index, as blocks come in order)."""
+    index, score = np.concatenate([index, new_index], axis=1), np.concatenate([score, new_score], axis=1)
+    order = np.argsort(-score if largest else score, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(index, order, axis=1), np.take_along_axis(score, order, axis=1)
+
+
+class _Nearest:
+    """For each generated row, the `top_k` nearest training rows by cosine and by L2, kept while the
+    training rows stream past a block at a time (`nearest_training`)."""
+
+    def __init__(self, generated: np.ndarray, top_k: int, dtype):
+        self.G = generated.astype(dtype, copy=False)
+        self.dtype, self.k = dtype, top_k
+        self.g_norm = _row_norms(self.G)
+        m = len(self.G)
+        self.cos_index, self.cos_sim = np.zeros((m, 0), np.int64), np.zeros((m, 0))
+        self.l2_index, self.l2_dist = np.zeros((m, 0), np.int64), np.zeros((m, 0))
+        self.n, self.t_sum = 0, np.zeros(generated.shape[1])
+
+    def update(self, start: int, block: np.ndarray) -> None:
+        T = block.astype(self.dtype, copy=False)
+        self.n += len(T)
+        self.t_sum += T.sum(axis=0, dtype=np.float64)
+        t_norm = _row_norms(T)
+        safe_t = np.where(t_norm > 0, t_norm, 1.0)
+        k, n_cand = min(self.k, len(T)), min(self.k + 4, len(T))
+        width = min(self.k, self.cos_index.shape[1] + k)
+        cos_index, cos_sim = np.empty((len(self.G), width), np.int64), np.empty((len(self.G), width))
+        l2_index, l2_dist = np.empty((len(self.G), width), np.int64), np.empty((len(self.G), width))
+        step = max(1, CHUNK_ELEMENTS // max(T.shape))
+        for a in range(0, len(self.G), step):
+            rows = slice(a, a + step)
+            g, g_norm = self.G[rows], self.g_norm[rows]
+            dots = (g @ T.T).astype(np.float64)
+            cos = dots / (np.where(g_norm > 0, g_norm, 1.0)[:, None] * safe_t)
+            idx = _top_k(cos, k)
+            cos_index[rows], cos_sim[rows] = _keep_best(self.cos_index[rows], self.cos_sim[rows], idx + start,
+                                                        np.take_along_axis(cos, idx, axis=1), self.k, largest=True)
+            # L2 candidates from the expansion in the input precision, then their exact distances
+            d2 = g_norm[:, None] ** 2 + t_norm[None] ** 2 - 2.0 * dots
+            cand = _top_k(-d2, n_cand)
+            exact = np.stack([np.linalg.norm((g - T[c]).astype(np.float64), axis=1) for c in cand.T], 1)
+            l2_index[rows], l2_dist[rows] = _keep_best(self.l2_index[rows], self.l2_dist[rows], cand + start, exact,
+                                                       self.k, largest=False)
+        self.cos_index, self.cos_sim, self.l2_index, self.l2_dist = cos_index, cos_sim, l2_index, l2_dist
+
+    def result(self, attractor_k: int) -> dict:
+        G, cos_sim, nearest = self.G, self.cos_sim, self.cos_index[:, 0]
+        counts = np.bincount(nearest, minlength=self.n)
+        attractors = np.argsort(-counts, kind="stable")[:attractor_k]
+        margin = cos_sim[:, 0] - cos_sim[:, 1] if cos_sim.shape[1] > 1 else np.full(len(G), np.nan)
+        t_mean = self.t_sum / self.n
+        to_mean = (G @ t_mean.astype(self.dtype)) / np.maximum(self.g_norm * np.linalg.norm(t_mean),
+                                                                np.finfo(float).tiny)
+        return {
+            "n_generated": len(G),
+            "n_training": self.n,
+            "distinct_nearest": int((counts > 0).sum()),
+            "attractor_share": float(counts[attractors].sum() / len(G)),
+            "attractors": attractors,
+            "attractor_counts": counts[attractors],
+            "cos_top1_mean": float(cos_sim[:, 0].mean()),
+            "cos_margin_mean": float(margin.mean()),
+            "cos_to_training_mean": float(to_mean.mean()),
+            "l2_top1_mean": float(self.l2_dist[:, 0].mean()),
+            "cos_l2_agreement": float((self.l2_index[:, 0] == nearest).mean()),  # same nearest by both metrics
+            "cos_index": self.cos_index,
+            "cos_sim": cos_sim,
+            "cos_margin": margin,
+            "l2_index": self.l2_index,
+            "l2_dist": self.l2_dist,
+            "nearest_counts": counts,
+        }
+
+
+def _one_pass(source: RowSource, *accumulators) -> None:
+    """Feed every block of `source`, in order, to each accumulator."""
+    for start, block in source.blocks():
+        block = _as_matrix(block)
+        for acc in accumulators:
+            acc.update(start, block)
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+def _pair_cosines(X: np.ndarray, block: int, bins: int) -> dict:
+    """Mean, std, min, max and median of the cosine over all pairs i < j of the unit rows X, a
+    block x block tile at a time (never a len(X)^2 matrix). The median comes from a histogram of
+    `bins` bins over [-1, 1] (error below 2 / bins ~ 2e-6); the rest is exact."""
     moments, lo, hi = (0, 0.0, 0.0), np.inf, -np.inf
     hist = np.zeros(bins, dtype=np.int64)
+    block = max(1, min(block, len(X)))
     upper = np.triu(np.ones((block, block), dtype=bool), k=1)
     for i in range(0, len(X), block):
         for j in range(i, len(X), block):
@@ -96,22 +265,96 @@ def cosine_stats(W, max_rows: int = 10_000, block: int = 2048, bins: int = 1 << 
     k = int(np.searchsorted(cum, count / 2.0))  # the bin holding the middle pair; interpolate inside it
     before = cum[k - 1] if k else 0
     median = -1.0 + (k + (count / 2.0 - before) / max(hist[k], 1)) * (2.0 / bins)
-    return {
-        "n": n,
-        "pairs": count,
-        "pairs_subsampled": len(rows) < n,
-        "mean": mean_cos,
-        "std": float(np.sqrt(m2 / count)),
-        "min": lo,
-        "max": hi,
-        "median": float(np.clip(median, lo, hi)),
-        "norm_mean": float(norms.mean()),
-        "norm_std": float(norms.std()),
-        "cos_to_mean_mean": float(cos_to_mean.mean()),
-        "cos_to_mean_max": float(cos_to_mean.max()),
-        "most_central": np.argsort(-cos_to_mean, kind="stable")[:5],  # candidate attractors
-        "cos_to_mean": cos_to_mean,
-    }
+    return {"pairs": count, "mean": mean_cos, "std": float(np.sqrt(m2 / count)), "min": lo, "max": hi,
+            "median": float(np.clip(median, lo, hi))}
+
+
+def _dims_share(var: np.ndarray, ks: Sequence[int]) -> dict:
+    """`top_dims_variance` from the per-coordinate variances."""
+    var = np.sort(var)[::-1]
+    cum = np.minimum(np.cumsum(var) / max(var.sum(), np.finfo(float).tiny), 1.0)  # no 1 + 3e-15 from rounding
+    return {"share": {int(k): float(cum[min(k, len(cum)) - 1]) for k in ks},
+            "std_median": float(np.sqrt(np.median(var))), "dims": len(var)}
+
+
+@dataclass
+class WeightScan:
+    """What `scan_weights` read off N rows."""
+
+    statistics: dict  # `weight_statistics`
+    cosine: dict  # `cosine_stats`
+    subset: np.ndarray  # sorted positions of the seeded subset (all rows when N <= max_rows)
+    subset_weights: np.ndarray  # (len(subset), P): those rows, for the PCA and the probes
+    nearest: dict | None  # `nearest_training(generated, rows)` when generated rows were given
+
+    @property
+    def subsampled(self) -> bool:
+        return len(self.subset) < self.statistics["n"]
+
+
+def scan_weights(W, ks: Sequence[int] = TOP_KS, max_rows: int = SAMPLE_ROWS, seed: int = 0,
+                 subset: np.ndarray | None = None, generated=None, top_k: int = 5, attractor_k: int = 4,
+                 block: int = 2048, bins: int = 1 << 20) -> WeightScan:
+    """The statistics of the rows of `W` (a matrix or a RowSource) in two passes over them, holding
+    one block, O(1) numbers per row and the subset rows at a time.
+
+    Pass 1: the norms and the per-coordinate moments (exact), the rows of the subset (`subset`: sorted
+    positions; by default `seeded_subset(N, max_rows, seed)`) and, with `generated` rows, their
+    nearest rows (`nearest_training`, exact over all rows). Pass 2: the cosine of each row to the
+    mean (exact). Then the pair statistics of `cosine_stats` on the subset (`pairs_subsampled`)."""
+    source = as_rows(W)
+    n = source.n_rows
+    if n < 2:
+        raise ValueError("cosine statistics need at least two weight vectors")
+    subset = seeded_subset(n, max_rows, seed) if subset is None else np.asarray(subset, dtype=np.int64)
+    if len(subset) < 2 or (np.diff(subset) <= 0).any() or subset[0] < 0 or subset[-1] >= n:
+        raise ValueError(f"subset must hold at least two sorted distinct positions in 0..{n - 1}")
+    dtype = _work_dtype(source.dtype)
+    moments, rows = _Moments(), _Subset(subset, source.dims, dtype)
+    accumulators: list = [moments, rows]
+    near = None
+    if generated is not None:
+        G = _as_matrix(generated)
+        if G.shape[1] != source.dims:
+            raise ValueError(f"generated vectors have {G.shape[1]} dims, training vectors {source.dims}")
+        near = _Nearest(G, top_k, np.result_type(G.dtype, dtype))
+        accumulators.append(near)
+    _one_pass(source, *accumulators)
+    if moments.n != n:
+        raise ValueError(f"the row source says {n} rows but yielded {moments.n}")
+
+    norms, mean = np.concatenate(moments.norms), moments.mean
+    dots = np.concatenate([_as_matrix(b) @ mean.astype(dtype) for _, b in source.blocks()])  # pass 2
+    cos_to_mean = dots / np.maximum(norms * np.linalg.norm(mean), np.finfo(float).tiny)
+    pairs = _pair_cosines(_unit_rows(rows.rows), block, bins)
+    cos = {"n": n, **pairs, "pairs_subsampled": len(subset) < n,
+           "norm_mean": float(norms.mean()), "norm_std": float(norms.std()),
+           "cos_to_mean_mean": float(cos_to_mean.mean()), "cos_to_mean_max": float(cos_to_mean.max()),
+           "most_central": np.argsort(-cos_to_mean, kind="stable")[:5],  # candidate attractors
+           "cos_to_mean": cos_to_mean}
+    top = _dims_share(moments.m2 / n, ks)
+    statistics = {
+        "n": n, "dims": top["dims"], "norm_mean": cos["norm_mean"], "norm_std": cos["norm_std"],
+        "cos_mean": cos["mean"], "cos_std": cos["std"], "cos_min": cos["min"], "cos_max": cos["max"],
+        "cos_median": cos["median"], "pairs": cos["pairs"], "pairs_subsampled": cos["pairs_subsampled"],
+        "sample_rows": len(subset), "subsampled": len(subset) < n,
+        "cos_to_mean": cos["cos_to_mean_mean"], "cos_to_mean_max": cos["cos_to_mean_max"],
+        "most_central": cos["most_central"],
+        **{f"top{k}_dims_share": v for k, v in top["share"].items()},
+        "coord_std_median": top["std_median"]}
+    return WeightScan(statistics, cos, subset, rows.rows, near.result(attractor_k) if near else None)
+
+
+def cosine_stats(W, max_rows: int = SAMPLE_ROWS, block: int = 2048, bins: int = 1 << 20, seed: int = 0) -> dict:
+    """Statistics of the cosine similarity over all pairs i < j of rows, plus norms and cosine to
+    the mean vector (papers/002, Table 2). `W`: a matrix or a RowSource.
+
+    Pairs are computed block by block (never an N x N matrix). Mean, std, min and max are exact;
+    the median comes from a histogram of `bins` bins over [-1, 1] (error below 2 / bins ~ 2e-6).
+    Above `max_rows` rows (10^4 rows = 5 * 10^7 pairs) the pair statistics use a deterministic
+    random subset of `max_rows` rows (`pairs_subsampled`); norms and cosine-to-mean always use all.
+    """
+    return scan_weights(W, max_rows=max_rows, seed=seed, block=block, bins=bins).cosine
 
 
 def pca_spectrum(W, k: int = 100, exact_max: int = 2000, seed: int = 0) -> dict:
@@ -138,15 +381,16 @@ def pca_spectrum(W, k: int = 100, exact_max: int = 2000, seed: int = 0) -> dict:
             "exact": exact}
 
 
-def top_dims_variance(W, ks: Sequence[int] = (10, 100, 1000, 10_000)) -> dict:
+def top_dims_variance(W, ks: Sequence[int] = TOP_KS) -> dict:
     """Share of the total per-coordinate variance held by the k highest-variance coordinates
     (papers/002, Table 2: 0.2 % in the top 10 of 54,785 dims, 55 % in the top 10,000), and the
-    median per-coordinate std: how thinly per-shape variation is spread over raw coordinates."""
-    W = _as_matrix(W)
-    var = np.sort(W.var(axis=0, dtype=np.float64))[::-1]
-    cum = np.minimum(np.cumsum(var) / max(var.sum(), np.finfo(float).tiny), 1.0)  # no 1 + 3e-15 from rounding
-    return {"share": {int(k): float(cum[min(k, len(cum)) - 1]) for k in ks},
-            "std_median": float(np.sqrt(np.median(var))), "dims": len(var)}
+    median per-coordinate std: how thinly per-shape variation is spread over raw coordinates.
+    `W`: a matrix, or a RowSource (one pass, per-coordinate moments merged block by block)."""
+    if hasattr(W, "blocks"):
+        moments = _Moments()
+        _one_pass(W, moments)
+        return _dims_share(moments.m2 / max(moments.n, 1), ks)
+    return _dims_share(_as_matrix(W).var(axis=0, dtype=np.float64), ks)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -160,7 +404,8 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def nearest_training(generated, training, top_k: int = 5, attractor_k: int = 4) -> dict:
-    """Rank every generated vector against all training vectors (papers/002, §3.3).
+    """Rank every generated vector against all training vectors (papers/002, §3.3); `training`: a
+    matrix or a RowSource (one pass, a block of training rows at a time).
 
     Per generated row: the `top_k` nearest training rows by cosine (`cos_index`, `cos_sim`, best
     first) and by L2 (`l2_index`, `l2_dist`), and `cos_margin` = best - second-best cosine (a
@@ -169,58 +414,15 @@ def nearest_training(generated, training, top_k: int = 5, attractor_k: int = 4) 
     share of samples whose nearest row is one of the `attractor_k` most frequent nearest rows
     (`attractors`), `cos_to_training_mean` = mean cosine to the training centroid.
 
-    L2 candidates (the k + 4 best) come from |g|^2 + |t|^2 - 2 g.t in the input precision, then
-    their distances are recomputed directly, so reported distances are exact even for near-copies
-    (where that expansion cancels catastrophically in float32)."""
-    G, T = _as_matrix(generated), _as_matrix(training)
-    if G.shape[1] != T.shape[1]:
-        raise ValueError(f"generated vectors have {G.shape[1]} dims, training vectors {T.shape[1]}")
-    dtype = np.result_type(G.dtype, T.dtype)
-    G, T = G.astype(dtype, copy=False), T.astype(dtype, copy=False)
-    k = min(top_k, len(T))
-    g_norm, t_norm = _row_norms(G), _row_norms(T)
-    safe_t = np.where(t_norm > 0, t_norm, 1.0)
-    cos_index, cos_sim = np.empty((len(G), k), dtype=np.int64), np.empty((len(G), k))
-    l2_index, l2_dist = np.empty((len(G), k), dtype=np.int64), np.empty((len(G), k))
-    step = max(1, CHUNK_ELEMENTS // max(T.shape))
-    for a in range(0, len(G), step):
-        g = G[a:a + step]
-        dots = (g @ T.T).astype(np.float64)
-        cos = dots / (np.where(g_norm[a:a + step] > 0, g_norm[a:a + step], 1.0)[:, None] * safe_t)
-        idx = _top_k(cos, k)
-        cos_index[a:a + step], cos_sim[a:a + step] = idx, np.take_along_axis(cos, idx, axis=1)
-        d2 = g_norm[a:a + step, None] ** 2 + t_norm[None] ** 2 - 2.0 * dots
-        cand = _top_k(-d2, min(k + 4, len(T)))
-        exact = np.stack([np.linalg.norm((g - T[c]).astype(np.float64), axis=1) for c in cand.T], 1)
-        order = np.argsort(exact, axis=1, kind="stable")[:, :k]
-        l2_index[a:a + step] = np.take_along_axis(cand, order, axis=1)
-        l2_dist[a:a + step] = np.take_along_axis(exact, order, axis=1)
-
-    nearest = cos_index[:, 0]
-    counts = np.bincount(nearest, minlength=len(T))
-    attractors = np.argsort(-counts, kind="stable")[:attractor_k]
-    margin = cos_sim[:, 0] - cos_sim[:, 1] if k > 1 else np.full(len(G), np.nan)
-    t_mean = T.mean(axis=0, dtype=np.float64)
-    to_mean = (G @ t_mean.astype(dtype)) / np.maximum(g_norm * np.linalg.norm(t_mean), np.finfo(float).tiny)
-    return {
-        "n_generated": len(G),
-        "n_training": len(T),
-        "distinct_nearest": int((counts > 0).sum()),
-        "attractor_share": float(counts[attractors].sum() / len(G)),
-        "attractors": attractors,
-        "attractor_counts": counts[attractors],
-        "cos_top1_mean": float(cos_sim[:, 0].mean()),
-        "cos_margin_mean": float(margin.mean()),
-        "cos_to_training_mean": float(to_mean.mean()),
-        "l2_top1_mean": float(l2_dist[:, 0].mean()),
-        "cos_l2_agreement": float((l2_index[:, 0] == nearest).mean()),  # same nearest by both metrics
-        "cos_index": cos_index,
-        "cos_sim": cos_sim,
-        "cos_margin": margin,
-        "l2_index": l2_index,
-        "l2_dist": l2_dist,
-        "nearest_counts": counts,
-    }
+    L2 candidates (the k + 4 best of each block) come from |g|^2 + |t|^2 - 2 g.t in the input
+    precision, then their distances are recomputed directly, so reported distances are exact even
+    for near-copies (where that expansion cancels catastrophically in float32)."""
+    G, source = _as_matrix(generated), as_rows(training)
+    if G.shape[1] != source.dims:
+        raise ValueError(f"generated vectors have {G.shape[1]} dims, training vectors {source.dims}")
+    near = _Nearest(G, top_k, np.result_type(G.dtype, _work_dtype(source.dtype)))
+    _one_pass(source, near)
+    return near.result(attractor_k)
 
 
 def _row_space(W: np.ndarray) -> np.ndarray:
@@ -328,19 +530,11 @@ def probe_table(W, labels, seeds: int = 5, test_fraction: float = 0.2, seed: int
     return out
 
 
-def weight_statistics(W, ks: Sequence[int] = (10, 100, 1000, 10_000), max_rows: int = 10_000, seed: int = 0) -> dict:
+def weight_statistics(W, ks: Sequence[int] = TOP_KS, max_rows: int = SAMPLE_ROWS, seed: int = 0) -> dict:
     """The weight-distribution statistics of the small-data study (papers/002, Table 2), from
     `cosine_stats` and `top_dims_variance`: L2 norm mean and (population) std, pairwise cosine
-    mean / std / min / max / median (over a seeded subset of `max_rows` rows above that many;
-    `pairs_subsampled`), mean cosine to the population mean and the most central rows, the share of
-    the per-coordinate variance held by the top-k coordinates (`top<k>_dims_share`; 1 when k >= dims)
-    and the median per-coordinate std."""
-    cos = cosine_stats(W, max_rows=max_rows, seed=seed)
-    top = top_dims_variance(W, ks)
-    return {"n": cos["n"], "dims": top["dims"], "norm_mean": cos["norm_mean"], "norm_std": cos["norm_std"],
-            "cos_mean": cos["mean"], "cos_std": cos["std"], "cos_min": cos["min"], "cos_max": cos["max"],
-            "cos_median": cos["median"], "pairs": cos["pairs"], "pairs_subsampled": cos["pairs_subsampled"],
-            "cos_to_mean": cos["cos_to_mean_mean"], "cos_to_mean_max": cos["cos_to_mean_max"],
-            "most_central": cos["most_central"],
-            **{f"top{k}_dims_share": v for k, v in top["share"].items()},
-            "coord_std_median": top["std_median"]}
+    mean / std / min / max / median (over a seeded subset of `max_rows` rows above that many:
+    `sample_rows`, `pairs_subsampled`), mean cosine to the population mean and the most central rows,
+    the share of the per-coordinate variance held by the top-k coordinates (`top<k>_dims_share`; 1
+    when k >= dims) and the median per-coordinate std. `W`: a matrix or a RowSource (`scan_weights`)."""
+    return scan_weights(W, ks=ks, max_rows=max_rows, seed=seed).statistics

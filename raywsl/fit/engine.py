@@ -11,10 +11,12 @@ shape's), so fitting a shape in a batch gives the result of fitting it alone, an
 diverges (NaN) poisons only its own row.
 
 Every `check_every` steps the per-shape losses come to the host (the one sync) and each slot is
-judged: finished (steps done, target loss reached, or plateaued), diverged (non-finite loss, or
-`BLOWUP` x its best loss, the initial loss included: restarted from its init at lr x lr_backoff, up to max_restarts, then
-failed with the reason), or still going. Finished slots take the next shape at once, so one slow
-shape never holds back B-1 finished ones; when the queue runs dry the batch shrinks to the live slots.
+judged: finished (steps done, target loss reached, or plateaued), diverged (non-finite loss, non-finite
+weights, or `BLOWUP` x its best loss, the initial loss included: restarted from its init at lr x
+lr_backoff, up to max_restarts, then failed with the reason), or still going. A result is ok only with
+finite weights (FitResult checks it again): a NaN row never reaches the store. Finished slots take
+the next shape at once, so one slow shape never holds back B-1 finished ones; when the queue runs
+dry the batch shrinks to the live slots.
 
 Points per step: each shape's samples are shuffled once (seeded per shape id) and step t takes the
 window [t K, (t + 1) K) of that order, wrapping around, so the stream a shape sees depends on the
@@ -66,6 +68,13 @@ class FitResult:
     reason: str = ""  # why it failed ("" when it did not)
     restarts: int = 0
     curve: list[float] = field(default_factory=list)  # loss per check interval, final attempt
+
+    def __post_init__(self) -> None:
+        # An ok result has finite weights, whoever made it: one NaN row in the store would poison the
+        # standardiser and every model trained on the rows.
+        if self.row is not None and not np.isfinite(self.row).all():
+            self.row = None
+            self.reason = self.reason or f"diverged: non-finite weights at step {self.steps}"
 
     @property
     def ok(self) -> bool:
@@ -169,16 +178,19 @@ class BatchedFitter:
             t0 = time.perf_counter()
             for _ in range(self.cfg.check_every):
                 self._step_fn()
-            # The one sync per check: interval losses, initial losses and steps in one transfer.
-            losses, start, steps = torch.stack([self.loss_sum / self.loss_count.clamp(min=1), self.start_loss,
-                                                self.t.to(self.loss_sum.dtype)]).cpu().numpy()
+            # The one sync per check: interval losses, initial losses, steps and whether each row's
+            # weights are all finite, in one transfer.
+            dtype = self.loss_sum.dtype
+            losses, start, steps, finite = torch.stack([
+                self.loss_sum / self.loss_count.clamp(min=1), self.start_loss, self.t.to(dtype),
+                torch.isfinite(self.rows).all(1).to(dtype)]).cpu().numpy()
             self.seconds_per_step = (time.perf_counter() - t0) / self.cfg.check_every
             self.loss_sum.zero_()
             self.loss_count.zero_()
             for b, slot in enumerate(slots):
                 if slot and not slot.curve and math.isfinite(start[b]):
                     slot.best = float(start[b])  # first check of this attempt
-                result = self._judge(b, slot, float(losses[b]), int(steps[b])) if slot else None
+                result = self._judge(b, slot, float(losses[b]), int(steps[b]), bool(finite[b])) if slot else None
                 if result is None:
                     continue
                 yield result
@@ -281,19 +293,21 @@ class BatchedFitter:
 
     # ---------------------------------------------------------------- judging a slot
 
-    def _judge(self, b: int, slot: _Slot, loss: float, steps: int) -> FitResult | None:
-        """A FitResult when slot b's shape is finished (done or failed), else None."""
+    def _judge(self, b: int, slot: _Slot, loss: float, steps: int, finite_row: bool) -> FitResult | None:
+        """A FitResult when slot b's shape is finished (done or failed), else None. `finite_row`: every
+        weight of its row is finite."""
         cfg = self.cfg
         shape = slot.shape
-        if not math.isfinite(loss) or loss > BLOWUP * slot.best:
-            what = "non-finite" if not math.isfinite(loss) else f"{loss:.3g}, {BLOWUP:g}x its best"
+        what = ("non-finite loss" if not math.isfinite(loss) else "non-finite weights" if not finite_row
+                else f"loss {loss:.3g} ({BLOWUP:g}x its best {slot.best:.3g})" if loss > BLOWUP * slot.best else "")
+        if what:
             if slot.restarts < cfg.max_restarts:
                 slot.restarts += 1
-                log.info("shape %s diverged (loss %s at step %d, lr %.3g): restart %d at lr %.3g",
+                log.info("shape %s diverged (%s at step %d, lr %.3g): restart %d at lr %.3g",
                          shape.shape_id, what, steps, slot.lr, slot.restarts, slot.lr * cfg.lr_backoff)
                 self._restart(b, slot, slot.lr * cfg.lr_backoff)
                 return None
-            reason = (f"diverged: loss {what} at step {steps} with lr {slot.lr:.3g}, after "
+            reason = (f"diverged: {what} at step {steps} with lr {slot.lr:.3g}, after "
                       f"{slot.restarts} restart(s) (lr x{cfg.lr_backoff:g} each)")
             return FitResult(shape.key, shape.shape_id, None, loss, steps, reason, slot.restarts, slot.curve)
         slot.curve.append(loss)

@@ -7,9 +7,10 @@
             samples. The samples are the ones ingest would store (same sampler, same per-shape seeds).
 
 Both give the fit job the same things: the shapes (ids, sources, categories) in the stores' row
-order with the number held out (store/split.py), the anchor shape's samples for warm start, a Ray Dataset with exactly one block per weight shard (columns `row`, `shape_id`,
-`category`, `status`, `reason`, `points`, `sdf`, as `store.datasource`), and the ground truth of a
-few shapes for the reconstructions.
+order with the number held out (store/split.py), a Ray Dataset with exactly one block per weight
+shard (columns `row`, `shape_id`, `category`, `status`, `reason`, `points`, `sdf`, as
+`store.datasource`), one shape's samples in a Ray task (`shape_samples`: the warm-start anchor, crash
+probes), and the ground truth of a few shapes for the reconstructions.
 """
 
 from __future__ import annotations
@@ -51,13 +52,12 @@ class StoreInput:
         self.sources = [str(s) for s in meta[C.SOURCE]]
         self.categories = [str(c) for c in meta[C.CATEGORY]]
         self.where = path
+        self.samples_path = path  # where `shape_samples` reads one shape
 
     def usable(self) -> np.ndarray:
         """Rows known to have samples (for choosing the warm-start anchor)."""
         return self.samples.status() == DONE
 
-    def anchor(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.samples.group[C.POINTS][k], self.samples.group[C.SDF][k]
 
     def dataset(self, ranges: list[tuple[int, int]]):
         from raywsl.store.datasource import read_rows
@@ -79,28 +79,26 @@ class StreamInput:
         self.ids = [r.shape_id for r in refs]
         self.sources = [r.uri for r in refs]
         self.categories = [r.category for r in refs]
+        self.problems = [r.problem for r in refs]  # ids rejected up front (data/sources.py)
         self.held_out = held_out_count(self.ids, cfg.seed, cfg.ingest.test_fraction)
         self.where = plan.source
+        self.samples_path = ""  # `shape_samples` samples the mesh
 
     def usable(self) -> np.ndarray:
         return np.ones(len(self.ids), dtype=bool)  # unknown until sampled: the anchor may still fail
 
-    def anchor(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        values, reason = _sample(self.ids[k], self.sources[k], self.cfg)
-        if values is None:
-            raise StoreError(f"fit.init=warm: the anchor shape {self.ids[k]} cannot be sampled ({reason}); "
-                             f"pick another with fit.warm_shape")
-        return values[C.POINTS], values[C.SDF]
 
     def dataset(self, ranges: list[tuple[int, int]]):
         import ray
 
-        items = [{"start": a, "stop": b} for a, b in ranges]
+        # Each item carries its own rows' ids and sources: the lists of all N shapes passed to every
+        # task would cost O(N) per shard.
+        items = [{"start": a, "ids": self.ids[a:b], "sources": self.sources[a:b],
+                  "categories": self.categories[a:b], "problems": self.problems[a:b]} for a, b in ranges]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds.context.target_max_block_size = None  # one shard = one block, however big (see datasource.py)
         return ds.map_batches(sample_block, batch_size=1, num_cpus=1, max_retries=SAMPLE_RETRIES,
-                              fn_kwargs={"ids": self.ids, "sources": self.sources,
-                                         "categories": self.categories, "cfg": self.cfg})
+                              fn_kwargs={"cfg": self.cfg})
 
     def truth(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, list] = {name: [] for name in TRUTH}
@@ -114,23 +112,45 @@ class StreamInput:
 INPUTS: dict[str, type] = {"store": StoreInput, "stream": StreamInput}
 
 
+def shape_samples(cfg: Config, samples_path: str, row: int, shape_id: str, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """One shape's (points, sdf), for fitting it alone (the warm-start anchor, a crash probe), in the
+    process that calls it, a Ray task (never the driver: sampling a mesh can crash or take memory):
+    row `row` of the sample store at `samples_path` (fit.samples=store), or, with samples_path "",
+    the mesh at `uri` sampled now (stream). StoreError if it has no samples."""
+    if samples_path:
+        store = RowStore.open(samples_path)
+        if store.status(slice(row, row + 1))[0] != DONE:
+            raise StoreError(f"{samples_path}: shape {shape_id} (row {row}) has no samples")
+        arrays = store.group
+        return arrays[C.POINTS][row], arrays[C.SDF][row]
+    values, reason = _sample(shape_id, uri, cfg)
+    if values is None:
+        raise StoreError(f"shape {shape_id} cannot be sampled ({reason})")
+    return values[C.POINTS], values[C.SDF]
+
+
 def _sample(shape_id: str, uri: str, cfg: Config) -> tuple[dict[str, np.ndarray] | None, str]:
     os.environ.setdefault("IGL_NUM_THREADS", "1")  # one SDF thread per task, as in ingest
     return sample_mesh(shape_id, uri, cfg.ingest, cfg.seed)
 
 
-def sample_block(batch: dict[str, np.ndarray], ids: list[str], sources: list[str], categories: list[str],
-                 cfg: Config) -> dict[str, Any]:
-    """Ray Data task: sample the meshes of rows [start, stop) into one block with the columns of
-    `store.datasource`; a mesh that fails is a row with status FAILED and ingest's reason."""
-    start, stop = int(batch["start"][0]), int(batch["stop"][0])
-    n, m = stop - start, cfg.ingest.points
+def sample_block(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, Any]:
+    """Ray Data task: sample the meshes of one item (rows start.. of its `ids`, `sources`,
+    `categories`) into one block with the columns of `store.datasource`; a mesh that fails is a row
+    with status FAILED and ingest's reason."""
+    start = int(batch["start"][0])
+    ids, sources, categories, problems = ([str(v) for v in batch[key][0]]
+                                          for key in ("ids", "sources", "categories", "problems"))
+    n, m = len(ids), cfg.ingest.points
     points, sdf = np.zeros((n, m, 3), np.float32), np.zeros((n, m), np.float32)
     status, reason = np.full(n, FAILED, np.int8), [""] * n
-    for i, k in enumerate(range(start, stop)):
-        values, reason[i] = _sample(ids[k], sources[k], cfg)
+    for i in range(n):
+        if problems[i]:
+            reason[i] = C.REJECTED + problems[i]
+            continue
+        values, reason[i] = _sample(ids[i], sources[i], cfg)
         if values is not None:
             points[i], sdf[i], status[i] = values[C.POINTS], values[C.SDF], DONE
-    return {"row": np.arange(start, stop), C.SHAPE_ID: np.array(ids[start:stop], dtype=object),
-            C.CATEGORY: np.array(categories[start:stop], dtype=object), C.STATUS: status,
+    return {"row": np.arange(start, start + n), C.SHAPE_ID: np.array(ids, dtype=object),
+            C.CATEGORY: np.array(categories, dtype=object), C.STATUS: status,
             C.REASON: np.array(reason, dtype=object), C.POINTS: points, C.SDF: sdf}

@@ -34,12 +34,12 @@ from raywsl import contract as C
 from raywsl import tracking
 from raywsl.config import Config, to_dict
 from raywsl.fit.engine import BatchedFitter, FitResult, ShapeData
-from raywsl.fit.inputs import INPUTS
+from raywsl.fit.inputs import INPUTS, shape_samples
 from raywsl.geometry import figures
 from raywsl.geometry.sampling import shape_rng
 from raywsl.models.fields import Field, field_from_config
 from raywsl.progress import Progress
-from raywsl.runtime import ray_session, remote
+from raywsl.runtime import PROBE_ATTEMPTS, ShardsUnfinished, isolate_crashes, ray_session, remote, unfinished_message
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
 from raywsl.store.split import shards_of, training_range
 
@@ -82,10 +82,20 @@ def init_row(field: Field, init: str, seed: int, shape_id: str, shared: torch.Te
     return shared
 
 
-def fit_anchor(field: Field, cfg: Config, anchor: ShapeData) -> FitResult:
-    """Fit the warm-start anchor alone (one Ray task; on a GPU when the cluster has one)."""
+def fit_one(field: Field, cfg: Config, samples_path: str, row: int, shape_id: str, uri: str,
+            start: torch.Tensor) -> FitResult:
+    """Fit one shape alone from `start`, its samples read or sampled here (a Ray task: the warm-start
+    anchor, on a GPU when the cluster has one; a crash probe)."""
+    _maybe_crash_on([shape_id])
+    points, sdf = shape_samples(cfg, samples_path, row, shape_id, uri)
     fitter = BatchedFitter(field, cfg.fit, cfg.fit.device)
-    return next(iter(fitter.fit([anchor])))
+    return next(iter(fitter.fit([ShapeData(row, shape_id, points, sdf, start)])))
+
+
+def probe_fit(field: Field, cfg: Config, samples_path: str, row: int, shape_id: str, uri: str,
+              start: torch.Tensor) -> str:
+    """`fit_one`, returning only its verdict ("" or why it failed), never the weights."""
+    return fit_one(field, cfg, samples_path, row, shape_id, uri, start).reason
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -106,22 +116,23 @@ def fit(cfg: Config, plan: C.Plan) -> dict[str, Any]:
                          f"than {cfg.field.type} has now: rerun with --restart to fit it again")
     rows = training_range(store, cfg.data.shapes)
     shards = shards_of(store, rows)
-    done = store.shards_done()
-    pending = [k for k in shards if not done[k]]
+    pending = store.pending_shards(shards)
     anchor_id = store.attrs[C.Attr.WARM_SHAPE]
     log.info("fit: %d training shapes from %s (%s), %s/%s field (%d parameters), init %s%s, %d shards "
              "(%d done) -> %s", len(rows), inp.where, cfg.fit.samples, cfg.field.type, cfg.field.preset,
              field.layout.size, cfg.fit.init, f" from {anchor_id}" if anchor_id else "", len(shards),
              len(shards) - len(pending), store.path)
+    errors: dict[int, str] = {}
     if pending:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
             _shared_start(store, field, cfg, inp, anchor_id)
-            _run_shards(store, inp, pending, cfg, plan)
+            errors = _run_shards(store, inp, pending, cfg, plan)
     summary = store.rows_summary(rows)
     for f in summary["failures"][:20]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
-    if summary["pending"]:
-        log.warning("%d rows are pending (shards that did not finish): rerun the same command", summary["pending"])
+    if errors:
+        rows_left = sum(store.shard_rows(k).stop - store.shard_rows(k).start for k in errors)
+        raise ShardsUnfinished(unfinished_message("fit", store.path, errors, rows_left))
     return {**summary, "computed": len(pending)}
 
 
@@ -186,8 +197,13 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_i
 
         k = inp.ids.index(anchor_id)
         t0 = time.perf_counter()
-        task = remote(fit_anchor, num_cpus=1, num_gpus=_gpus_per_actor(cfg))
-        result = ray.get(task.remote(field, cfg, ShapeData(k, anchor_id, *inp.anchor(k), row)))
+        task = remote(fit_one, num_cpus=1, num_gpus=_gpus_per_actor(cfg))
+        try:
+            result = ray.get(task.remote(field, cfg, inp.samples_path, k, anchor_id, inp.sources[k], row))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, StoreError):
+                raise StoreError(f"fit.init=warm: {e.cause}; pick another anchor with fit.warm_shape") from None
+            raise
         if not result.ok:
             raise StoreError(f"fit.init=warm: the anchor shape {anchor_id} failed to fit ({result.reason}); "
                              f"pick another with fit.warm_shape")
@@ -215,32 +231,78 @@ def _gpus_per_actor(cfg: Config) -> float:
     return 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, plan: C.Plan) -> None:
+def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, plan: C.Plan) -> dict[int, str]:
+    """Fit the pending shards; returns {shard: error} for those still pending at the end. As in
+    ingest (ingest/pipeline.py `_run_shards`): a shard whose actor raised is retried once; a shard
+    whose actor died (after Ray's restarts and retries) has each of its shapes fitted alone, and the
+    shapes that kill their own process every time are failed with that reason, the rest refitted."""
+    base = plan["train-base"].path if "train-base" in plan else ""
+    curve = np.zeros((2, curve_length(cfg)))  # summed loss curves, counts
+    errors = _shard_pass(store, inp, pending, cfg, base, {}, curve)
+    lost = [k for k in store.pending_shards(pending) if k not in errors]
+    if errors or lost:
+        skip = {}
+        if lost:
+            log.warning("%d shard(s) lost their fitting actor; fitting their shapes one by one", len(lost))
+            skip = _find_crashing_rows(store, inp, lost, cfg, plan_field(cfg, plan))
+        retry = sorted({*errors, *lost})
+        errors = _shard_pass(store, inp, retry, cfg, base, skip, curve)
+        lost = [k for k in store.pending_shards(retry) if k not in errors]
+        errors.update({k: "its fitting actor died again, and no single shape kills it alone" for k in lost})
+    _plot_loss_curve(cfg, plan, *curve)
+    return errors
+
+
+def _shard_pass(store: RowStore, inp: Any, shards: list[int], cfg: Config, base: str, skip: dict[int, str],
+                curve: np.ndarray) -> dict[int, str]:
+    """One Ray Data pass of the actor pool over `shards` (adds the fitted shapes' loss curves to
+    `curve`); returns {shard: error} of the shards whose actor raised."""
     import ray
 
-    ranges = [(store.shard_rows(k).start, store.shard_rows(k).stop) for k in pending]
-    ray.data.DataContext.get_current().max_errored_blocks = len(ranges)
+    ranges = [(store.shard_rows(k).start, store.shard_rows(k).stop) for k in shards]
     ds = inp.dataset(ranges)
     gpus = _gpus_per_actor(cfg)
-    base = plan["train-base"].path if "train-base" in plan else ""
     with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these yet (ray < 2.64 pinned)
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(
             FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor, num_gpus=gpus or None,
             compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-            fn_constructor_kwargs={"path": store.path, "cfg": cfg, "base": base})
-    checks = curve_length(cfg)
-    curve_sum, curve_count = np.zeros(checks), np.zeros(checks)
+            fn_constructor_kwargs={"path": store.path, "cfg": cfg, "base": base, "skip": skip})
+    ds.context.max_errored_blocks = len(ranges)  # dead actors' blocks: probed by the caller (see ingest)
+    errors = {}
     with Progress("fit", total=sum(b - a for a, b in ranges), unit="shapes") as progress:
         for row in ds.iter_rows():
+            if row["error"]:
+                errors[int(row["shard"])] = str(row["error"])
+                log.warning("shard %d failed: %s", row["shard"], row["error"])
+                continue
             progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
             log.debug("shard %d: %d done, %d failed in %.1fs (%.0f shape-steps/s)", row["shard"], row["done"],
                       row["failed"], row["seconds"], row["shape_steps"] / max(row["seconds"], 1e-9))
-            if len(row["curve_sum"]) == checks:  # a shard committed earlier reports no curve
-                curve_sum += row["curve_sum"]
-                curve_count += row["curve_count"]
-    _plot_loss_curve(cfg, plan, curve_sum, curve_count)
+            if len(row["curve_sum"]) == curve.shape[1]:  # a shard committed earlier reports no curve
+                curve += np.stack([row["curve_sum"], row["curve_count"]])
+    return errors
+
+
+def _find_crashing_rows(store: RowStore, inp: Any, shards: list[int], cfg: Config, field: Field) -> dict[int, str]:
+    """The rows of `shards` whose shape kills the process fitting it, alone, every time: {row: reason}.
+    (A row without samples raises StoreError in its probe: a Python error, so it is not blamed; fit_block
+    then fails it with ingest's reason.)"""
+    shared = shared_row(store)
+    calls = {}
+    for k in shards:
+        rows = store.shard_rows(k)
+        meta = store.row_meta(rows)
+        for row, shape_id, uri in zip(range(rows.start, rows.stop), meta[C.SHAPE_ID], meta[C.SOURCE]):
+            shape_id = str(shape_id)
+            start = init_row(field, cfg.fit.init, cfg.seed, shape_id, shared)
+            calls[row] = (field, cfg, inp.samples_path, row, shape_id, str(uri), start)
+    verdicts = isolate_crashes(probe_fit, calls, attempts=PROBE_ATTEMPTS, num_cpus=cfg.fit.cpus_per_actor,
+                               num_gpus=_gpus_per_actor(cfg) or None)
+    for row, why in verdicts.items():
+        log.warning("row %d (%s): %s while fitting it", row, calls[row][4], why)
+    return {row: f"{why} while fitting this shape, alone, {PROBE_ATTEMPTS} times" for row, why in verdicts.items()}
 
 
 def _plot_loss_curve(cfg: Config, plan: C.Plan, curve_sum: np.ndarray, curve_count: np.ndarray) -> None:
@@ -263,27 +325,30 @@ class FitActor:
     """A fitting actor: holds the field and a BatchedFitter (its buffers and compiled step) for its
     whole life, and fits one weight shard per call."""
 
-    def __init__(self, path: str, cfg: Config, base: str):
+    def __init__(self, path: str, cfg: Config, base: str, skip: dict[int, str] | None = None):
         torch.set_num_threads(cfg.fit.cpus_per_actor)  # Ray sets OMP_NUM_THREADS; say it explicitly
         self.store = RowStore.open(path, mode="r+", kind="weights")
         self.cfg = cfg
         self.field = field_from_config(cfg, base=base)
         self.fitter = BatchedFitter(self.field, cfg.fit, cfg.fit.device)
         self.shared = shared_row(self.store)  # written by the driver before the actors start
+        self.skip = skip or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         rows = batch["row"]
         k = int(rows[0]) // self.store.shard_size
-        expected = self.store.shard_rows(k)
-        if list(rows) != list(range(expected.start, expected.stop)):  # the datasource's contract
-            raise RuntimeError(f"fit: a block of rows {rows[0]}..{rows[-1]} is not exactly shard {k}")
-        if self.store.shards_done()[k]:  # a retried block may find its shard already committed
-            status = self.store.read_shard(k, [C.STATUS])[C.STATUS]
-            return _shard_summary(k, status, t0)
-        _maybe_crash(k)
-        arrays, status, reason, stats = fit_block(self.fitter, self.field, self.cfg, batch, self.shared)
-        self.store.write_shard(k, arrays, status, reason)
+        try:
+            expected = self.store.shard_rows(k)
+            if list(rows) != list(range(expected.start, expected.stop)):  # the datasource's contract
+                raise RuntimeError(f"fit: a block of rows {rows[0]}..{rows[-1]} is not exactly shard {k}")
+            if self.store.shard_done(k):  # a retried block may find its shard already committed
+                return _shard_summary(k, self.store.shard_status(k), t0)
+            _maybe_crash(k)
+            arrays, status, reason, stats = fit_block(self.fitter, self.field, self.cfg, batch, self.shared, self.skip)
+            self.store.write_shard(k, arrays, status, reason)
+        except Exception as e:  # noqa: BLE001 - not a shape's fault (fit_block records those): the driver stops the job
+            return _shard_summary(k, np.zeros(0, "int8"), t0, error=f"{type(e).__name__}: {e}")
         return _shard_summary(k, status, t0, **stats)
 
 
@@ -296,17 +361,29 @@ def _maybe_crash(k: int) -> None:
         os._exit(139)
 
 
+def _maybe_crash_on(shape_ids: list[str]) -> None:
+    """Fault injection for the crash-isolation test: shape $RAYWSL_CRASH_FIT_SHAPE kills the process
+    fitting it, every time (as a segfault in a native kernel would)."""
+    if os.environ.get("RAYWSL_CRASH_FIT_SHAPE", "\0") in shape_ids:
+        os._exit(139)
+
+
 def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str, np.ndarray],
-              shared: torch.Tensor | None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str], dict[str, Any]]:
+              shared: torch.Tensor | None, skip: dict[int, str] | None = None
+              ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str], dict[str, Any]]:
     """Fit the rows of one block of samples: (arrays, status, reason) ready for `write_shard`, and
     stats (shape-steps taken; the loss curves summed over the shapes, per check, with their counts).
-    Rows without samples (ingest failed) fail with ingest's reason."""
+    Rows without samples (ingest failed) fail with ingest's reason; rows in `skip` with theirs."""
     n, first = len(batch["row"]), int(batch["row"][0])
     status = np.full(n, FAILED, dtype="int8")
     reason = [""] * n
     shapes = []
+    skip = skip or {}
     for i in range(n):
         shape_id = str(batch[C.SHAPE_ID][i])
+        if first + i in skip:
+            reason[i] = skip[first + i]
+            continue
         if batch[C.STATUS][i] != DONE:
             why = str(batch[C.REASON][i]) or "ingest did not finish it"
             reason[i] = f"no samples to fit: {why}"
@@ -318,6 +395,7 @@ def fit_block(fitter: BatchedFitter, field: Field, cfg: Config, batch: dict[str,
               C.FIT_STEPS: np.zeros(n, np.int32), C.FIT_RESTARTS: np.zeros(n, np.int32)}
     checks = curve_length(cfg)
     stats = {"shape_steps": 0, "curve_sum": np.zeros(checks), "curve_count": np.zeros(checks)}
+    _maybe_crash_on([s.shape_id for s in shapes])
     for r in fitter.fit(shapes):
         i = r.key - first
         arrays[C.FIT_LOSS][i], arrays[C.FIT_STEPS][i], arrays[C.FIT_RESTARTS][i] = r.loss, r.steps, r.restarts
@@ -338,11 +416,14 @@ def curve_length(cfg: Config) -> int:
 
 
 def _shard_summary(k: int, status: np.ndarray, t0: float, shape_steps: int = 0,
-                   curve_sum: np.ndarray | None = None, curve_count: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """One output row per shard: counts, timing and the shard's summed loss curves."""
+                   curve_sum: np.ndarray | None = None, curve_count: np.ndarray | None = None,
+                   error: str = "") -> dict[str, np.ndarray]:
+    """One output row per shard: counts, timing, the shard's summed loss curves, and the error that
+    stopped it ("" when it was written)."""
     empty = np.zeros(1)
     return {"shard": np.array([k]), "done": np.array([int((status == DONE).sum())]),
             "failed": np.array([int((status == FAILED).sum())]), "shape_steps": np.array([shape_steps]),
             "seconds": np.array([time.perf_counter() - t0]),
             "curve_sum": (curve_sum if curve_sum is not None else empty)[None],
-            "curve_count": (curve_count if curve_count is not None else empty)[None]}
+            "curve_count": (curve_count if curve_count is not None else empty)[None],
+            "error": np.array([error])}

@@ -1,8 +1,9 @@
 """The recon stage: decode fitted fields to meshes and compare them with the ground truth.
 
 For the first `fit.recon_count` fitted training shapes (in the training order, so a run with more
-shapes reconstructs the same ones): extract the mesh of each field, write it to `<shape_id>.ply` in
-the shape's original frame, and measure, in the normalised frame, Chamfer distance against the
+shapes reconstructs the same ones): extract the mesh of each field, write it to `recon_file(row, id)`
+(`<row>-<hash of the id>.ply`: a shape id is data, e.g. `chair/1a2b/model` or `../x`, never a path)
+in the shape's original frame, and measure, in the normalised frame, Chamfer distance against the
 ingested surface points (geometry/shape.py's convention) and volumetric IoU from SDF signs at the
 ingested query points. Figures: `recon.png` (the meshes) and `fit_loss.png` (the distribution of the
 final fitting losses of the run's training shapes). The artifact (recon/ in the run folder) holds them
@@ -11,6 +12,7 @@ with `metrics.json`; the figures also go to the active MLflow run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
@@ -38,6 +40,13 @@ CONVENTIONS = {"cd": f"Chamfer (eval convention) between {RECON_POINTS} points o
                "iou": "IoU of sdf < 0 at the ingested query points"}
 
 
+def recon_file(row: int, shape_id: str) -> str:
+    """The file name of a reconstruction: the store row, then the first 8 hex digits of the SHA-1 of
+    the shape id (which metrics.json pairs with it): flat, unique per row and safe whatever the id
+    holds ('/', '..', characters a file system refuses)."""
+    return f"{row:07d}-{hashlib.sha1(shape_id.encode()).hexdigest()[:8]}.ply"
+
+
 def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
     """Write the reconstructions of the run's first fitted training shapes into `out`; returns the
     figures (also in out/metrics.json)."""
@@ -52,7 +61,8 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
     field = field_of(store)
     inp = INPUTS[cfg.fit.samples](cfg, plan)
     rows = fitted[: cfg.fit.recon_count]
-    ids = store.row_meta()[C.SHAPE_ID]
+    first = int(rows[0]) if len(rows) else 0
+    ids = store.row_meta(slice(first, int(rows[-1]) + 1 if len(rows) else 0))[C.SHAPE_ID]  # only these rows' ids
     device = "cuda" if cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
     weights = torch.from_numpy(store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None))))
     extracted = decode_rows(field.bind, weights, cfg.fit.recon_resolution, device)
@@ -62,15 +72,16 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
             torch.from_numpy(truth[C.POINTS][k:k + 8]).to(device)).cpu() for k in range(0, len(rows), 8)]).numpy()
     per_shape, meshes = [], []
     for j, (row, ex) in enumerate(zip(rows, extracted)):
-        shape_id = str(ids[row])
-        entry = {"row": int(row), "shape_id": shape_id, "iou": iou_from_sdf(pred_sdf[j], truth[C.SDF][j]),
-                 "cd": float("nan"), "reason": ex.reason}
+        shape_id = str(ids[row - first])
+        entry = {"row": int(row), "shape_id": shape_id, "file": "",
+                 "iou": iou_from_sdf(pred_sdf[j], truth[C.SDF][j]), "cd": float("nan"), "reason": ex.reason}
         if ex.mesh is not None:
             entry["cd"], why = surface_chamfer(ex.mesh, thin_surface(truth[C.SURFACE][j]), cfg.seed, shape_id)
             entry["reason"] = entry["reason"] or why
             original = ex.mesh.copy()
             original.vertices = original.vertices / truth[C.SCALE][j] + truth[C.CENTER][j]
-            original.export(os.path.join(out, f"{shape_id}.ply"), file_type="ply")
+            entry["file"] = recon_file(int(row), shape_id)
+            original.export(os.path.join(out, entry["file"]), file_type="ply")
         per_shape.append(entry)
         meshes.append(ex.mesh)
     cds = np.array([e["cd"] for e in per_shape])

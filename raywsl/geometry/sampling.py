@@ -58,26 +58,43 @@ class ShapeSamples:
     normals: np.ndarray  # (S, 3) float32 unit face normals at `surface`
 
 
+class _SurfaceSampler:
+    """Area-weighted sampling of one mesh's surface. The per-face tables are built once per shape
+    and shared by the near-surface query points and the surface cloud."""
+
+    def __init__(self, mesh: trimesh.Trimesh):
+        tri = np.asarray(mesh.triangles, dtype=np.float64)
+        if len(tri) == 0:
+            raise ValueError("cannot sample the surface of a mesh without faces")
+        cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        area2 = np.linalg.norm(cross, axis=1)  # twice the face areas
+        total = area2.sum()
+        if not (np.isfinite(total) and total > 0):
+            raise ValueError(f"cannot sample the surface of a mesh with total area {total / 2}")
+        self.tri = tri
+        # The table rng.choice(len(tri), p=area2 / total) builds on every call, built once: the same
+        # faces from the same random numbers. A zero-area face adds nothing to it, so it is never picked.
+        self.cdf = np.cumsum(area2 / total)
+        self.cdf /= self.cdf[-1]
+        with np.errstate(divide="ignore", invalid="ignore"):  # zero-area faces: never picked
+            self.normals = cross / area2[:, None]
+
+    def __call__(self, n: int, rng: np.random.Generator,
+                 with_normals: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        face = self.cdf.searchsorted(rng.random(n), side="right")
+        u, v = rng.random((2, n))
+        flip = u + v > 1  # fold the unit square onto the triangle: uniform barycentric coordinates
+        u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+        tri = self.tri[face]  # one gather of the picked triangles
+        a = tri[:, 0]
+        points = a + u[:, None] * (tri[:, 1] - a) + v[:, None] * (tri[:, 2] - a)
+        return points.astype(np.float32), self.normals[face].astype(np.float32) if with_normals else None
+
+
 def sample_surface(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`n` points uniformly distributed over the surface area, with the unit normal of the face
     each lies on: ((n, 3) float32, (n, 3) float32)."""
-    tri = np.asarray(mesh.triangles, dtype=np.float64)
-    if len(tri) == 0:
-        raise ValueError("cannot sample the surface of a mesh without faces")
-    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    area2 = np.linalg.norm(cross, axis=1)  # twice the face areas
-    total = area2.sum()
-    if not (np.isfinite(total) and total > 0):
-        raise ValueError(f"cannot sample the surface of a mesh with total area {total / 2}")
-    # choice(p=...) never returns a zero-probability index, so degenerate faces are never picked.
-    face = rng.choice(len(tri), size=n, p=area2 / total)
-    u, v = rng.random((2, n))
-    flip = u + v > 1  # fold the unit square onto the triangle: uniform barycentric coordinates
-    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-    a, ab, ac = tri[face, 0], tri[face, 1] - tri[face, 0], tri[face, 2] - tri[face, 0]
-    points = a + u[:, None] * ab + v[:, None] * ac
-    normals = cross[face] / area2[face, None]
-    return points.astype(np.float32), normals.astype(np.float32)
+    return _SurfaceSampler(mesh)(n, rng)
 
 
 def split_counts(n: int, fractions: tuple[float, ...]) -> list[int]:
@@ -108,10 +125,15 @@ def sample_query_points(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator,
     _check_mix(near_sigmas, mix)
     if n < 0:
         raise ValueError(f"number of query points must be >= 0, got {n}")
+    return _query_points(_SurfaceSampler(mesh), n, rng, near_sigmas, mix)
+
+
+def _query_points(surface: _SurfaceSampler, n: int, rng: np.random.Generator,
+                  near_sigmas: tuple[float, float], mix: tuple[float, float, float]) -> np.ndarray:
     n_fine, n_coarse, n_uniform = split_counts(n, mix)
-    surface, _ = sample_surface(mesh, n_fine + n_coarse, rng)
+    near, _ = surface(n_fine + n_coarse, rng, with_normals=False)
     sigma = np.repeat(np.asarray(near_sigmas), [n_fine, n_coarse])[:, None]
-    near = surface + sigma * rng.standard_normal((n_fine + n_coarse, 3))
+    near = near + sigma * rng.standard_normal((n_fine + n_coarse, 3))
     uniform = rng.uniform(-1.0, 1.0, (n_uniform, 3))
     return np.concatenate([near, uniform]).astype(np.float32)
 
@@ -123,11 +145,13 @@ def sample_shape(mesh: trimesh.Trimesh, *, points: int, surface_points: int, rng
     """Query points with their signed distances, and a surface cloud with normals, for one shape."""
     if points < 1 or surface_points < 1:
         raise ValueError(f"points and surface_points must be >= 1, got {points} and {surface_points}")
-    query = sample_query_points(mesh, points, rng, near_sigmas, mix)
+    _check_mix(near_sigmas, mix)
+    surface = _SurfaceSampler(mesh)
+    query = _query_points(surface, points, rng, near_sigmas, mix)
     # Distances of the float32 points as stored, so every stored (point, sdf) pair is exact.
     sdf = signed_distance(mesh, query.astype(np.float64), backend)
-    surface, normals = sample_surface(mesh, surface_points, rng)
-    return ShapeSamples(query, sdf.astype(np.float32), surface, normals)
+    cloud, normals = surface(surface_points, rng)
+    return ShapeSamples(query, sdf.astype(np.float32), cloud, normals)
 
 
 def sample_mesh(shape_id: str, uri: str, ic: IngestConfig, seed: int) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -136,7 +160,7 @@ def sample_mesh(shape_id: str, uri: str, ic: IngestConfig, seed: int) -> tuple[d
     if os.environ.get("RAYWSL_CRASH_SHAPE") == shape_id:  # fault injection for the crash test
         os._exit(139)
     try:
-        mesh, center, scale = normalise(load_mesh(uri, ic.max_faces), ic.margin)
+        mesh, center, scale = normalise(load_mesh(uri, ic.max_faces, max_bytes=ic.max_bytes), ic.margin)
     except MeshError as e:
         return None, str(e)
     try:

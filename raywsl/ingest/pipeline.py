@@ -30,7 +30,8 @@ from raywsl.config import Config, to_dict
 from raywsl.data.sources import MeshRef, resolve_source
 from raywsl.geometry.sampling import sample_mesh
 from raywsl.progress import Progress
-from raywsl.runtime import ray_session, remote, task_concurrency
+from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, isolate_crashes, ray_session, task_concurrency,
+                            unfinished_message)
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 from raywsl.store.split import held_out_count, shards_of, store_order
 
@@ -80,6 +81,7 @@ def create_store(cfg: Config, plan: C.Plan) -> RowStore:
             C.join(folder, C.SAMPLES), kind="samples", fingerprint=art.fingerprint,
             ids=ids, sources=[r.uri for r in refs], categories=[r.category for r in refs],
             shard_size=cfg.ingest.shard_size, arrays=sample_arrays(cfg),
+            reasons=[C.REJECTED + r.problem if r.problem else "" for r in refs],
             attrs={C.Attr.DATA_SOURCE: cfg.data.source, C.Attr.SEED: cfg.seed, C.Attr.INGEST: to_dict(cfg.ingest),
                    C.Attr.TEST_FRACTION: cfg.ingest.test_fraction,
                    C.Attr.HELD_OUT: held_out_count(ids, cfg.seed, cfg.ingest.test_fraction),
@@ -89,105 +91,155 @@ def create_store(cfg: Config, plan: C.Plan) -> RowStore:
 
 def ingest(cfg: Config, plan: C.Plan) -> dict[str, Any]:
     """Fill the rows of the sample store this run needs; returns the counts over those rows (as
-    `raywsl inspect --json` has them) and `computed`, the number of shards ingested now."""
+    `raywsl inspect --json` has them) and `computed`, the number of shards ingested now. Raises
+    ShardsUnfinished, after everything else is written, if shards could not be finished for a
+    reason no single mesh explains (their rows stay pending for the rerun)."""
     store = create_store(cfg, plan)
     rows = needed_rows(store, cfg)
     shards = shards_of(store, rows)
-    done = store.shards_done()
-    pending = [k for k in shards if not done[k]]
+    pending = store.pending_shards(shards)
     log.info("ingest: %d of %d meshes needed (%d held out) in %d shards -> %s (%d shards already done)",
              len(rows), store.n_rows, int(store.attrs[C.Attr.HELD_OUT]), len(shards), store.path,
              len(shards) - len(pending))
+    errors: dict[int, str] = {}
     if pending:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-            _run_shards(store, pending, cfg)
+            errors = _run_shards(store, pending, cfg)
     summary = store.rows_summary(rows)
     for f in summary["failures"][:MAX_LOGGED_FAILURES]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
     if summary["failed"] > MAX_LOGGED_FAILURES:
         log.warning("... and %d more failures: `raywsl inspect %s` lists them all",
                     summary["failed"] - MAX_LOGGED_FAILURES, store.path)
-    if summary["pending"]:
-        log.warning("%d rows are pending (shards that did not finish): rerun the same command to "
-                    "retry them", summary["pending"])
+    if errors:
+        rows_left = sum(store.shard_rows(k).stop - store.shard_rows(k).start for k in errors)
+        raise ShardsUnfinished(unfinished_message("ingest", store.path, errors, rows_left))
     return {**summary, "computed": len(pending)}
 
 
-def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> None:
-    """Run the pending shards; then, if some lost their worker (a native crash on one mesh), find
-    the meshes that crash it, fail just those rows, and run those shards again."""
-    _shard_pass(store, pending, cfg, skip={})
-    crashed = [k for k in pending if not store.shards_done()[k]]
-    if crashed:
-        log.warning("%d shard(s) lost their worker process; probing their meshes one by one", len(crashed))
-        skip = _find_crashing_rows(store, crashed, cfg)
-        _shard_pass(store, crashed, cfg, skip)
+def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> dict[int, str]:
+    """Run the pending shards; returns {shard: error} for those still pending at the end.
+
+    A shard can fail in two ways. Its task raises (an error of the job or its environment: a full
+    disk, a permission error, a bug): the task reports the error, the shard is retried once in a
+    second pass, and if it fails again it stays pending. Or its worker process dies (after Ray's
+    retries): then each of its meshes is sampled alone (`isolate_crashes`), the meshes that kill
+    their own process every time are recorded as failed with that reason, and the shard is run
+    again without them. A lost node or any other fault never blames a mesh: the shard stays pending."""
+    errors = _shard_pass(store, pending, cfg, skip={})
+    lost = [k for k in store.pending_shards(pending) if k not in errors]
+    if not errors and not lost:
+        return {}
+    skip = {}
+    if lost:
+        log.warning("%d shard(s) lost their worker process; sampling their meshes one by one", len(lost))
+        skip = _find_crashing_rows(store, lost, cfg)
+    retry = sorted({*errors, *lost})
+    errors = _shard_pass(store, retry, cfg, skip=skip)
+    lost = [k for k in store.pending_shards(retry) if k not in errors]
+    errors.update({k: "its worker process died again, and no single mesh kills it alone" for k in lost})
+    return errors
 
 
-def _shard_pass(store: RowStore, shards: list[int], cfg: Config, skip: dict[int, str]) -> None:
+def _shard_pass(store: RowStore, shards: list[int], cfg: Config, skip: dict[int, str]) -> dict[int, str]:
+    """One Ray Data pass over `shards`; returns {shard: error} of the shards whose task raised.
+    Shards whose worker died (Ray Data's retries used up) come back neither done nor in the result."""
     import ray
 
-    # Ray Data retries a task whose worker died without limit: one mesh that crashes a native
-    # library would hang the job. Bound the retries and let such blocks fail; their shards keep
-    # no marker and are handled by the caller.
-    ray.data.DataContext.get_current().max_errored_blocks = len(shards)
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=min(len(shards), MAX_BLOCKS))
     with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_retries yet
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1, concurrency=task_concurrency(),
-                            max_retries=TASK_RETRIES,
+                            memory=_memory(cfg), max_retries=TASK_RETRIES,
                             fn_kwargs={"path": store.path, "cfg": cfg, "skip": skip})
+    # Ray Data retries a task whose worker died, without limit by default: one mesh that crashes a
+    # native library would hang the job. The retries are bounded above; the blocks that still fail
+    # are let through (the caller probes their shards). On this dataset's own context: the global
+    # one would leak into every later dataset of the process.
+    ds.context.max_errored_blocks = len(shards)
     rows = [store.shard_rows(k) for k in shards]
     progress = Progress("ingest", total=sum(r.stop - r.start for r in rows), unit="shapes")
+    errors = {}
     for row in ds.iter_rows():
+        if row["error"]:
+            errors[int(row["shard"])] = str(row["error"])
+            log.warning("shard %d failed: %s", row["shard"], row["error"])
+            continue
         progress.update(int(row["done"]) + int(row["failed"]), failed=int(row["failed"]))
         log.debug("shard %d: %d done, %d failed in %.1fs", row["shard"], row["done"], row["failed"],
                   row["seconds"])
     progress.close()
+    return errors
+
+
+def probe_mesh(shape_id: str, uri: str, ic, seed: int) -> str:
+    """Sample one mesh and return only its verdict ("" or why it fails), never the samples."""
+    os.environ.setdefault("IGL_NUM_THREADS", "1")
+    return sample_mesh(shape_id, uri, ic, seed)[1]
 
 
 def _find_crashing_rows(store: RowStore, shards: list[int], cfg: Config) -> dict[int, str]:
-    """Sample every row of `shards` in its own task, without retries: the rows whose task dies are
-    the culprits. Returns {row: reason}."""
-    import ray
-
-    probe = remote(sample_mesh, num_cpus=1, max_retries=0)
-    refs = {}
+    """The rows of `shards` whose mesh kills the process sampling it, alone, every time: {row: reason}."""
+    calls = {}
     for k in shards:
         rows = store.shard_rows(k)
         meta = store.row_meta(rows)
         for row, shape_id, uri in zip(range(rows.start, rows.stop), meta[C.SHAPE_ID], meta[C.SOURCE]):
-            refs[row] = (str(uri), probe.remote(str(shape_id), str(uri), cfg.ingest, cfg.seed))
-    crashing = {}
-    for row, (uri, ref) in refs.items():
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as e:
-            crashing[row] = f"{uri}: the worker process died while sampling this mesh ({type(e).__name__})"
-            log.warning("row %d crashes its worker: %s", row, uri)
-    return crashing
+            calls[row] = (str(shape_id), str(uri), cfg.ingest, cfg.seed)
+    verdicts = isolate_crashes(probe_mesh, calls, attempts=PROBE_ATTEMPTS, num_cpus=1, memory=_memory(cfg))
+    for row, why in verdicts.items():
+        log.warning("row %d (%s): %s while sampling it", row, calls[row][1], why)
+    return {row: f"{calls[row][1]}: {why} while sampling this mesh, alone, {PROBE_ATTEMPTS} times"
+            for row, why in verdicts.items()}
+
+
+def _memory(cfg: Config) -> int | None:
+    """Ray's `memory` reservation of one ingest task, in bytes (None: no reservation)."""
+    return int(cfg.ingest.memory_gb * 1024**3) or None
 
 
 def ingest_shards(batch: dict[str, np.ndarray], path: str, cfg: Config,
                   skip: dict[int, str] | None = None) -> dict[str, np.ndarray]:
     """Ray Data task: compute and write each shard of `batch`; return one summary row per shard.
-    Rows in `skip` are recorded as failed with the given reason, without sampling."""
+    Rows in `skip` are recorded as failed with the given reason, without sampling. An exception
+    is not a mesh's fault (sample_mesh records those): it is reported in the shard's `error`, and
+    the shard stays pending."""
     # One SDF thread per task: Ray runs one task per core, and libigl would otherwise start a
     # thread per core in each of them (read when libigl first runs in this worker process).
     os.environ.setdefault("IGL_NUM_THREADS", "1")
-    store = RowStore.open(path, mode="r+", kind="samples")
-    out: dict[str, list] = {"shard": [], "done": [], "failed": [], "seconds": []}
+    out: dict[str, list] = {"shard": [], "done": [], "failed": [], "seconds": [], "error": []}
     for k in batch["shard"].tolist():
         t0 = time.perf_counter()
-        if store.shards_done()[k]:  # a retried task may find its shard already committed
-            status = store.read_shard(k, [C.STATUS])[C.STATUS]
-        else:
-            status = _ingest_shard(store, k, cfg, skip or {})
+        status, error = np.zeros(0, "int8"), ""
+        try:
+            _maybe_fail(k)
+            store = RowStore.open(path, mode="r+", kind="samples")
+            if store.shard_done(k):  # a retried task may find its shard already committed
+                status = store.shard_status(k)
+            else:
+                status = _ingest_shard(store, k, cfg, skip or {})
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which stops the job
+            error = f"{type(e).__name__}: {e}"
         out["shard"].append(k)
         out["done"].append(int((status == DONE).sum()))
         out["failed"].append(int((status == FAILED).sum()))
         out["seconds"].append(time.perf_counter() - t0)
+        out["error"].append(error)
     return {key: np.asarray(v) for key, v in out.items()}
+
+
+def _maybe_fail(k: int) -> None:
+    """Fault injection for the tests: shard $RAYWSL_FAIL_SHARD raises an environment error, as a full
+    disk would (or, with $RAYWSL_FAIL_MODE=crash, kills its process, as a lost node would); every
+    time, or with $RAYWSL_FAIL_MARKER only the first time (the file records that it did)."""
+    marker = os.environ.get("RAYWSL_FAIL_MARKER", "")
+    if os.environ.get("RAYWSL_FAIL_SHARD") != str(k) or (marker and os.path.exists(marker)):
+        return
+    if marker:
+        open(marker, "w").close()
+    if os.environ.get("RAYWSL_FAIL_MODE") == "crash":
+        os._exit(137)
+    raise OSError(28, "No space left on device (injected)")
 
 
 def _ingest_shard(store: RowStore, k: int, cfg: Config, skip: dict[int, str]) -> np.ndarray:
@@ -197,7 +249,11 @@ def _ingest_shard(store: RowStore, k: int, cfg: Config, skip: dict[int, str]) ->
     arrays = {spec.name: np.zeros((n, *spec.row_shape), spec.dtype) for spec in sample_arrays(cfg)}
     status = np.full(n, FAILED, dtype="int8")
     reason = [""] * n
+    written = store.read_shard(k, [C.REASON])[C.REASON]  # the driver's rejections (create_store)
     for i, (shape_id, uri) in enumerate(zip(meta[C.SHAPE_ID].tolist(), meta[C.SOURCE].tolist())):
+        if str(written[i]).startswith(C.REJECTED):
+            reason[i] = str(written[i])
+            continue
         if rows.start + i in skip:
             reason[i] = skip[rows.start + i]
             continue

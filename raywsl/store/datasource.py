@@ -8,8 +8,11 @@ It is how fit (and anything else that works shard by shard) gets its input:
 Contract: one ReadTask per [start, stop) range, and each task yields exactly ONE block holding
 every row of its range, in order. Consumers rely on it: the fit actor writes whole shards, so a
 shard's rows must never arrive split across blocks. Columns: `row` (int64 global index),
-`shape_id`, `category`, `status` (int8; PENDING for shards without their commit marker), `reason`,
-then one column per requested array (per-row arrays of any shape, as tensor columns).
+`shape_id`, `category`, `status` (int8; PENDING for shards without their commit marker), `reason`
+(strings: python str, arrow strings), then one column per requested array (per-row arrays of any
+shape, as tensor columns). A read task reads only the objects of its range's shards (RowStore.status,
+RowStore.read), so planning and reading cost the same per shard whatever the size of the store
+(benchmarks/store/bench_bookkeeping.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from raywsl import contract as C
-from raywsl.store.rows import PENDING, RowStore
+from raywsl.store.rows import PENDING, TEXT_ATTR, RowStore
 
 # Always in a block; the rest of the store's arrays can be asked for by name.
 META_COLUMNS = ("row", C.SHAPE_ID, C.CATEGORY, C.STATUS, C.REASON)
@@ -72,29 +75,32 @@ class RowStoreDatasource(Datasource):
 
 
 def _row_nbytes(arr) -> int:
-    if arr.dtype.kind == "T":  # a string array: no fixed size
+    if TEXT_ATTR in arr.attrs:  # strings: python objects in the block, no fixed size
         return _STRING_BYTES_PER_ROW
     return arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
 
 
 def _read_range(path: str, names: list[str], start: int, stop: int) -> Iterator[Block]:
-    """Runs in the read task: open the store there and yield rows [start, stop) as one block."""
+    """Runs in the read task: open the store there and yield rows [start, stop) as one block. Reads
+    only the objects of the shards overlapping the range (their markers, status, strings, arrays) and
+    the metadata of the arrays it reads: the same few objects whatever the size of the store."""
     store = RowStore.open(path)
-    g, rows = store.group, slice(start, stop)
-    status = store.status()[rows]  # RowStore's rule: a shard without its marker is pending
-    reason = _strings(g[C.REASON][rows])
+    rows = range(start, stop)
+    status = store.status(rows)  # RowStore's rule: a shard without its marker is pending
+    reason = _objects(store.read(C.REASON, rows))
     reason[status == PENDING] = ""  # nothing of an uncommitted shard is meaningful
-    batch = {"row": np.arange(start, stop, dtype="int64"), C.SHAPE_ID: _strings(g[C.SHAPE_ID][rows]),
-             C.CATEGORY: _strings(g[C.CATEGORY][rows]), C.STATUS: status, C.REASON: reason}
+    batch = {"row": np.arange(start, stop, dtype="int64"), C.SHAPE_ID: _objects(store.read(C.SHAPE_ID, rows)),
+             C.CATEGORY: _objects(store.read(C.CATEGORY, rows)), C.STATUS: status, C.REASON: reason}
     for name in names:
-        values = g[name][rows]
-        batch[name] = _strings(values) if values.dtype.kind == "T" else values
+        values = store.read(name, rows)
+        batch[name] = _objects(values) if store.is_text(name) else values
     yield BlockAccessor.batch_to_block(batch)  # ndim > 1 arrays become tensor columns
 
 
-def _strings(values: np.ndarray) -> np.ndarray:
-    # zarr 3 returns numpy StringDType, which pyarrow cannot take (nor cast to '<U'): use objects.
-    return values.astype(object)
+def _objects(strings: np.ndarray) -> np.ndarray:
+    # RowStore decodes strings to numpy StringDType, which pyarrow cannot take (nor cast to '<U'):
+    # object arrays of python str become arrow strings.
+    return strings.astype(object)
 
 
 def read_rows(path: str, names: Sequence[str], row_ranges: Sequence[tuple[int, int]] | None = None,

@@ -69,18 +69,15 @@ def training_rows(store: RowStore, shapes: int) -> np.ndarray:
     """Indices of the rows a run with data.shapes = `shapes` trains on: in its training range, and
     done (fitted, or ingested for a sample store)."""
     rows = training_range(store, shapes)
-    done = np.flatnonzero(store.status()[rows.start:rows.stop] == DONE)
-    return done + rows.start
+    return np.flatnonzero(store.status(rows) == DONE) + rows.start
 
 
 def write_split_manifests(samples: RowStore, folder: str, shapes: int) -> dict[str, str]:
     """Manifests (id, path, category) of the ingested shapes of each split, from a sample store:
     {"reference": <folder>/reference.csv (held out), "training": <folder>/training.csv (the run's
     training shapes)}."""
-    meta = samples.row_meta()
-    status = samples.status()
     held = held_out_range(samples)
-    rows = {"reference": [k for k in held if status[k] == DONE],
+    rows = {"reference": (np.flatnonzero(samples.status(held) == DONE) + held.start).tolist(),
             "training": training_rows(samples, shapes).tolist()}
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
@@ -90,7 +87,7 @@ def write_split_manifests(samples: RowStore, folder: str, shapes: int) -> dict[s
         with fsspec.open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["id", "path", "category"])
-            for k in rows[name]:
-                w.writerow([meta[C.SHAPE_ID][k], meta[C.SOURCE][k], meta[C.CATEGORY][k]])
+            w.writerows(zip(*(samples.read(column, rows[name]).tolist()  # only the rows listed
+                              for column in (C.SHAPE_ID, C.SOURCE, C.CATEGORY))))
         out[name] = path
     return out

@@ -40,9 +40,8 @@ def fitted_training_rows(path: str, shapes: int, need: int, purpose: str) -> tup
 
 def shard_tensors(store: RowStore, k: int, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Shard k as torch tensors (weights, loss, steps, status) plus its shape ids."""
-    arrays = store.read_shard(k, [C.ROW_WEIGHTS, C.FIT_LOSS, C.FIT_STEPS, C.STATUS, C.SHAPE_ID])
-    if not store.shards_done()[k]:
-        arrays[C.STATUS] = np.zeros_like(arrays[C.STATUS])  # uncommitted: pending, whatever is there
+    arrays = store.read_shard(k, [C.ROW_WEIGHTS, C.FIT_LOSS, C.FIT_STEPS, C.SHAPE_ID])
+    arrays[C.STATUS] = store.shard_status(k)  # uncommitted: pending, whatever is there
     out: dict[str, Any] = {name: torch.from_numpy(np.asarray(arrays[name])).to(device)
                            for name in (C.ROW_WEIGHTS, C.FIT_LOSS, C.FIT_STEPS, C.STATUS)}
     out[C.SHAPE_ID] = [str(s) for s in arrays[C.SHAPE_ID]]
@@ -53,8 +52,8 @@ def weights_summary(store: RowStore) -> dict[str, Any]:
     """The weight-specific part of `raywsl inspect`: field, init and the fitted losses."""
     attrs = store.attrs
     done = store.status() == DONE
-    loss = store.group[C.FIT_LOSS][:][done]
-    steps = store.group[C.FIT_STEPS][:][done]
+    loss = store.read(C.FIT_LOSS)[done]
+    steps = store.read(C.FIT_STEPS)[done]
     A = C.Attr
     return {"field_type": attrs[A.FIELD_TYPE], "field_preset": attrs[A.FIELD_PRESET], "params": attrs[A.PARAMS],
             "init": attrs[A.INIT], "warm_shape": attrs.get(A.WARM_SHAPE, ""),
