@@ -146,17 +146,47 @@ class ShardsUnfinished(RuntimeError):
     of the job itself, a full disk, a lost node): their rows stay pending, and a rerun retries them."""
 
 
-def unfinished_message(stage: str, where: str, errors: dict[int, str], rows: int) -> str:
-    """What a stage says when shards stay pending ({shard: error}, `rows` rows in them): how many,
-    the distinct errors with a shard of each, and how to resume."""
+def unfinished_message(stage: str, store, errors: dict[int, str]) -> str:
+    """What a stage says when shards of `store` (a RowStore) stay pending ({shard: error}): how many,
+    with how many rows, the distinct errors with a shard of each, and how to resume."""
+    rows = sum(store.shard_rows(k).stop - store.shard_rows(k).start for k in errors)
     first: dict[str, int] = {}
     for k, e in errors.items():
         first.setdefault(e, k)
     shown = "; ".join(f"{e} (shard {k})" for e, k in list(first.items())[:3])
     more = f"; and {len(first) - 3} other errors" if len(first) > 3 else ""
-    return (f"{stage}: {len(errors)} shard(s) ({rows} rows) of {where} did not finish, for reasons no single "
-            f"shape explains: {shown}{more}. Finished shards are kept: fix the cause and rerun the same "
+    return (f"{stage}: {len(errors)} shard(s) ({rows} rows) of {store.path} did not finish, for reasons no "
+            f"single shape explains: {shown}{more}. Finished shards are kept: fix the cause and rerun the same "
             f"command to do the rest")
+
+
+def finish_shards(pending: list[int], run_pass, still_pending, find_culprits, worker: str,
+                  shape: tuple[str, str]) -> dict[int, str]:
+    """The fault policy of a sharded stage (ingest, fit); returns {shard: error} for the shards still
+    pending at the end. `run_pass(shards, skip)` runs the shards once, skipping the rows of `skip`
+    ({row: reason}, failed with it), and returns {shard: error} of those whose task raised;
+    `still_pending(shards)` lists the shards not committed; `find_culprits(shards)` is
+    `isolate_crashes` over the shards' rows ({row: reason}). `worker` names what runs a shard
+    ("worker process", "fitting actor"), `shape` the singular and plural of what a row is.
+
+    A shard can fail in two ways. Its task raises (an error of the job or its environment: a full
+    disk, a permission error, a bug): it is retried once, and if it fails again it stays pending.
+    Or its worker dies (after Ray's retries): then each of its rows runs alone, the rows that kill
+    their own process every time are failed with that reason, and the shard runs again without
+    them. A lost node or any other fault never blames a shape: the shard stays pending."""
+    errors = run_pass(pending, {})
+    lost = [k for k in still_pending(pending) if k not in errors]
+    if not errors and not lost:
+        return {}
+    skip = {}
+    if lost:
+        log.warning("%d shard(s) lost their %s; running their %s one by one", len(lost), worker, shape[1])
+        skip = find_culprits(lost)
+    retry = sorted({*errors, *lost})
+    errors = run_pass(retry, skip)
+    lost = [k for k in still_pending(retry) if k not in errors]
+    errors.update({k: f"its {worker} died again, and no single {shape[0]} kills it alone" for k in lost})
+    return errors
 
 
 def crash_verdict(error: BaseException) -> str:

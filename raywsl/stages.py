@@ -191,7 +191,8 @@ STAGES: dict[str, StageDef] = {
     "train": StageDef(_train, check=_check_train, record=_train_record,
                       summary=lambda f: _fmt(f, "train_step", "train_loss")),
     "sample": StageDef(_sample, check=_check_sample, record=_sample_record,
-                       summary=lambda f: f"{f.get('sample_count')} rows, {f.get('sample_no_surface')} without a surface"),
+                       summary=lambda f: f"{f.get('sample_count')} rows, "
+                                         f"{f.get('sample_no_surface')} without a surface"),
     "eval": StageDef(_eval, check=_check_eval, record=_eval_record,
                      summary=lambda f: _fmt(f, "mmd_cd", "cov_cd", "1nna_cd", "valid_share")),
     "report": StageDef(_report, summary=lambda f: f.get("report", "")),

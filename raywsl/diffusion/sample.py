@@ -84,7 +84,8 @@ def sample(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
                "eta": sc.eta, "ema": sc.ema, "seed": diffusion_seed(cfg), "samples": entries}
     cache.write_json(os.path.join(out, C.SAMPLES_SUMMARY), summary)
     shown = cfg.eval.render or 16
-    figures.render_meshes(meshes[:shown], os.path.join(out, C.GENERATED_GRID), titles=[e["id"] for e in entries][:shown])
+    figures.render_meshes(meshes[:shown], os.path.join(out, C.GENERATED_GRID),
+                          titles=[e["id"] for e in entries][:shown])
     log.info("sample: %d meshes (%d without a surface)", len(rows) - no_surface, no_surface)
     return summary
 

@@ -39,7 +39,8 @@ from raywsl.geometry import figures
 from raywsl.geometry.sampling import shape_rng
 from raywsl.models.fields import Field, field_from_config
 from raywsl.progress import Progress
-from raywsl.runtime import PROBE_ATTEMPTS, ShardsUnfinished, isolate_crashes, ray_session, remote, unfinished_message
+from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_session, remote,
+                            unfinished_message)
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
 from raywsl.store.split import shards_of, training_range
 
@@ -131,8 +132,7 @@ def fit(cfg: Config, plan: C.Plan) -> dict[str, Any]:
     for f in summary["failures"][:20]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
     if errors:
-        rows_left = sum(store.shard_rows(k).stop - store.shard_rows(k).start for k in errors)
-        raise ShardsUnfinished(unfinished_message("fit", store.path, errors, rows_left))
+        raise ShardsUnfinished(unfinished_message("fit", store, errors))
     return {**summary, "computed": len(pending)}
 
 
@@ -232,23 +232,14 @@ def _gpus_per_actor(cfg: Config) -> float:
 
 
 def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, plan: C.Plan) -> dict[int, str]:
-    """Fit the pending shards; returns {shard: error} for those still pending at the end. As in
-    ingest (ingest/pipeline.py `_run_shards`): a shard whose actor raised is retried once; a shard
-    whose actor died (after Ray's restarts and retries) has each of its shapes fitted alone, and the
-    shapes that kill their own process every time are failed with that reason, the rest refitted."""
+    """Fit the pending shards under the fault policy of `runtime.finish_shards`; returns {shard: error}
+    for those still pending at the end. Plots the mean loss curve of the shapes fitted."""
     base = plan["train-base"].path if "train-base" in plan else ""
     curve = np.zeros((2, curve_length(cfg)))  # summed loss curves, counts
-    errors = _shard_pass(store, inp, pending, cfg, base, {}, curve)
-    lost = [k for k in store.pending_shards(pending) if k not in errors]
-    if errors or lost:
-        skip = {}
-        if lost:
-            log.warning("%d shard(s) lost their fitting actor; fitting their shapes one by one", len(lost))
-            skip = _find_crashing_rows(store, inp, lost, cfg, plan_field(cfg, plan))
-        retry = sorted({*errors, *lost})
-        errors = _shard_pass(store, inp, retry, cfg, base, skip, curve)
-        lost = [k for k in store.pending_shards(retry) if k not in errors]
-        errors.update({k: "its fitting actor died again, and no single shape kills it alone" for k in lost})
+    errors = finish_shards(
+        pending, lambda shards, skip: _shard_pass(store, inp, shards, cfg, base, skip, curve), store.pending_shards,
+        lambda shards: _find_crashing_rows(store, inp, shards, cfg, plan_field(cfg, plan)),
+        worker="fitting actor", shape=("shape", "shapes"))
     _plot_loss_curve(cfg, plan, *curve)
     return errors
 

@@ -30,8 +30,8 @@ from raywsl.config import Config, to_dict
 from raywsl.data.sources import MeshRef, resolve_source
 from raywsl.geometry.sampling import sample_mesh
 from raywsl.progress import Progress
-from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, isolate_crashes, ray_session, task_concurrency,
-                            unfinished_message)
+from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_session,
+                            task_concurrency, unfinished_message)
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 from raywsl.store.split import held_out_count, shards_of, store_order
 
@@ -104,7 +104,9 @@ def ingest(cfg: Config, plan: C.Plan) -> dict[str, Any]:
     errors: dict[int, str] = {}
     if pending:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-            errors = _run_shards(store, pending, cfg)
+            errors = finish_shards(pending, lambda shards, skip: _shard_pass(store, shards, cfg, skip),
+                                   store.pending_shards, lambda shards: _find_crashing_rows(store, shards, cfg),
+                                   worker="worker process", shape=("mesh", "meshes"))
     summary = store.rows_summary(rows)
     for f in summary["failures"][:MAX_LOGGED_FAILURES]:
         log.warning("failed: %s: %s", f["shape_id"], f["reason"])
@@ -112,33 +114,8 @@ def ingest(cfg: Config, plan: C.Plan) -> dict[str, Any]:
         log.warning("... and %d more failures: `raywsl inspect %s` lists them all",
                     summary["failed"] - MAX_LOGGED_FAILURES, store.path)
     if errors:
-        rows_left = sum(store.shard_rows(k).stop - store.shard_rows(k).start for k in errors)
-        raise ShardsUnfinished(unfinished_message("ingest", store.path, errors, rows_left))
+        raise ShardsUnfinished(unfinished_message("ingest", store, errors))
     return {**summary, "computed": len(pending)}
-
-
-def _run_shards(store: RowStore, pending: list[int], cfg: Config) -> dict[int, str]:
-    """Run the pending shards; returns {shard: error} for those still pending at the end.
-
-    A shard can fail in two ways. Its task raises (an error of the job or its environment: a full
-    disk, a permission error, a bug): the task reports the error, the shard is retried once in a
-    second pass, and if it fails again it stays pending. Or its worker process dies (after Ray's
-    retries): then each of its meshes is sampled alone (`isolate_crashes`), the meshes that kill
-    their own process every time are recorded as failed with that reason, and the shard is run
-    again without them. A lost node or any other fault never blames a mesh: the shard stays pending."""
-    errors = _shard_pass(store, pending, cfg, skip={})
-    lost = [k for k in store.pending_shards(pending) if k not in errors]
-    if not errors and not lost:
-        return {}
-    skip = {}
-    if lost:
-        log.warning("%d shard(s) lost their worker process; sampling their meshes one by one", len(lost))
-        skip = _find_crashing_rows(store, lost, cfg)
-    retry = sorted({*errors, *lost})
-    errors = _shard_pass(store, retry, cfg, skip=skip)
-    lost = [k for k in store.pending_shards(retry) if k not in errors]
-    errors.update({k: "its worker process died again, and no single mesh kills it alone" for k in lost})
-    return errors
 
 
 def _shard_pass(store: RowStore, shards: list[int], cfg: Config, skip: dict[int, str]) -> dict[int, str]:

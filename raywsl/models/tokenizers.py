@@ -385,15 +385,15 @@ class LoRAHierTokenizer(Tokenizer):
 
     def encode(self, rows: Tensor) -> Tensor:
         tokens = []
-        for l, piece in enumerate(self.split(rows)):
-            x = self.inp[l](piece) + self.rank_pe[: self.ranks[l]]
-            tokens.append(self.mix_in[str(self.heads[l])](x).mean(dim=1))
+        for i, piece in enumerate(self.split(rows)):
+            x = self.inp[i](piece) + self.rank_pe[: self.ranks[i]]
+            tokens.append(self.mix_in[str(self.heads[i])](x).mean(dim=1))
         return torch.stack(tokens, dim=1) + self.layer_pe
 
     def decode(self, tokens: Tensor) -> Tensor:
         tokens = self._tokens(tokens)
         pieces = []
-        for l, r in enumerate(self.ranks):
-            x = tokens[:, l, None, :].expand(-1, r, -1) + self.rank_pe[:r]
-            pieces.append(self.out[l](self.mix_out[str(self.heads[l])](x)))
+        for i, r in enumerate(self.ranks):
+            x = tokens[:, i, None, :].expand(-1, r, -1) + self.rank_pe[:r]
+            pieces.append(self.out[i](self.mix_out[str(self.heads[i])](x)))
         return self.merge(pieces)
