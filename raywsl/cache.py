@@ -23,6 +23,7 @@ Small files a run folder owns (config.yaml, stages.json, metrics.json) are writt
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -47,26 +48,75 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory); a URL
+    as it is."""
+    return os.path.abspath(local_path(path)) if is_local(path) else path
 
 
 # ------------------------------------------------------------------------------------ files
 
-def write_text(path: str, text: str) -> None:
-    """Write a small file atomically: a temporary file beside it, renamed over it (one PUT remotely)."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a file atomically: a temporary file beside it, renamed over it (one PUT remotely, which
+    an object store makes visible whole or not at all)."""
     if not is_local(path):
         fs, p = fsspec.core.url_to_fs(path)
-        fs.pipe_file(p, text.encode())
+        fs.pipe_file(p, data)
         return
-    path = _local(path)
+    path = local_path(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}{C.TMP_MARK}{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def npy_bytes(array) -> bytes:
+    """An array in .npy format (np.save's bytes), for write_bytes."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.cat_file(p)
+
+
+def exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def put_folder(local: str, url: str) -> None:
+    """Copy the files of the local folder `local` into `url` (a folder, local or remote)."""
+    fs, dest = fsspec.core.url_to_fs(url)
+    for root, _, names in os.walk(local):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), local)
+            fs.put_file(os.path.join(root, name), C.join(dest, rel.replace(os.sep, "/")))
+
+
+def get_folder(url: str, local: str) -> None:
+    """Copy the files under `url` (a folder, local or remote) into the local folder `local`."""
+    fs, src = fsspec.core.url_to_fs(url)
+    src = src.rstrip("/")
+    for path in fs.find(src):
+        target = os.path.join(local, *path[len(src) + 1:].split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(path, target)
 
 
 def jsonable(value: Any) -> Any:
@@ -133,10 +183,20 @@ def publishing(artifact: C.Artifact, info: dict[str, Any] | None = None) -> Iter
         if is_local(artifact.path):
             os.rename(tmp, final)  # atomic on one file system
         else:
-            fs.mv(tmp, final, recursive=True)  # object stores have no rename: readers check artifact.json
+            _move_remote(fs, tmp, final)
     except BaseException:
-        fs.rm(tmp, recursive=True)
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
         raise
+
+
+def _move_remote(fs, tmp: str, final: str) -> None:
+    """Object stores have no rename: copy every object, artifact.json last (readers take its presence
+    for completeness), then delete the temporary ones."""
+    files = [f for f in fs.find(tmp) if f.rsplit("/", 1)[-1] != C.ARTIFACT_INFO]
+    fs.copy(files, [final + f[len(tmp):] for f in files])
+    fs.copy(C.join(tmp, C.ARTIFACT_INFO), C.join(final, C.ARTIFACT_INFO))
+    fs.rm(tmp, recursive=True)
 
 
 def remove(folder: str) -> None:
@@ -160,7 +220,7 @@ def lock(artifact: C.Artifact, on_wait: Callable[[], None] | None = None) -> Ite
         with _ray_lock(artifact.path, on_wait):
             yield
         return
-    with file_lock(_local(artifact.path) + C.LOCK_SUFFIX, on_wait):
+    with file_lock(local_path(artifact.path) + C.LOCK_SUFFIX, on_wait):
         yield
 
 
@@ -184,7 +244,7 @@ def file_lock(path: str, on_wait: Callable[[], None] | None = None) -> Iterator[
 
 def is_locked(folder: str) -> bool:
     """Whether some process holds the lock of the artifact at `folder` (local caches)."""
-    path = _local(folder) + C.LOCK_SUFFIX
+    path = local_path(folder) + C.LOCK_SUFFIX
     if not os.path.exists(path):
         return False
     fd = os.open(path, os.O_RDWR)
@@ -258,9 +318,9 @@ def link(run: C.RunLayout, stage: str, target: str) -> None:
     symlink on a local disk, replaced atomically; remote run folders have only stages.json."""
     if not (is_local(run.root) and is_local(target)):
         return
-    path = _local(run.link(stage))
+    path = local_path(run.link(stage))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    rel = os.path.relpath(os.path.abspath(_local(target)), os.path.dirname(os.path.abspath(path)))
+    rel = os.path.relpath(os.path.abspath(local_path(target)), os.path.dirname(os.path.abspath(path)))
     if os.path.islink(path) and os.readlink(path) == rel:
         return
     if os.path.exists(path) and not os.path.islink(path):
@@ -278,7 +338,7 @@ def referenced(run_roots: list[str]) -> set[str]:
         stages = read_json(C.join(root, C.STAGES_FILE), {})
         for entry in stages.get("stages", {}).values():
             if entry.get("artifact"):
-                refs.add(os.path.abspath(_local(entry["artifact"])))
+                refs.add(os.path.abspath(local_path(entry["artifact"])))
     return refs
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import fsspec
 
+from raywsl import cache
 from raywsl import contract as C
 from raywsl.config import Config, ConfigError, describe, load_config
 from raywsl.progress import console, setup_logging
@@ -136,9 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raywsl import cache
     from raywsl.eval.run import evaluate, is_external, log_eval
-    from raywsl.stages import open_run, plan_for
+    from raywsl.stages import call_stage, open_run, plan_for
 
     cfg = load(args)
     if not is_external(cfg):
@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if os.path.islink(folder):
             os.remove(folder)
         with open_run(cfg, plan, "eval", args.restart):
-            evaluate(cfg, plan if cfg.data.source else None, folder)
+            call_stage(cfg, "eval", evaluate, cfg, plan if cfg.data.source else None, folder)  # a GPU task or here
             cache.update_json(plan.run.metrics, log_eval(folder))
     result = cache.read_json(C.join(folder, C.STAGE_METRICS), {})
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
@@ -203,24 +203,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raywsl.sweep.run import run_sweep
     from raywsl.sweep.space import load_sweep
 
-    sweep = load_sweep(args.config)  # every trial's config checked before any work
+    sweep = load_sweep(args.config, args.overrides)  # every trial's config checked before any work
     outcome = run_sweep(sweep, folder=args.dir or None, restart=args.restart)
     return 0 if outcome.counts.get("finished") else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if os.path.exists(C.join(args.folder, C.SWEEP_JSON)):
+    if cache.exists(C.join(args.folder, C.SWEEP_JSON)):
         from raywsl.sweep.report import write_sweep_report
 
         report = write_sweep_report(args.folder)
         console.info("wrote %s (%d figures, %s)", report.path, len(report.figures), report.table)
         return 0
-    if not os.path.exists(C.join(args.folder, C.CONFIG)):
+    if not cache.exists(C.join(args.folder, C.CONFIG)):
         raise ConfigError(f"{args.folder}: neither a sweep folder (no {C.SWEEP_JSON}) nor a run folder (no {C.CONFIG})")
     from raywsl.report import write_report
     from raywsl.stages import plan_for
 
-    cfg = load_config(C.join(args.folder, C.CONFIG), [f"run.dir={os.path.abspath(args.folder)}"])
+    cfg = load_config(C.join(args.folder, C.CONFIG), [f"run.dir={cache.absolute(args.folder)}"])
     console.info("wrote %s", write_report(cfg, plan_for(cfg)))
     return 0
 
@@ -234,7 +234,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from raywsl import cache
 
     runs = args.runs or os.path.dirname(os.path.abspath(args.cache.rstrip("/")))
     roots = cache.run_folders(runs)
@@ -278,6 +277,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="", help="sweep folder (default: runs/sweeps/<name> beside the base config's runs)")
     p.add_argument("--restart", action="store_true",
                    help="a new Ray Tune experiment instead of resuming (finished trials' artifacts are still reused)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every trial, after the sweep's own (e.g. cache.dir=s3://... "
+                        "mlflow.tracking_uri=http://head:5000 on a cluster)")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -31,6 +32,8 @@ DEFAULT_NEAR_SIGMAS: tuple[float, float] = (math.sqrt(0.0005), math.sqrt(0.005))
 DEFAULT_MIX: tuple[float, float, float] = (0.25, 0.25, 0.5)
 SET_DISTANCES = ("cd", "emd")
 CORPUS_SCHEME = "corpus:"  # data.source "corpus:32": the built-in procedural generator
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -144,8 +147,13 @@ class FitConfig:
     max_restarts: int = opt(2, "restarts of a diverging shape (each at lr x lr_backoff) before it fails", min=0)
     lr_backoff: float = opt(0.1, "learning-rate factor of each restart", min=0.0, max=1.0)
     shard_size: int = opt(64, "shapes per weight-store shard: the unit of work, writing and resume", min=1)
-    actors: int = opt(1, "fitting actors (one GPU each on a cluster)", min=1, fp=False)
-    device: str = opt("auto", "torch device: auto (cuda if present), cpu, cuda", fp=False)
+    actors: int = opt(1, "fitting actors (each with fit.gpus_per_actor GPUs when scaling.use_gpu)", min=1, fp=False)
+    gpus_per_actor: float = opt(1.0, "GPUs each fitting actor (and each fitting task: the warm-start anchor, crash "
+                                     "probes, stability's variants) asks Ray for when scaling.use_gpu: a fraction "
+                                     "in (0, 1] packs several actors on one GPU (0.25: four), else a whole number",
+                                fp=False)
+    device: str = opt("auto", "torch device of fitting (and of sample / recon): auto (cuda when the process doing "
+                              "the work has a GPU), cpu, cuda (needs scaling.use_gpu)", fp=False)
     precision: str = opt("fp32", "fp32; tf32 (fp32 weights, TF32 matmuls) or bf16 autocast on a GPU (fp32 on CPU)",
                          choices=["fp32", "tf32", "bf16"])
     cpus_per_actor: int = opt(1, "CPUs (and torch threads) of each fitting actor", min=1, fp=False)
@@ -183,10 +191,10 @@ class BaseConfig:
                                     "staged schedule: [fraction of steps, shapes per step, points per shape], "
                                     "many shapes x few points first")
     checkpoint_every: int = opt(200, "steps between checkpoints (reported to Ray Train)", min=1, fp=False)
-    workers: int = opt(2, "Ray Train workers (DDP; gloo on CPU, nccl on GPU)", min=1, fp=False)
+    workers: int = opt(2, "Ray Train workers of train-base (DDP; gloo on CPU; nccl and one GPU each with "
+                          "scaling.use_gpu)", min=1, fp=False)
     cache_gb: float = opt(2.0, "a worker keeps its shard of samples in memory up to this size (else it "
                                "streams them epoch after epoch)", min=0.0, fp=False)
-    use_gpu: bool = opt(False, "one GPU per Ray Train worker", fp=False)
 
 
 @dataclass
@@ -236,10 +244,18 @@ class SampleConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = opt(1, "Ray Train workers of `raywsl train` (DDP; gloo on CPU, nccl on GPU)", min=1, fp=False)
+    num_workers: int = opt(1, "Ray Train workers of `raywsl train` (DDP; gloo on CPU; nccl and one GPU each with "
+                              "scaling.use_gpu)", min=1, fp=False)
     cpus_per_worker: int = opt(1, "CPUs (and torch threads) of each Ray Train worker of `raywsl train`", min=1,
                                fp=False)
-    use_gpu: bool = opt(False, "one GPU per Ray Train worker", fp=False)
+    use_gpu: bool = opt(False, "the run's GPU switch, asked of Ray from the config (never from the cluster's state, "
+                               "so an autoscaler can add GPU nodes): each fitting actor fit.gpus_per_actor GPUs, each "
+                               "Ray Train worker (train-base, train) one, and sample / recon / eval run as one Ray "
+                               "task with one GPU (the driver can be a CPU head); work waits for GPUs, never falls "
+                               "back to CPUs. false: no GPU asked anywhere, sample / recon / eval run in the driver",
+                        fp=False)
+    cpus_per_task: int = opt(2, "CPUs of the one Ray task that runs sample, recon or eval when scaling.use_gpu",
+                             min=1, fp=False)
 
 
 @dataclass
@@ -256,8 +272,8 @@ class EvalConfig:
                                              "shape counts as memorised; 0 calibrates it: the 95th percentile "
                                              "of CD between two samplings of each training shape", min=0.0)
     render: int = opt(16, "meshes of each set rendered into PNG grids", min=0)
-    device: str = opt("auto", "torch device for distance matrices: auto (cuda if present), cpu, cuda",
-                      fp=False)
+    device: str = opt("auto", "torch device for distance matrices: auto (cuda when the process doing the work has "
+                              "a GPU), cpu, cuda (needs scaling.use_gpu)", fp=False)
 
 
 @dataclass
@@ -320,12 +336,27 @@ class Config:
         bad = sorted(set(self.eval.distances) - set(SET_DISTANCES))
         _require("eval.distances", self.eval.distances and not bad, self.eval.distances,
                  f"a non-empty list from {list(SET_DISTANCES)}")
+        g = self.fit.gpus_per_actor
+        _require("fit.gpus_per_actor", g > 0 and (g <= 1 or g == int(g)), g,
+                 "a fraction in (0, 1] (several actors share a GPU) or a whole number of GPUs")
+        for key, device in (("fit.device", self.fit.device), ("eval.device", self.eval.device)):
+            if device.startswith("cuda") and not self.scaling.use_gpu:
+                raise ConfigError(f"config key '{key}' is {device!r} but scaling.use_gpu is false, so no GPU is asked "
+                                  f"of Ray: set scaling.use_gpu=true (GPUs for the fitting actors, the Ray Train "
+                                  f"workers and the sample / recon / eval task), or {key}=auto")
         source = self.data.source
         if source.startswith(CORPUS_SCHEME):
             n = source[len(CORPUS_SCHEME):]
             _require("data.source", n.isdigit() and int(n) >= 1, source,
                      "corpus:N (N a positive number of shapes) for the built-in generator, or meshes")
         return self
+
+    @property
+    def fit_gpus(self) -> float:
+        """GPUs each fitting actor and each fitting task (warm-start anchor, crash probes, stability's
+        variants) asks Ray for: from the config alone, never from the cluster's state at launch (a
+        cluster whose GPU nodes autoscale from 0 has none then)."""
+        return self.fit.gpus_per_actor if self.scaling.use_gpu and self.fit.device != "cpu" else 0.0
 
     @property
     def run_dir(self) -> str:
@@ -356,21 +387,47 @@ class Config:
 # Loading, overrides, validation
 # --------------------------------------------------------------------------------------------
 
+# Keys that moved: {old dotted key: new one}. Files and overrides that name the old key still load.
+MOVED_KEYS = {"base.use_gpu": "scaling.use_gpu"}  # one GPU switch for the whole run, train-base included
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML), then validated."""
-    raw = read_yaml_mapping(path) if path else {}
+    raw = _move_keys(read_yaml_mapping(path), str(path)) if path else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         node = raw
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = MOVED_KEYS.get(key.strip(), key.strip()).split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
         node[leaf] = yaml.safe_load(value) if value.strip() else ""
     return build(Config, raw).validate()
+
+
+def _move_keys(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """A file's mapping with the keys of MOVED_KEYS under their new names. When a file names both (a
+    config.yaml saved before the move lists every key), the new key decides."""
+    for old, new in MOVED_KEYS.items():
+        (section, leaf), (new_section, new_leaf) = old.split("."), new.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        target = raw.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # build() names the bad section
+        if new_leaf in target:
+            if target[new_leaf] != value:
+                log.warning("%s: '%s: %r' is ignored: '%s' (%r) now decides for the whole run", where, old, value,
+                            new, target[new_leaf])
+        else:
+            log.info("%s: '%s' is now '%s'", where, old, new)
+            target[new_leaf] = value
+    return raw
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file",

@@ -10,12 +10,12 @@ state").
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from raywsl import cache
 from raywsl.progress import is_verbose, route_library_logs
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,12 @@ def ray_session(address: str = "", num_cpus: int | None = None) -> Iterator[None
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth only gets in the way locally
+        # Token authentication stays as Ray sets it: on by default for a local cluster (Ray creates
+        # ~/.ray/auth_token if missing; a command joining this cluster, a subprocess or `ray job
+        # submit`, reads the same token), or what RAY_AUTH_MODE says.
         ray.init(
             address="local",
+            _node_ip_address="127.0.0.1",  # the embedded cluster listens on loopback only
             num_cpus=num_cpus or local_num_cpus(),
             include_dashboard=True,
             dashboard_port=_free_port(),  # two local runs at once must not fight over 8265
@@ -130,6 +133,20 @@ def _workers_output_to_log() -> None:
         dispatcher.add_handler("ray_print_logs", to_log)
     except (ImportError, AttributeError, KeyError, ValueError) as e:
         log.debug("Ray workers' output stays on the terminal: %s", e)
+
+
+@contextmanager
+def ray_remote_args() -> Iterator[None]:
+    """Around a `map_batches` call that passes retry / restart limits (max_retries, max_restarts,
+    max_task_retries) or per-worker GPUs with whole-block batches (`ray_remote_args_fn`): Ray (up to
+    2.63, pyproject's ceiling) has no named parameters for them and deprecates the only way to pass
+    them. Exactly those two warnings are silenced; every other deprecation stays visible."""
+    import warnings
+
+    with warnings.catch_warnings():
+        for name in ("ray_remote_args", "ray_remote_args_fn"):
+            warnings.filterwarnings("ignore", message=f"`{name}` is deprecated", category=DeprecationWarning)
+        yield
 
 
 def remote(fn, **options):
@@ -253,7 +270,7 @@ def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int
         loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=C.TRAIN_RUN, storage_path=storage,
+        run_config=ray.train.RunConfig(name=C.TRAIN_RUN, **train_storage(storage),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        callbacks=_tune_callbacks()),
@@ -274,6 +291,19 @@ def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int
     return result
 
 
+def train_storage(storage: str) -> dict:
+    """Ray Train's storage arguments for a local folder or an fsspec URL. A URL goes through the same
+    fsspec file system raywsl's stores use (its credentials, its endpoint), wrapped for pyarrow, so
+    Ray Train and the stores can never disagree about where s3://... is."""
+    if cache.is_local(storage):
+        return {"storage_path": os.path.abspath(cache.local_path(storage))}
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(storage)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
 def _tune_callbacks() -> list:
     """Inside a Ray Tune trial (a sweep), what the training loop reports also reaches Tune, whose
     scheduler (ASHA) may stop the trial early: the pattern Ray 2.60 documents for Train inside Tune."""
@@ -286,11 +316,9 @@ def _tune_callbacks() -> list:
 
 
 def report_progress(path: str, step: int, total: int, loss: float) -> None:
-    """From a training loop (rank 0): the step it reached, for the driver's progress bar."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "total": total, "loss": loss}, f)
-    os.replace(tmp, path)
+    """From a training loop (rank 0, on any node): the step it reached, for the driver's progress bar.
+    `path` is in the stage's work folder, a local path or a URL both reach."""
+    cache.write_json(path, {"step": step, "total": total, "loss": loss})
 
 
 def _watch_progress(path: str, name: str, total: int, stop) -> None:
@@ -298,8 +326,7 @@ def _watch_progress(path: str, name: str, total: int, stop) -> None:
 
     def step() -> int | None:
         try:
-            with open(path) as f:
-                return int(json.load(f)["step"])
+            return int(cache.read_json(path, {})["step"])
         except (OSError, ValueError, KeyError):
             return None
 
@@ -318,9 +345,104 @@ def _watch_progress(path: str, name: str, total: int, stop) -> None:
 
 def copy_checkpoint(result, folder: str) -> None:
     """Copy the last checkpoint of a Ray Train result into `folder` (a stage's artifact being
-    written: cache.publishing renames it into place once complete)."""
-    import shutil
-
+    written, local or at a URL: cache.publishing moves it into place once complete)."""
     with result.checkpoint.as_directory() as src:
-        shutil.copytree(src, folder, dirs_exist_ok=True)
+        cache.put_folder(src, folder)
 
+
+
+# ------------------------------------------------------------------------------------ GPUs from the config
+
+GPU_NOTICE_GRACE_S = 5.0  # work that starts within this long never hears of the notice
+GPU_NOTICE_EVERY_S = 60.0  # the notice again this often while the cluster still lacks the GPUs
+GPU_POLL_S = 5.0  # how often the cluster's GPUs are looked up
+
+
+@contextmanager
+def gpu_wait_notice(stage: str, gpus_needed: float, what: str, *, grace_s: float = GPU_NOTICE_GRACE_S,
+                    every_s: float = GPU_NOTICE_EVERY_S) -> Iterator[None]:
+    """While the block runs, say why `stage` waits when the cluster has fewer GPUs than
+    `gpus_needed` (the GPUs it must have before any of the work can start): once after `grace_s`,
+    then every `every_s`, e.g. "fit: waiting for 4 fitting actors x 1 GPU; the cluster has 0 GPUs
+    now (...)"; `what` names the request. Ray keeps work that asks for GPUs the cluster lacks pending
+    (its autoscaler may add GPU nodes); raywsl never falls back to the CPU, it says why it waits.
+    Nothing happens when `gpus_needed` is 0; before Ray is up nothing is looked up."""
+    if gpus_needed <= 0:
+        yield
+        return
+    import threading
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=_gpu_notices, args=(stage, gpus_needed, what, grace_s, every_s, stop),
+                               name=f"raywsl-gpu-notice-{stage}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=2 * GPU_POLL_S)
+
+
+def cluster_gpus() -> float | None:
+    """The GPUs the connected Ray cluster has now (None when Ray is not up or does not answer)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return float(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # noqa: BLE001 - Ray shutting down under us: nothing to say
+        return None
+
+
+def _gpu_notices(stage: str, needed: float, what: str, grace_s: float, every_s: float, stop) -> None:
+    import time
+
+    from raywsl.progress import console
+
+    if stop.wait(grace_s):
+        return
+    last = None  # when the notice was last given
+    while True:
+        have = cluster_gpus()
+        now = time.monotonic()
+        if have is not None and have < needed and (last is None or now - last >= every_s):
+            log.warning("%s: waiting for %s; the cluster has %g GPUs now (its autoscaler may add GPU nodes; with "
+                        "none to add this waits forever: set scaling.use_gpu=false to run on CPUs)", stage, what, have)
+            last = now
+        elif have is not None and have >= needed and last is not None:
+            console.info("%s: the cluster has %g GPUs now, the work goes on", stage, have)
+            last = None
+        if stop.wait(min(GPU_POLL_S, every_s)):
+            return
+
+
+def run_task(fn, *args, **options):
+    """`fn(*args)` as one Ray task with `options` (num_gpus, num_cpus, ...), outside any placement
+    group (`remote`); returns what it returns. Its log lines reach this process through Ray's log
+    relay (the log file; the terminal with -v). A raywsl error it raises (StoreError, EvalError, ...)
+    is raised here as itself, so the CLI reports it as it would from this process."""
+    import ray
+
+    task = remote(_logged_call, **options)
+    try:
+        return ray.get(task.remote(fn, *args))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Exception) and type(e.cause).__module__.startswith("raywsl"):
+            log.debug("%s", e)  # the task's traceback, for the log file
+            raise e.cause from None
+        raise
+
+
+def _logged_call(fn, *args):
+    """In a task: raywsl's INFO lines (progress, results) to stderr, which Ray relays to the driver."""
+    import sys
+
+    logger = logging.getLogger("raywsl")
+    if not any(getattr(h, "raywsl_task", False) for h in logger.handlers):  # a reused worker has it already
+        handler = logging.StreamHandler(sys.stderr)
+        handler.raywsl_task = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return fn(*args)

@@ -15,8 +15,11 @@ the terminal. The stage functions themselves live in their subpackages and know 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,6 +203,57 @@ STAGES: dict[str, StageDef] = {
 assert list(STAGES) == list(C.STAGES), "every stage of the contract has a runner, in order"
 
 
+# ------------------------------------------------------------------------------------ where stages run
+
+# Stages that compute in the driver process, or with scaling.use_gpu as one Ray task holding a GPU (the
+# driver may be a CPU head node), and the config key of the torch device each computes on.
+GPU_TASK_STAGES = {"sample": "fit.device", "recon": "fit.device", "eval": "eval.device"}
+
+
+def stage_resources(cfg: Config, stage: str) -> dict[str, Any]:
+    """Ray options of the one task that computes `stage` ({} computes it in this process): with
+    scaling.use_gpu, one GPU and scaling.cpus_per_task CPUs for sample, recon and eval, unless their
+    device is cpu. Stages that place their own work (fit's actors, Ray Train's workers, ingest's
+    tasks) and every stage without scaling.use_gpu (the laptop default) compute here."""
+    key = GPU_TASK_STAGES.get(stage)
+    if not key or not cfg.scaling.use_gpu or C.read_key(cfg, key) == "cpu":
+        return {}
+    return {"num_gpus": 1, "num_cpus": cfg.scaling.cpus_per_task}
+
+
+def gpu_demand(cfg: Config, stage: str) -> tuple[float, str]:
+    """(GPUs the cluster must have before `stage` can start, what asks for them) for the waiting
+    notice (runtime.gpu_wait_notice); (0, "") when the stage asks for none. Fitting starts with one
+    actor; a Ray Train run needs all of its workers at once."""
+    def count(n: int, noun: str, gpus: float) -> str:
+        return f"{n} {noun}{'s' if n != 1 else ''} x {gpus:g} GPU"
+
+    if stage == "fit" and cfg.fit_gpus:
+        return cfg.fit_gpus, count(cfg.fit.actors, "fitting actor", cfg.fit_gpus)
+    if stage in ("train-base", "train") and cfg.scaling.use_gpu:
+        workers = cfg.base.workers if stage == "train-base" else cfg.scaling.num_workers
+        return float(workers), count(workers, "Ray Train worker", 1)
+    if gpus := stage_resources(cfg, stage).get("num_gpus", 0):
+        return float(gpus), count(1, f"{stage} task", gpus)
+    return 0.0, ""
+
+
+def call_stage(cfg: Config, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` (the compute function of `stage`) where the stage computes (`stage_resources`): in
+    this process, or as one Ray task whose result comes back here; saying why while it waits for GPUs
+    (`gpu_demand`). The task writes into the artifact's folder as this process would (on a cluster, the
+    cache is storage every node sees); MLflow calls in it would find no active run, so what a stage
+    records is logged from the artifact by its `record` function, in this process."""
+    from raywsl.runtime import gpu_wait_notice, ray_session, run_task
+
+    options = stage_resources(cfg, stage)
+    with gpu_wait_notice(stage, *gpu_demand(cfg, stage)):
+        if not options:
+            return fn(*args)
+        with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
+            return run_task(fn, *args, **options)
+
+
 # ------------------------------------------------------------------------------------ plans
 
 def plan_for(cfg: Config, base: bool = False) -> C.Plan:
@@ -264,19 +318,19 @@ def produce(cfg: Config, plan: C.Plan, stage: str, restart: bool = False) -> Out
         facts = d.compute(cfg, plan)
         reused = False
     else:
-        with cache.lock(art, waiting):
+        with _ray_for_locks(cfg, art), cache.lock(art, waiting):
             if restart:
                 cache.remove(art.path)
                 cache.remove(cache.work_dir(art))
             if spec.store:
                 cache.link(plan.run, stage, plan.shown(stage))  # shows the store while it fills
-                facts = d.compute(cfg, plan)
+                facts = call_stage(cfg, stage, d.compute, cfg, plan)
                 reused = facts.pop("computed") == 0
             elif cache.is_complete(art.path):
                 reused = True
             else:
                 with cache.publishing(art, {"config": {k: C.read_key(cfg, k) for k in spec.reads}}) as out:
-                    d.compute(cfg, plan, out, restart)
+                    call_stage(cfg, stage, d.compute, cfg, plan, out, restart)
                 cache.remove(cache.work_dir(art))  # a training stage's resumable state, now published
                 reused = False
         cache.link(plan.run, stage, plan.shown(stage))
@@ -287,6 +341,15 @@ def produce(cfg: Config, plan: C.Plan, stage: str, restart: bool = False) -> Out
     _show(outcome, d.summary(facts))
     _record(cfg, plan, outcome)
     return outcome
+
+
+def _ray_for_locks(cfg: Config, art: C.Artifact):
+    """An artifact at a URL is locked through a Ray actor (cache.lock): Ray must be up first, the
+    configured one (not one that a bare Ray call would start by itself)."""
+    from raywsl.runtime import ray_session
+
+    return contextlib.nullcontext() if cache.is_local(art.path) else ray_session(cfg.ray.address,
+                                                                                 cfg.ray.num_cpus or None)
 
 
 def run_stages(cfg: Config, plan: C.Plan, stages: list[str], restart: bool = False) -> list[Outcome]:
@@ -356,11 +419,20 @@ def open_run(cfg: Config, plan: C.Plan, verb: str, restart: bool = False) -> Ite
     """What a command writes into its run folder once its checks passed: config.yaml, its log file
     (with what was logged so far), and the run folder's MLflow run (ended FAILED on an error)."""
     cache.write_text(plan.run.config, dump_yaml(cfg))
-    open_log_file(plan.run.log_file(verb))
+    log_file = plan.run.log_file(verb)
+    # A run folder at a URL gets its log when the command ends (written locally until then).
+    local_log = cache.local_path(log_file) if cache.is_local(log_file) else \
+        os.path.join(tempfile.mkdtemp(prefix="raywsl-"), f"{verb}.log")
+    open_log_file(local_log)
     if stale := _stale_stages(plan):
         log.info("the run folder's stages.json named other artifacts for %s (the config changed)", ", ".join(stale))
-    with native_output_to(plan.run.log_file(verb)), tracking.run_context(cfg, verb, plan, restart=restart):
-        yield
+    try:
+        with native_output_to(local_log), tracking.run_context(cfg, verb, plan, restart=restart):
+            yield
+    finally:
+        if not cache.is_local(log_file):
+            with open(local_log, "rb") as f:
+                cache.write_bytes(log_file, f.read())
 
 
 def _stale_stages(plan: C.Plan) -> list[str]:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -36,6 +37,20 @@ log = logging.getLogger("raywsl.tracking")
 
 # MLflow accepts alphanumerics, "_", "-", ".", " " and "/" in metric names (and ":" off Windows).
 _INVALID_NAME = re.compile(r"[^\w\-. /]")
+
+
+def tracking_uri(cfg: Any) -> str:
+    """The MLflow store of a run: mlflow.tracking_uri, else sqlite beside a local run folder. A run
+    folder at a URL has no local place for one: that is an error, not a run recorded nowhere."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if not cache.is_local(cfg.run_dir):
+        from raywsl.config import ConfigError
+
+        raise ConfigError(f"run.dir is {cfg.run_dir}, a URL: set mlflow.tracking_uri to the MLflow store the "
+                          f"runs go to (on a cluster, its tracking server: http://<head>:5000), or set "
+                          f"mlflow.enabled=false")
+    return default_tracking_uri(cfg.run_dir)
 
 
 def default_tracking_uri(run_dir: str) -> str:
@@ -124,15 +139,14 @@ def run_context(cfg: Any, verb: str, plan: Any, restart: bool = False) -> Iterat
 
     mc = cfg.mlflow
     logging.getLogger("alembic").setLevel(logging.WARNING)  # sqlite schema migrations are chatty
-    remote_dir = "://" in cfg.run_dir
-    if not mc.enabled or mlflow.active_run() is not None or (remote_dir and not mc.tracking_uri):
-        yield  # disabled, already inside a run (a job, a sweep), or no local place for the store
+    if not mc.enabled or mlflow.active_run() is not None:
+        yield  # disabled, or already inside a run (a job, a sweep)
         return
-    uri = mc.tracking_uri or default_tracking_uri(cfg.run_dir)
+    uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     params = flatten_config(to_dict(cfg))
-    id_file = Path(plan.run.mlflow_run)
-    previous = id_file.read_text().strip() if id_file.exists() and not restart else None
+    id_file = plan.run.mlflow_run
+    previous = cache.read_bytes(id_file).decode().strip() if cache.exists(id_file) and not restart else None
     # Two commands starting at once on one sqlite file race to create its tables: one at a time.
     db_lock = f"{uri[len('sqlite:///'):]}.lock" if uri.startswith("sqlite:///") else ""
     with cache.file_lock(db_lock) if db_lock else contextlib.nullcontext():
@@ -153,7 +167,7 @@ def run_context(cfg: Any, verb: str, plan: Any, restart: bool = False) -> Iterat
             if mc.parent_run:  # a sweep's trial: MLflow shows it under the sweep's run
                 tags["mlflow.parentRunId"] = mc.parent_run
             run = mlflow.start_run(run_name=cfg.run.name, tags=tags or None)
-    cache.write_text(str(id_file), run.info.run_id)
+    cache.write_text(id_file, run.info.run_id)
     status = "FAILED"
     try:
         mlflow.set_tags({f"raywsl.{verb}": "started", "raywsl.run_dir": str(plan.run.root),
@@ -234,9 +248,19 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str
 
 
 def log_figure(path, artifact_dir: str = "figures") -> None:
-    """Upload an image file (a PNG from raywsl.geometry.figures) as an artifact, if it exists."""
-    if _active() and os.path.exists(str(path)):
-        mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+    """Upload an image file (a PNG from raywsl.geometry.figures, local or at a URL) as an artifact,
+    if it exists."""
+    path = os.fspath(path)
+    if not _active() or not cache.exists(path):
+        return
+    if cache.is_local(path):
+        mlflow.log_artifact(cache.local_path(path), artifact_path=artifact_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow uploads local files
+        local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+        with open(local, "wb") as f:
+            f.write(cache.read_bytes(path))
+        mlflow.log_artifact(local, artifact_path=artifact_dir)
 
 
 def set_tags(tags: Mapping[str, str]) -> None:

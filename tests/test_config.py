@@ -127,3 +127,46 @@ def test_corpus_source_and_derived_keys():
     for bad in ("corpus:0", "corpus:x", "corpus:"):
         with pytest.raises(ConfigError, match="data.source"):
             load_config(None, [f"data.source={bad}"])
+
+
+def test_cuda_devices_need_the_gpu_switch():
+    for key in ("fit.device", "eval.device"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}=cuda"])
+        message = str(e.value)
+        assert f"'{key}' is 'cuda' but scaling.use_gpu is false" in message and "set scaling.use_gpu=true" in message
+        assert load_config(None, [f"{key}=cuda", "scaling.use_gpu=true"])
+    assert load_config(None, ["fit.device=cpu", "eval.device=auto"])  # auto and cpu need no switch
+
+
+def test_gpus_per_actor_is_a_fraction_or_whole_gpus():
+    assert load_config(None, ["fit.gpus_per_actor=0.25"]).fit.gpus_per_actor == 0.25
+    assert load_config(None, ["fit.gpus_per_actor=2"]).fit.gpus_per_actor == 2.0
+    for bad in ("0", "-1", "1.5"):
+        with pytest.raises(ConfigError, match="fit.gpus_per_actor.*a fraction in \\(0, 1\\]"):
+            load_config(None, [f"fit.gpus_per_actor={bad}"])
+
+
+def test_resources_do_not_change_fingerprints():
+    plain = to_dict(load_config(), fingerprint_only=True)
+    placed = to_dict(load_config(None, ["scaling.use_gpu=true", "fit.gpus_per_actor=0.5", "scaling.cpus_per_task=4",
+                                        "fit.device=cuda", "eval.device=cuda"]), fingerprint_only=True)
+    assert fingerprint(plain) == fingerprint(placed)
+
+
+def test_base_use_gpu_moved_to_the_one_gpu_switch(tmp_path, caplog):
+    """base.use_gpu (train-base's own switch before scaling.use_gpu was the run's) still loads."""
+    old = tmp_path / "old.yaml"
+    old.write_text("base: {use_gpu: true, workers: 1}\n")
+    cfg = load_config(old)
+    assert cfg.scaling.use_gpu and cfg.base.workers == 1 and not hasattr(cfg.base, "use_gpu")
+    assert load_config(None, ["base.use_gpu=true"]).scaling.use_gpu  # as an override too
+    assert not load_config(old, ["scaling.use_gpu=false"]).scaling.use_gpu  # a later override wins
+    # a config.yaml saved before the move lists both keys: scaling.use_gpu decides, the other is named
+    saved = tmp_path / "saved.yaml"
+    saved.write_text("base: {use_gpu: true}\nscaling: {use_gpu: false}\n")
+    assert not load_config(saved).scaling.use_gpu
+    assert "'base.use_gpu: True' is ignored: 'scaling.use_gpu' (False) now decides" in caplog.text
+    both = tmp_path / "both.yaml"
+    both.write_text("base: {use_gpu: false}\nscaling: {use_gpu: false}\n")
+    assert not load_config(both).scaling.use_gpu

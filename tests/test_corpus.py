@@ -4,8 +4,11 @@ and the manifest written in-process and by Ray Data."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import trimesh
@@ -90,7 +93,7 @@ def test_categories_are_separable_but_vary_within():
 
 
 def test_write_corpus_manifest_and_rerun(tmp_path, capsys):
-    manifest = write_corpus(tmp_path, n=K + 1, progress=True)
+    manifest = Path(write_corpus(tmp_path, n=K + 1, progress=True))
     assert "corpus:" in capsys.readouterr().err
     assert manifest == (tmp_path / "manifest.csv").resolve()
     with open(manifest) as f:
@@ -113,6 +116,22 @@ def test_write_corpus_manifest_and_rerun(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "meshes").iterdir()) == sorted(f"{r['id']}.ply" for r in rerun)
 
 
+def test_write_corpus_to_a_url_writes_through_fsspec():
+    """A corpus artifact in a remote cache (s3://...): meshes and manifest land at the URL, a smaller
+    rerun removes the extra meshes there too."""
+    fs = fsspec.filesystem("memory")
+    manifest = write_corpus("memory://corpus-test", n=4, progress=False)
+    assert manifest == "memory://corpus-test/manifest.csv"
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file("/corpus-test/manifest.csv").decode())))
+    assert [r["id"] for r in rows] == [generate_shape(i).shape_id for i in range(4)]
+    mesh = trimesh.load(io.BytesIO(fs.cat_file(f"/corpus-test/{rows[0]['path']}")), file_type="ply", process=False)
+    assert np.allclose(mesh.vertices, generate_shape(0).mesh.vertices, atol=1e-6)
+    write_corpus("memory://corpus-test", n=2, progress=False)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob("/corpus-test/meshes/*")) == \
+        sorted(f"{r['id']}.ply" for r in rows[:2])
+    fs.rm("/corpus-test", recursive=True)
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="nope") as err:
         generate_shape(0, categories=["torus", "nope"])
@@ -126,8 +145,8 @@ def test_bad_arguments(tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_ray_corpus_matches_in_process(tmp_path, ray_local):
-    local = write_corpus(tmp_path / "local", n=10, seed=3, categories=["mug", "pebbles"], progress=False)
-    remote = write_corpus(tmp_path / "ray", n=10, seed=3, categories=["mug", "pebbles"], use_ray=True)
+    local = Path(write_corpus(tmp_path / "local", n=10, seed=3, categories=["mug", "pebbles"], progress=False))
+    remote = Path(write_corpus(tmp_path / "ray", n=10, seed=3, categories=["mug", "pebbles"], use_ray=True))
     assert remote.read_text() == local.read_text()
     for row in _read_manifest(local):
         assert (remote.parent / row["path"]).read_bytes() == (local.parent / row["path"]).read_bytes()

@@ -1,6 +1,7 @@
 """`raywsl eval` end to end: two sets of real meshes -> metrics.json, clouds, figures."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ POINTS = 256  # the default is 2,048; fewer keeps the test fast
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     write_corpus(root / "gen", 6, seed=0, progress=False)
-    ref = write_corpus(root / "ref", 8, seed=1, progress=False)
+    ref = Path(write_corpus(root / "ref", 8, seed=1, progress=False))
     (root / "gen" / "meshes" / "zz-broken.ply").write_bytes(b"not a mesh")
     return root / "gen" / "meshes", ref
 

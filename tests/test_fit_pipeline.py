@@ -50,7 +50,7 @@ FIT_ARRAYS = (C.ROW_WEIGHTS, C.FIT_LOSS, C.FIT_STEPS, C.FIT_RESTARTS, C.STATUS, 
 def ingested(ray_local, tmp_path_factory):
     """A run folder with samples.zarr of 10 corpus shapes and one garbage .ply (row bad_row())."""
     root = tmp_path_factory.mktemp("fitcorpus")
-    manifest = write_corpus(root / "corpus", N_GOOD, seed=0, progress=False)
+    manifest = Path(write_corpus(root / "corpus", N_GOOD, seed=0, progress=False))
     with open(manifest) as f:
         rows = [{"id": r["id"], "path": str(manifest.parent / r["path"]), "category": r["category"]}
                 for r in csv.DictReader(f)]

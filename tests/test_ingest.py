@@ -31,7 +31,7 @@ SMALL = ["ingest.points=2048", "ingest.surface_points=512", "ingest.shard_size=4
 def mixed_source(tmp_path_factory):
     """20 corpus shapes plus one file of each broken kind and one open mesh, in one manifest."""
     root = tmp_path_factory.mktemp("mixed")
-    manifest = write_corpus(root / "corpus", 20, seed=0)
+    manifest = Path(write_corpus(root / "corpus", 20, seed=0))
     bad = write_bad_meshes(root / "bad")
     with open(manifest) as f:
         rows = [{"id": r["id"], "path": str(manifest.parent / r["path"]), "category": r["category"]}

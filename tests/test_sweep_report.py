@@ -163,3 +163,33 @@ def test_a_parameterisation_missing_a_scale_is_not_given_an_onset(tmp_path):
     assert json.loads((tmp_path / "report" / "onset.json").read_text())["skipped"] == {
         "b": "no finished trial at N=50"}
     assert "b (no finished trial at N=50)" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_report_of_a_sweep_folder_at_a_url(tmp_path):
+    """A sweep folder on object storage (a cluster's s3://...): read and written through fsspec, with
+    the same onset as the same folder on a local disk."""
+    import fsspec
+
+    scales = (20, 50, 100)
+    trials = [({SCALE_KEY: n, "variant": "mlp-warm", SEED_KEY: s}, "finished", metrics(n >= 50, s))
+              for n in scales for s in (0, 1)]
+    meta = make_sweep(tmp_path, trials, scale=scales, seeds=(0, 1))
+    local = write_sweep_report(tmp_path, bootstrap=50)
+    fs = fsspec.filesystem("memory")
+    url = "memory://sweep-report-test"
+    for record in meta["trials"]:  # the trials' run folders at the URL too
+        record["run_dir"] = f"{url}/trials/{record['name']}"
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    fs.put(str(tmp_path / "trials"), "/sweep-report-test/trials", recursive=True)
+    fs.pipe_file("/sweep-report-test/sweep.json", (tmp_path / "sweep.json").read_bytes())
+    try:
+        report = write_sweep_report(url, bootstrap=50)
+        assert report.path == f"{url}/report/report.html" and fs.exists("/sweep-report-test/report/curves.png")
+        onset = json.loads(fs.cat_file("/sweep-report-test/report/onset.json"))
+        assert onset["onset"] == json.loads((tmp_path / "report" / "onset.json").read_text())["onset"]
+        assert onset["onset"]["mlp-warm"]["onset"] == 50 and local.onset["mlp-warm"]["onset"] == 50
+        assert fs.cat_file("/sweep-report-test/report/report.html").count(b"data:image/png;base64,") == 1
+        rows = list(csv.DictReader(fs.cat_file("/sweep-report-test/report/results.csv").decode().splitlines()))
+        assert len(rows) == len(trials) and {r["status"] for r in rows} == {"finished"}
+    finally:
+        fs.rm("/sweep-report-test", recursive=True)

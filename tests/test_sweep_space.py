@@ -87,6 +87,12 @@ def test_load_sweep_resolves_the_base_beside_the_file(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "run.yaml", "scale": [5]}))
     s = load_sweep(tmp_path / "s.yaml")
     assert s.name == "s" and s.trials[0].config.fit.steps == 7 and s.trials[0].config.data.shapes == 5
+    # command-line overrides (`raywsl sweep -c s.yaml key=value`) apply to every trial, after the file's
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base": "run.yaml", "scale": [5, 9],
+                                                     "overrides": ["fit.steps=8", "train.steps=3"]}))
+    s = load_sweep(tmp_path / "s.yaml", ["fit.steps=9", "cache.dir=s3://bucket/cache"])
+    assert [(t.config.fit.steps, t.config.train.steps, t.config.cache_dir) for t in s.trials] == \
+        [(9, 3, "s3://bucket/cache")] * 2
 
 
 @pytest.mark.parametrize("raw,message", [

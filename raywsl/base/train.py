@@ -4,7 +4,8 @@ The base is the one the configured field type needs (models/bases.py): the modul
 lora / mlora, the DeepSDF decoder for deepsdf_latent. It is trained on the first base.shapes training
 shapes of the source (store/split.py; by default the run's data.shapes), never on held-out ones.
 
-    samples.zarr --RowStore Datasource--> Ray Train workers (base.workers; gloo on CPU, nccl on GPU)
+    samples.zarr --RowStore Datasource--> Ray Train workers (base.workers; gloo on CPU; with scaling.use_gpu
+                 one GPU each, nccl)
         each worker: its shard of shapes (read once and kept in memory up to base.cache_gb, else
                      streamed epoch after epoch), S shapes x K random points, one AutoDecoder step;
                      gradients (network and latents) averaged across workers with all_reduce
@@ -23,10 +24,8 @@ restores a run by its storage path and name), with the step count intact.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import tempfile
 from typing import Any
 
@@ -85,7 +84,7 @@ def train_base(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> di
     keep = np.zeros(samples.n_rows, bool)
     keep[rows.start:rows.stop] = samples.status()[rows.start:rows.stop] == DONE
     n_shapes = int(keep.sum())
-    work = cache.work_dir(plan["train-base"])
+    work = cache.absolute(cache.work_dir(plan["train-base"]))
     if restart:
         cache.remove(work)
     log.info("train-base: the %s base (preset %s) on %d shapes, %d steps, %d workers", plan.base_model,
@@ -96,13 +95,13 @@ def train_base(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> di
             _select, fn_kwargs={"keep": keep}, batch_size=None)
         result = fit_torch_trainer(_train_loop, {"cfg": to_dict(cfg), "n_shapes": n_shapes,
                                                  "latent_of_row": np.cumsum(keep).tolist(),
-                                                 "progress": C.join(os.path.abspath(work), C.TRAIN_PROGRESS)},
-                                   dataset=data, storage=os.path.abspath(work), workers=cfg.base.workers,
-                                   use_gpu=cfg.base.use_gpu, progress=("train-base", cfg.base.steps))
+                                                 "progress": C.join(work, C.TRAIN_PROGRESS)},
+                                   dataset=data, storage=work, workers=cfg.base.workers,
+                                   use_gpu=cfg.scaling.use_gpu, progress=("train-base", cfg.base.steps))
     copy_checkpoint(result, out)
-    with open(os.path.join(out, C.SHAPE_IDS), "w") as f:  # latent i is the i-th shape kept
-        json.dump([str(i) for i in samples.row_meta()[C.SHAPE_ID][keep]], f)
-    cache.update_json(os.path.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
+    # latent i is the i-th shape kept
+    cache.write_json(C.join(out, C.SHAPE_IDS), [str(i) for i in samples.row_meta()[C.SHAPE_ID][keep]])
+    cache.update_json(C.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
     log.info("train-base: %s -> %s", result.metrics, plan["train-base"].path)
     return dict(result.metrics)
 

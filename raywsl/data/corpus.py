@@ -37,18 +37,22 @@ more. At 64 a shape has roughly 3-20k faces and takes ~12 ms to generate on one 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
+import fsspec
 import numpy as np
 import trimesh
 from skimage.measure import marching_cubes
+
+from raywsl import cache
+from raywsl import contract as C
 
 DEFAULT_RESOLUTION = 64
 MAX_YAW = math.pi / 6
@@ -472,25 +476,25 @@ def generate_shape(
     return CorpusShape(shape_id, category, _jsonable({**shape.params, "yaw": yaw}), mesh)
 
 
-def _write_one(index: int, out_dir: Path, seed: int, categories: list[str], resolution: int) -> dict:
+def _write_one(index: int, out_dir: str, seed: int, categories: list[str], resolution: int) -> dict:
     shape = generate_shape(index, seed, categories, resolution)
-    rel = Path("meshes") / f"{shape.shape_id}.ply"
-    shape.mesh.export(out_dir / rel, file_type="ply")
+    rel = f"meshes/{shape.shape_id}.ply"
+    cache.write_bytes(C.join(out_dir, rel), shape.mesh.export(file_type="ply"))
     return {
         "index": index,
         "id": shape.shape_id,
-        "path": rel.as_posix(),
+        "path": rel,
         "category": shape.category,
         "params": json.dumps(shape.params, separators=(",", ":")),
     }
 
 
 def _write_batch(batch: dict, out_dir: str, seed: int, categories: list[str], resolution: int) -> dict:
-    rows = [_write_one(int(i), Path(out_dir), seed, categories, resolution) for i in batch["id"]]
+    rows = [_write_one(int(i), out_dir, seed, categories, resolution) for i in batch["id"]]
     return {k: np.array([r[k] for r in rows]) for k in ("index", *MANIFEST_COLUMNS)}
 
 
-def _rows_with_ray(n: int, out_dir: Path, seed: int, categories: list[str], resolution: int) -> list[dict]:
+def _rows_with_ray(n: int, out_dir: str, seed: int, categories: list[str], resolution: int) -> list[dict]:
     import ray
     import ray.data
 
@@ -500,7 +504,7 @@ def _rows_with_ray(n: int, out_dir: Path, seed: int, categories: list[str], reso
     ds = ray.data.range(n, override_num_blocks=blocks).map_batches(
         _write_batch,
         batch_size=None,
-        fn_kwargs=dict(out_dir=str(out_dir), seed=seed, categories=categories, resolution=resolution),
+        fn_kwargs=dict(out_dir=out_dir, seed=seed, categories=categories, resolution=resolution),
     )
     return sorted(ds.take_all(), key=lambda r: int(r["index"]))
 
@@ -517,16 +521,17 @@ def _rows_in_process(n, out_dir, seed, categories, resolution, progress) -> list
 
 
 def write_corpus(
-    out_dir,
+    out_dir: str,
     n: int,
     seed: int = 0,
     categories: Sequence[str] | None = None,
     resolution: int = DEFAULT_RESOLUTION,
     use_ray: bool = False,
     progress: bool = True,
-) -> Path:
+) -> str:
     """Write shapes 0..n-1 as binary PLY to out_dir/meshes/ and index them in out_dir/manifest.csv
     (columns id, path, category, params; paths relative to out_dir). Returns the manifest path.
+    `out_dir` is a local folder or an fsspec URL (s3://...): every file goes through fsspec.
 
     Re-running overwrites: the manifest is replaced atomically and meshes of an earlier, larger
     corpus in out_dir/meshes are removed, so the folder always holds exactly the manifest's shapes.
@@ -534,22 +539,23 @@ def write_corpus(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     selected = _select(categories)
-    out_dir = Path(out_dir).resolve()  # Ray workers need not share the driver's working directory
-    (out_dir / "meshes").mkdir(parents=True, exist_ok=True)
+    out_dir = str(out_dir)
+    if cache.is_local(out_dir):  # Ray workers need not share the driver's working directory
+        out_dir = os.path.abspath(cache.local_path(out_dir))
     if use_ray:
         rows = _rows_with_ray(n, out_dir, seed, selected, resolution)
     else:
         rows = _rows_in_process(n, out_dir, seed, selected, resolution, progress)
 
-    keep = {Path(r["path"]).name for r in rows}
-    for stale in (out_dir / "meshes").glob("*.ply"):
-        if stale.name not in keep:
-            stale.unlink()
-    manifest = out_dir / "manifest.csv"
-    tmp = manifest.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows([str(r[k]) for k in MANIFEST_COLUMNS] for r in rows)
-    os.replace(tmp, manifest)
+    fs, meshes = fsspec.core.url_to_fs(C.join(out_dir, "meshes"))
+    keep = {r["path"].rsplit("/", 1)[-1] for r in rows}
+    for stale in fs.glob(C.join(meshes, "*.ply")):
+        if stale.rsplit("/", 1)[-1] not in keep:
+            fs.rm(stale)
+    manifest = C.join(out_dir, "manifest.csv")
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows([str(r[k]) for k in MANIFEST_COLUMNS] for r in rows)
+    cache.write_text(manifest, text.getvalue())
     return manifest

@@ -15,10 +15,8 @@ generator (valid_share).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from raywsl import cache
@@ -71,20 +69,20 @@ def sample(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
     rows = torch.cat(parts).float()
     log.info("sample: %d rows (%s, %s steps) from %s", len(rows), sc.sampler,
              sc.steps if sc.sampler == "ddim" else diffusion.T, plan["train"].path)
-    np.save(os.path.join(out, C.ROWS), rows.numpy())
+    cache.write_bytes(C.join(out, C.ROWS), cache.npy_bytes(rows.numpy()))
     meshes, entries = [], []
     for k, ex in enumerate(decode_rows(field.bind, rows, sc.resolution, device)):
         name = f"sample_{k:05d}"
         if ex.mesh is not None:
-            ex.mesh.export(os.path.join(out, f"{name}.ply"), file_type="ply")
+            cache.write_bytes(C.join(out, f"{name}.ply"), ex.mesh.export(file_type="ply"))
         meshes.append(ex.mesh)
         entries.append({"id": name, "surface": ex.mesh is not None, "reason": ex.reason})
     no_surface = sum(not e["surface"] for e in entries)
     summary = {"count": len(rows), "no_surface": no_surface, "sampler": sc.sampler, "steps": sc.steps,
                "eta": sc.eta, "ema": sc.ema, "seed": diffusion_seed(cfg), "samples": entries}
-    cache.write_json(os.path.join(out, C.SAMPLES_SUMMARY), summary)
+    cache.write_json(C.join(out, C.SAMPLES_SUMMARY), summary)
     shown = cfg.eval.render or 16
-    figures.render_meshes(meshes[:shown], os.path.join(out, C.GENERATED_GRID),
+    figures.render_meshes(meshes[:shown], C.join(out, C.GENERATED_GRID),
                           titles=[e["id"] for e in entries][:shown])
     log.info("sample: %d meshes (%d without a surface)", len(rows) - no_surface, no_surface)
     return summary

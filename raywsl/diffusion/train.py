@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from typing import Any, NamedTuple
@@ -79,7 +78,7 @@ def train(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[st
     from raywsl.store.datasource import read_rows
 
     store, rows = training_set(cfg, plan)
-    work = os.path.abspath(cache.work_dir(plan["train"]))
+    work = cache.absolute(cache.work_dir(plan["train"]))
     if restart:
         cache.remove(work)
     keep = np.zeros(store.n_rows, bool)
@@ -99,7 +98,7 @@ def train(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[st
                                    use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
                                    progress=("train", cfg.train.steps))
     copy_checkpoint(result, out)
-    cache.update_json(os.path.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
+    cache.update_json(C.join(out, C.CHECKPOINT_INFO), {"metrics": dict(result.metrics)})
     _report(cfg, out)
     log.info("train: %s -> %s", result.metrics, plan["train"].path)
     return dict(result.metrics)
@@ -113,14 +112,14 @@ def _select(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndar
 
 def _report(cfg: Config, folder: str) -> None:
     """The loss history of the final checkpoint as curves: diffusion_loss.png in the artifact."""
-    history = cache.read_json(os.path.join(folder, C.CHECKPOINT_INFO), {}).get("history", [])
+    history = cache.read_json(C.join(folder, C.CHECKPOINT_INFO), {}).get("history", [])
     if not history:
         return
     steps = [h["step"] for h in history]
     curves = {"loss (all t)": (steps, [h["loss"] for h in history])}
     for name in history[-1]["buckets"]:
         curves[f"t {name}"] = (steps, [h["buckets"].get(name, float("nan")) for h in history])
-    figures.plot_curves(curves, os.path.join(folder, C.DIFFUSION_LOSS), xlabel="step",
+    figures.plot_curves(curves, C.join(folder, C.DIFFUSION_LOSS), xlabel="step",
                         ylabel=f"{cfg.diffusion.prediction} MSE", title="denoiser training loss, per timestep bucket")
 
 

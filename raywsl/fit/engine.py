@@ -150,7 +150,10 @@ class BatchedFitter:
         if cfg.precision != "fp32" and self.device.type != "cuda":
             log.info("fit.precision=%s needs a GPU: fitting in fp32 on %s", cfg.precision, self.device)
         if cfg.precision == "tf32" and self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 storage, TF32 tensor-core matmuls
+            # fp32 storage, TF32 tensor-core matmuls. Not `matmul.fp32_precision = "tf32"` alone: after it
+            # torch (2.13) raises on legacy reads (get_float32_matmul_precision, allow_tf32) that Inductor
+            # and other libraries still make; this call sets the legacy and new flags consistently.
+            torch.set_float32_matmul_precision("high")
         if self.device.type == "cpu":
             keep_freed_memory()
         self.loss_fn = LOSSES[cfg.loss]

@@ -23,6 +23,7 @@ import numpy as np
 from raywsl import contract as C
 from raywsl.config import Config
 from raywsl.geometry.sampling import sample_mesh
+from raywsl.runtime import ray_remote_args
 from raywsl.store.rows import DONE, FAILED, PENDING, RowStore, StoreError
 from raywsl.store.split import held_out_count, shards_of, store_order, training_range
 
@@ -97,8 +98,9 @@ class StreamInput:
                   "categories": self.categories[a:b], "problems": self.problems[a:b]} for a, b in ranges]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds.context.target_max_block_size = None  # one shard = one block, however big (see datasource.py)
-        return ds.map_batches(sample_block, batch_size=1, num_cpus=1, max_retries=SAMPLE_RETRIES,
-                              fn_kwargs={"cfg": self.cfg})
+        with ray_remote_args():
+            return ds.map_batches(sample_block, batch_size=1, num_cpus=1, max_retries=SAMPLE_RETRIES,
+                                  fn_kwargs={"cfg": self.cfg})
 
     def truth(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, list] = {name: [] for name in TRUTH}

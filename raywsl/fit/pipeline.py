@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,8 @@ from raywsl.geometry import figures
 from raywsl.geometry.sampling import shape_rng
 from raywsl.models.fields import Field, field_from_config
 from raywsl.progress import Progress
-from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_session, remote,
-                            unfinished_message)
+from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_remote_args,
+                            ray_session, remote, unfinished_message)
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
 from raywsl.store.split import shards_of, training_range
 
@@ -86,7 +85,7 @@ def init_row(field: Field, init: str, seed: int, shape_id: str, shared: torch.Te
 def fit_one(field: Field, cfg: Config, samples_path: str, row: int, shape_id: str, uri: str,
             start: torch.Tensor) -> FitResult:
     """Fit one shape alone from `start`, its samples read or sampled here (a Ray task: the warm-start
-    anchor, on a GPU when the cluster has one; a crash probe)."""
+    anchor, with fit.gpus_per_actor GPUs when scaling.use_gpu; a crash probe)."""
     _maybe_crash_on([shape_id])
     points, sdf = shape_samples(cfg, samples_path, row, shape_id, uri)
     fitter = BatchedFitter(field, cfg.fit, cfg.fit.device)
@@ -226,9 +225,10 @@ def shared_row(store: RowStore) -> torch.Tensor | None:
 
 
 def _gpus_per_actor(cfg: Config) -> float:
-    import ray
-
-    return 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    """GPUs a fitting actor (or task) asks for: from the config (scaling.use_gpu, fit.gpus_per_actor),
+    never from the cluster at launch, whose GPU nodes may autoscale from 0. Without a GPU to be had
+    the work waits (stages.py says why), it never falls back to the CPU."""
+    return cfg.fit_gpus
 
 
 def _run_shards(store: RowStore, inp: Any, pending: list[int], cfg: Config, plan: C.Plan) -> dict[int, str]:
@@ -253,12 +253,15 @@ def _shard_pass(store: RowStore, inp: Any, shards: list[int], cfg: Config, base:
     ranges = [(store.shard_rows(k).start, store.shard_rows(k).stop) for k in shards]
     ds = inp.dataset(ranges)
     gpus = _gpus_per_actor(cfg)
-    with warnings.catch_warnings():  # Ray 2.60 has no named parameters for these yet (ray < 2.64 pinned)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    # One block is one shard (batch_size=None), and Ray refuses num_gpus with whole-block batches: the
+    # GPUs go through ray_remote_args_fn (an integer batch size could merge a short last shard with
+    # another block, which FitActor refuses).
+    with ray_remote_args():
         ds = ds.map_batches(
-            FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor, num_gpus=gpus or None,
+            FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor,
+            ray_remote_args_fn=(lambda: {"num_gpus": gpus}) if gpus else None,
             compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
-            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,  # no named parameters in Ray
             fn_constructor_kwargs={"path": store.path, "cfg": cfg, "base": base, "skip": skip})
     ds.context.max_errored_blocks = len(ranges)  # dead actors' blocks: probed by the caller (see ingest)
     errors = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -81,7 +80,7 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
             original = ex.mesh.copy()
             original.vertices = original.vertices / truth[C.SCALE][j] + truth[C.CENTER][j]
             entry["file"] = recon_file(int(row), shape_id)
-            original.export(os.path.join(out, entry["file"]), file_type="ply")
+            cache.write_bytes(C.join(out, entry["file"]), original.export(file_type="ply"))
         per_shape.append(entry)
         meshes.append(ex.mesh)
     cds = np.array([e["cd"] for e in per_shape])
@@ -94,9 +93,9 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
         "recon_no_surface": int(sum(e["reason"] != "" for e in per_shape)),
         "fit_loss_median": float(np.median(loss)), "fit_loss_p95": float(np.quantile(loss, 0.95)),
     }
-    figures.render_meshes(meshes, os.path.join(out, C.RECON_GRID), titles=[e["shape_id"] for e in per_shape])
-    figures.plot_histogram({"final loss": loss}, os.path.join(out, C.RECON_LOSSES), xlabel=f"{cfg.fit.loss} loss")
-    cache.write_json(os.path.join(out, C.STAGE_METRICS),
+    figures.render_meshes(meshes, C.join(out, C.RECON_GRID), titles=[e["shape_id"] for e in per_shape])
+    figures.plot_histogram({"final loss": loss}, C.join(out, C.RECON_LOSSES), xlabel=f"{cfg.fit.loss} loss")
+    cache.write_json(C.join(out, C.STAGE_METRICS),
                      {**result, "recon": {"conventions": CONVENTIONS, "shapes": per_shape}})
     log.info("recon: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result

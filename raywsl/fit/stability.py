@@ -9,8 +9,9 @@ mode connectivity barrier: the Chamfer distance between the ground-truth surface
 marching-cubed from the midpoint (φ + φ_λ) / 2 (low: the two fits lie in one linear mode), next to
 the endpoints' own Chamfer distances, its baseline.
 
-Each variant is one Ray task (a GPU each when there are some): all of its fits (ι1 and every λ, every
-shape) go through one batched fitter, then the endpoints and midpoints are decoded in batches.
+Each variant is one Ray task (with scaling.use_gpu, fit.gpus_per_actor GPUs each): all of its fits (ι1
+and every λ, every shape) go through one batched fitter, then the endpoints and midpoints are decoded
+in batches.
 Writes `<run.dir>/stability/`: stability.json (every figure with its convention), stability.md (the
 table) and stability.png (cosine and barrier against λ, ± one std shaded); logs them to MLflow.
 """
@@ -37,7 +38,7 @@ from raywsl.fit.engine import BatchedFitter, ShapeData
 from raywsl.geometry.extract import decode_rows
 from raywsl.geometry.shape import RECON_POINTS, surface_chamfer, thin_surface
 from raywsl.models.fields import FIELDS, field_from_config
-from raywsl.runtime import ray_session, remote
+from raywsl.runtime import gpu_wait_notice, ray_session, remote
 from raywsl.store.rows import RowStore, StoreError
 from raywsl.store.split import training_rows
 
@@ -199,17 +200,19 @@ def run_stability(cfg: Config, variants: list[str], lambdas: list[float], n_shap
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
         import ray
 
-        gpus = 1.0 if cfg.fit.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = cfg.fit_gpus  # from the config, never the cluster's state (GPU nodes may autoscale from 0)
         task = remote(run_variant, num_cpus=1, num_gpus=gpus)
         shapes_ref = ray.put(shapes)  # once in the object store, read by every task
         pending = {task.remote(c, shapes_ref, lambdas, bases.get(name, "")): name for name, c in configs.items()}
         outputs = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(done[0])
-            outputs[name] = ray.get(done[0])
-            log.info("stability: %s done in %.1fs (fitting %.1fs)", name, outputs[name]["seconds"],
-                     outputs[name]["fit_seconds"])
+        what = f"{len(pending)} variant task{'s' if len(pending) > 1 else ''} x {gpus:g} GPU"
+        with gpu_wait_notice("stability", gpus, what):  # one GPU-sized slot lets the variants start
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                name = pending.pop(done[0])
+                outputs[name] = ray.get(done[0])
+                log.info("stability: %s done in %.1fs (fitting %.1fs)", name, outputs[name]["seconds"],
+                         outputs[name]["fit_seconds"])
 
     result = _summarise(cfg, configs, outputs, lambdas, n_shapes, shapes["ids"])
     _write(cfg, result)

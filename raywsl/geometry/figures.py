@@ -13,16 +13,20 @@ drawn in a warm colour so such defects show.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 import trimesh
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from raywsl import cache
+
+PathLike = Union[str, os.PathLike]  # a local path or an fsspec URL (s3://...)
 
 DPI = 100
 FRONT = np.array([0.55, 0.68, 0.88])  # outward faces
@@ -97,10 +101,9 @@ def render_mesh(mesh: trimesh.Trimesh, size: int = 256, elev: float = 25.0, azim
 
 
 def render_meshes(meshes: Sequence[trimesh.Trimesh | None], path, titles: Sequence[str] | None = None,
-                  ncols: int = 4, size: int = 256, elev: float = 25.0, azim: float = 35.0) -> Path:
+                  ncols: int = 4, size: int = 256, elev: float = 25.0, azim: float = 35.0) -> PathLike:
     """A grid of renders, one cell of `size` x `size` pixels (plus a title line) per mesh; a None
     or face-less mesh gets an empty cell saying "no surface". Each mesh is framed on its own."""
-    path = Path(path)
     n = max(len(meshes), 1)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
@@ -123,7 +126,7 @@ def render_meshes(meshes: Sequence[trimesh.Trimesh | None], path, titles: Sequen
 
 
 def plot_histogram(values: Mapping[str, Sequence[float]], path, xlabel: str, bins: int = 50,
-                   title: str | None = None) -> Path:
+                   title: str | None = None) -> PathLike:
     """Overlaid histograms on shared bins (e.g. distances of generated vs reference shapes).
     Non-finite values are left out and counted in the legend."""
     fig = Figure(figsize=(6.4, 4.8), dpi=DPI)
@@ -145,10 +148,10 @@ def plot_histogram(values: Mapping[str, Sequence[float]], path, xlabel: str, bin
     ax.set_ylabel("count")
     if title:
         ax.set_title(title)
-    return save_figure(fig, Path(path))
+    return save_figure(fig, path)
 
 
-def plot_spectrum(explained_ratio: Sequence[float], path, title: str | None = None) -> Path:
+def plot_spectrum(explained_ratio: Sequence[float], path, title: str | None = None) -> PathLike:
     """PCA spectrum: explained-variance ratio per component (log scale) and its cumulative sum."""
     ratio = np.asarray(explained_ratio, dtype=np.float64)
     k = np.arange(1, len(ratio) + 1)
@@ -164,11 +167,11 @@ def plot_spectrum(explained_ratio: Sequence[float], path, title: str | None = No
     cum.set_ylim(0, 1.02)
     cum.set_ylabel("cumulative", color="C1")
     ax.set_title(title or f"top {len(ratio)} components: {np.sum(ratio):.1%} of the variance")
-    return save_figure(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_embedding(W, labels: Sequence | None, path, method: str = "pca", seed: int = 0,
-                   title: str | None = None) -> Path:
+                   title: str | None = None) -> PathLike:
     """A 2-D embedding of weight vectors (rows of W), coloured by label. `method`: "pca" (the top
     two principal directions, axes show their variance share) or "tsne" (on the top-50 PCA
     projection, the usual preprocessing for very wide vectors; minutes for thousands of points)."""
@@ -208,11 +211,11 @@ def plot_embedding(W, labels: Sequence | None, path, method: str = "pca", seed: 
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(title or f"{len(W)} weight vectors ({method})")
-    return save_figure(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, xlabel: str = "step",
-                ylabel: str = "loss", log_y: bool | None = None, title: str | None = None) -> Path:
+                ylabel: str = "loss", log_y: bool | None = None, title: str | None = None) -> PathLike:
     """Line plots of name -> (steps, values), e.g. loss curves. `log_y` defaults to a log axis
     when every finite value is positive."""
     fig = Figure(figsize=(6.4, 4.8), dpi=DPI)
@@ -230,11 +233,11 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    return save_figure(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]], path,
-               xlabel: str = "step", title: str | None = None, log_y: Sequence[str] = ()) -> Path:
+               xlabel: str = "step", title: str | None = None, log_y: Sequence[str] = ()) -> PathLike:
     """Side-by-side panels, one per ylabel -> {name: (x, mean, std)}: a line per name with the band
     mean ± std shaded (e.g. a metric averaged over shapes). A name keeps its colour in every panel;
     non-finite values leave gaps. Panels named in `log_y` get a log y axis (the band's lower edge is
@@ -258,13 +261,13 @@ def plot_bands(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, Path(path))
+    return save_figure(fig, path)
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Write the PNG under a temporary name, then rename it: a reader never sees half a picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
+def save_figure(fig: Figure, path: PathLike) -> PathLike:
+    """Write the PNG atomically (a reader never sees half a picture) to a local path or an fsspec URL;
+    returns `path`."""
+    png = io.BytesIO()
+    fig.savefig(png, dpi=DPI, format="png")
+    cache.write_bytes(os.fspath(path), png.getvalue())
     return path

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,8 @@ from raywsl.config import Config, to_dict
 from raywsl.data.sources import MeshRef, resolve_source
 from raywsl.geometry.sampling import sample_mesh
 from raywsl.progress import Progress
-from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_session,
-                            task_concurrency, unfinished_message)
+from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_remote_args,
+                            ray_session, task_concurrency, unfinished_message)
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore
 from raywsl.store.split import held_out_count, shards_of, store_order
 
@@ -124,9 +123,10 @@ def _shard_pass(store: RowStore, shards: list[int], cfg: Config, skip: dict[int,
     import ray
 
     ds = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=min(len(shards), MAX_BLOCKS))
-    with warnings.catch_warnings():  # Ray 2.60 has no named parameter for max_retries yet
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1, concurrency=task_concurrency(),
+    tasks = task_concurrency()  # a pool no larger than its input blocks (else Ray warns that it is)
+    with ray_remote_args():  # max_retries
+        ds = ds.map_batches(ingest_shards, batch_size=1, num_cpus=1,
+                            compute=ray.data.TaskPoolStrategy(size=tasks and min(tasks, len(shards), MAX_BLOCKS)),
                             memory=_memory(cfg), max_retries=TASK_RETRIES,
                             fn_kwargs={"path": store.path, "cfg": cfg, "skip": skip})
     # Ray Data retries a task whose worker died, without limit by default: one mesh that crashes a

@@ -10,14 +10,15 @@ trains that one: the train-base stage's artifact (checkpoints/base_final in a ru
 
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import torch
 from torch import Tensor, nn
 
 from raywsl.models.deepsdf import DeepSDFDecoder
 from raywsl.models.modulated import ModulatedField
+from raywsl import cache
+from raywsl import contract as C
 from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE, SHAPE_IDS
 
 BASES: dict[str, type[nn.Module]] = {cls.model_name: cls for cls in (ModulatedField, DeepSDFDecoder)}
@@ -39,17 +40,15 @@ def make_base(model: str, preset: str) -> nn.Module:
 def load_trained(folder: str, model: str) -> tuple[nn.Module, Tensor, list[str] | None]:
     """The EMA network of a `raywsl train-base` checkpoint folder, its trained latents (N, d_z) and
     the shape id of each latent (None when the checkpoint does not say)."""
-    if not os.path.exists(os.path.join(folder, CHECKPOINT_STATE)):
+    if not cache.exists(C.join(folder, CHECKPOINT_STATE)):
         raise BaseError(f"no trained {model} base at {folder}: run `raywsl train-base` with this run.dir "
                         f"and field.type first, or set field.base to a checkpoint folder")
-    with open(os.path.join(folder, CHECKPOINT_INFO)) as f:
-        info = json.load(f)
+    info = cache.read_json(C.join(folder, CHECKPOINT_INFO))
     found = info.get("model", "modulated")  # checkpoints before the registry were all modulated
     if found != model:
         raise BaseError(f"{folder} holds a {found} base; this field type needs a {model} base")
     net = BASES[model](**info["net"])
-    state = torch.load(os.path.join(folder, CHECKPOINT_STATE), weights_only=True)
+    state = torch.load(io.BytesIO(cache.read_bytes(C.join(folder, CHECKPOINT_STATE))), weights_only=True)
     net.load_state_dict(state["ema"])
-    ids_path = os.path.join(folder, SHAPE_IDS)
-    ids = json.load(open(ids_path)) if os.path.exists(ids_path) else None
+    ids = cache.read_json(C.join(folder, SHAPE_IDS))
     return net, state["latents"], ids

@@ -14,6 +14,7 @@ that rebuild the model, the layout, the loss history).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -28,6 +29,8 @@ from raywsl.models.gaussian import DiffusionSettings, GaussianDiffusion
 from raywsl.models.tokenizers import make_tokenizer
 from raywsl.store.standardize import Standardizer
 from raywsl.store.layout import Layout
+from raywsl import cache
+from raywsl import contract as C
 from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE
 
 
@@ -82,12 +85,11 @@ def save_checkpoint(folder: str, state: dict[str, Any], info: dict[str, Any]) ->
 
 def load_checkpoint(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, info) of a checkpoint folder; no pickled code is ever loaded."""
-    path = os.path.join(folder, CHECKPOINT_STATE)
-    if not os.path.exists(path):
+    path = C.join(folder, CHECKPOINT_STATE)
+    if not cache.exists(path):
         raise FileNotFoundError(f"no diffusion checkpoint at {folder}: run `raywsl train` first")
-    with open(os.path.join(folder, CHECKPOINT_INFO)) as f:
-        info = json.load(f)
-    return torch.load(path, weights_only=True), info
+    info = cache.read_json(C.join(folder, CHECKPOINT_INFO))
+    return torch.load(io.BytesIO(cache.read_bytes(path)), weights_only=True), info
 
 
 def load_for_sampling(cfg: Config, folder: str, ema: bool = True) -> tuple[Denoiser, Standardizer, dict[str, Any]]:

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -76,37 +77,37 @@ class _Trial:
 def collect(sweep_dir: str | Path) -> tuple[dict, list[dict]]:
     """The sweep's record (sweep.json) and one row per finished trial: {"trial", **params, **metrics}
     with the run's numeric metrics (nested values left out)."""
-    meta, trials = _read(Path(sweep_dir))
+    meta, trials = _read(os.fspath(sweep_dir))
     return meta, [_row(t) for t in trials if t.status == FINISHED]
 
 
 def write_sweep_report(sweep_dir: str | Path, rules: Sequence[Rule] = RULES, bootstrap: int = 1000) -> SweepReport:
     """Write the report of the sweep in `sweep_dir` under its report/ folder (again on every call: a
     sweep still running gets a report of what has finished so far)."""
-    sweep_dir = Path(sweep_dir)
-    out = sweep_dir / C.SWEEP_REPORT
+    sweep_dir = os.fspath(sweep_dir)  # a local folder or an fsspec URL
+    out = C.join(sweep_dir, C.SWEEP_REPORT)
     meta, trials = _read(sweep_dir)
     rows = [_row(t) for t in trials if t.status == FINISHED]
     scales = [int(n) for n in meta.get("scale") or []]
     series = _series(meta, rows)
-    fs = fsspec.filesystem("file")
+    fs, _ = fsspec.core.url_to_fs(sweep_dir)
 
-    table = str(out / "results.csv")
+    table = C.join(out, "results.csv")
     _write_csv(table, meta, trials)
 
     figures: list[str] = []
     if not scales:
         curves = "<p>This sweep has no scale axis (data.shapes): no curves over N.</p>"
-    elif not (png := _curves_png(series, scales, rules, out / "curves.png")):
+    elif not (png := _curves_png(series, scales, rules, C.join(out, "curves.png"))):
         curves = "<p>No finished trial with metrics yet: nothing to plot.</p>"
     else:
-        figures.append(str(png))
+        figures.append(png)
         drawn = _drawn(meta)
-        curves = figure_html(fs, str(png), "seed mean per N (log axis), band: min to max over the seeds; one line "
+        curves = figure_html(fs, _fs_path(png), "seed mean per N (log axis), band: min to max over the seeds; one line "
                              "per parameterisation; dashed: the onset rules' thresholds" +
                              (f"; {', '.join(drawn)} (drawn per trial) pooled with the seeds" if drawn else ""))
     heatmaps = _heatmaps(meta, rows, scales, out)
-    figures += [str(p) for p, _ in heatmaps]
+    figures += [p for p, _ in heatmaps]
 
     onset: dict[str, dict] = {}
     skipped: dict[str, str] = {}
@@ -114,7 +115,7 @@ def write_sweep_report(sweep_dir: str | Path, rules: Sequence[Rule] = RULES, boo
         skipped["all"] = f"the onset needs at least two scales (this sweep has {len(scales)})"
     else:
         onset, skipped = _onsets(series, scales, rules, bootstrap)
-    cache.write_json(str(out / "onset.json"), {"rules": [str(r) for r in rules], "bootstrap": bootstrap,
+    cache.write_json(C.join(out, "onset.json"), {"rules": [str(r) for r in rules], "bootstrap": bootstrap,
                                                "onset": onset, "skipped": skipped}, sort_keys=False)
 
     parts = [f"<h1>raywsl sweep {html.escape(str(meta.get('name', '')))}</h1>",
@@ -123,9 +124,9 @@ def write_sweep_report(sweep_dir: str | Path, rules: Sequence[Rule] = RULES, boo
              "<h2>Onset</h2>" + _onset_html(onset, skipped, rules, bootstrap),
              "<h2>Curves</h2>" + curves]
     if heatmaps:
-        parts.append("<h2>Heatmaps</h2>" + "".join(figure_html(fs, str(p), c) for p, c in heatmaps))
+        parts.append("<h2>Heatmaps</h2>" + "".join(figure_html(fs, _fs_path(p), c) for p, c in heatmaps))
     parts.append("<h2>Trials</h2>" + _trials_html(trials))
-    path = str(out / "report.html")
+    path = C.join(out, "report.html")
     cache.write_text(path, page_html(f"raywsl sweep {meta.get('name', '')}", parts))
     log.info("sweep report: %s", path)
     return SweepReport(path, table, figures, onset)
@@ -133,16 +134,20 @@ def write_sweep_report(sweep_dir: str | Path, rules: Sequence[Rule] = RULES, boo
 
 # ------------------------------------------------------------------------------------------ reading
 
-def _read(sweep_dir: Path) -> tuple[dict, list[_Trial]]:
-    meta = json.loads((sweep_dir / C.SWEEP_JSON).read_text())
+def _fs_path(url: str) -> str:
+    return fsspec.core.url_to_fs(url)[1]
+
+
+def _read(sweep_dir: str) -> tuple[dict, list[_Trial]]:
+    meta = cache.read_json(C.join(sweep_dir, C.SWEEP_JSON))
     trials = []
     for t in meta.get("trials", []):
-        run_dir = Path(t["run_dir"])
-        if not run_dir.exists():  # the sweep folder was copied elsewhere (e.g. off the cluster)
-            run_dir = sweep_dir / C.SWEEP_TRIALS / run_dir.name
-        state = cache.read_json(str(run_dir / C.TRIAL_JSON), {})
+        run_dir = t["run_dir"]
+        if not cache.exists(run_dir):  # the sweep folder was copied elsewhere (e.g. off the cluster)
+            run_dir = C.join(sweep_dir, C.SWEEP_TRIALS, run_dir.rstrip("/").rsplit("/", 1)[-1])
+        state = cache.read_json(C.join(run_dir, C.TRIAL_JSON), {})
         status = state.get("status", PENDING)
-        metrics = cache.read_json(str(run_dir / C.METRICS), {}) if status == FINISHED else {}
+        metrics = cache.read_json(C.join(run_dir, C.METRICS), {}) if status == FINISHED else {}
         trials.append(_Trial(t["name"], dict(t["params"]), status, state,
                              {k: v for k, v in metrics.items() if _is_number(v)}))
     return meta, trials
@@ -226,7 +231,7 @@ def _onset_html(onset: dict[str, dict], skipped: dict[str, str], rules: Sequence
 
 # ----------------------------------------------------------------------------------------- figures
 
-def _curves_png(series: dict[str, list[dict]], scales: list[int], rules: Sequence[Rule], path: Path) -> Path | None:
+def _curves_png(series: dict[str, list[dict]], scales: list[int], rules: Sequence[Rule], path: str) -> str | None:
     """One panel per metric that has values; None when none has."""
     metrics = [m for m in METRICS if any(math.isfinite(r.get(m, math.nan)) for rows in series.values() for r in rows)]
     if not metrics:
@@ -256,7 +261,7 @@ def _curves_png(series: dict[str, list[dict]], scales: list[int], rules: Sequenc
     return save_figure(fig, path)
 
 
-def _heatmaps(meta: dict, rows: list[dict], scales: list[int], out: Path) -> list[tuple[Path, str]]:
+def _heatmaps(meta: dict, rows: list[dict], scales: list[int], out: str) -> list[tuple[str, str]]:
     """Per variant varying at least two keys: the first two (in the sweep's order) as the grid, any
     further ones averaged over; a file per N. Returns (path, caption) pairs."""
     keys = _split_keys(meta)
@@ -273,14 +278,15 @@ def _heatmaps(meta: dict, rows: list[dict], scales: list[int], out: Path) -> lis
             name = "_".join(["heatmap", *([re.sub(r"[^\w.=-]+", "_", str(v))] if v is not None else []),
                              *([f"N{n}"] if n is not None else [])])
             title = ", ".join([*([str(v)] if v is not None else []), *([f"N={n}"] if n is not None else [])])
-            path = _heatmap_png(here, ykey, _values(mine, ykey), xkey, _values(mine, xkey), out / f"{name}.png", title)
+            path = _heatmap_png(here, ykey, _values(mine, ykey), xkey, _values(mine, xkey),
+                                C.join(out, f"{name}.png"), title)
             made.append((path, f"{title or 'all trials'}: seed means over {ykey} x {xkey}" +
                           (f", averaged over {', '.join(rest)}" if rest else "")))
     return made
 
 
-def _heatmap_png(rows: list[dict], ykey: str, ys: list[str], xkey: str, xs: list[str], path: Path,
-                 title: str) -> Path:
+def _heatmap_png(rows: list[dict], ykey: str, ys: list[str], xkey: str, xs: list[str], path: str,
+                 title: str) -> str:
     fig = Figure(figsize=(4.2 * len(HEATMAP_METRICS), 0.5 * len(ys) + 2.4), dpi=DPI, layout="constrained")
     for i, metric in enumerate(HEATMAP_METRICS):
         ax = fig.add_subplot(1, len(HEATMAP_METRICS), i + 1)

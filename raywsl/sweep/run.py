@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager, redirect_stdout
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from ray import tune
 from raywsl import cache
 from raywsl import contract as C
 from raywsl import tracking
-from raywsl.config import Config, load_config
+from raywsl.config import Config, ConfigError, load_config
 from raywsl.progress import console, native_output_to, open_log_file, setup_logging
 from raywsl.sweep.report import write_sweep_report
 from raywsl.sweep.space import Sweep, Trial
@@ -65,9 +66,8 @@ class SweepOutcome:
 
 def sweep_folder(sweep: Sweep) -> str:
     """runs/sweeps/<name>, beside the base config's run folders (absolute: trials run elsewhere)."""
-    run_dir = sweep.trials[0].config.run_dir
-    parent = os.path.dirname(os.path.abspath(run_dir.rstrip("/")))
-    return os.path.join(parent, C.SWEEPS, sweep.name)
+    run_dir = cache.absolute(sweep.trials[0].config.run_dir).rstrip("/")
+    return C.join(run_dir.rsplit("/", 1)[0], C.SWEEPS, sweep.name)
 
 
 def trial_dir(folder: str, name: str) -> str:
@@ -78,8 +78,7 @@ def trial_dir(folder: str, name: str) -> str:
 def trial_overrides(sweep: Sweep, trial: Trial, folder: str) -> list[str]:
     """A trial's config: its sweep overrides, its own run folder, the base config's cache (shared with
     every run and trial), the sweep's MLflow experiment."""
-    cache_dir = trial.config.cache_dir
-    cache_dir = cache_dir if "://" in cache_dir else os.path.abspath(cache_dir)
+    cache_dir = cache.absolute(trial.config.cache_dir)
     return [*trial.overrides, f"run.name={json.dumps(trial.name)}",
             f"run.dir={json.dumps(trial_dir(folder, trial.name))}",
             f"cache.dir={json.dumps(cache_dir)}", f"mlflow.experiment={json.dumps(sweep.name)}"]
@@ -89,18 +88,23 @@ def run_sweep(sweep: Sweep, folder: str | None = None, restart: bool = False) ->
     """Run every trial of `sweep` not finished yet (Ray Tune), then write the phase-diagram report and
     log it to the sweep's parent MLflow run. `restart`: a new Tune experiment (finished trials whose
     artifacts are cached still return at once)."""
-    folder = os.path.abspath(folder or sweep_folder(sweep))
+    folder = cache.absolute(folder or sweep_folder(sweep))
     base = sweep.trials[0].config
     specs = {t.name: (sweep.base, trial_overrides(sweep, t, folder), t.params) for t in sweep.trials}
     meta_path = C.join(folder, C.SWEEP_JSON)
     previous = cache.read_json(meta_path, {})
     log_path = C.join(folder, C.LOGS, "sweep.log")
-    open_log_file(log_path)
+    # A sweep folder at a URL gets its log when the sweep ends (written locally until then).
+    local_log = cache.local_path(log_path) if cache.is_local(log_path) else \
+        os.path.join(tempfile.mkdtemp(prefix="raywsl-"), "sweep.log")
+    open_log_file(local_log)
     console.info("raywsl sweep %s: %d trials -> %s", sweep.name, len(sweep.trials), folder)
     with ExitStack() as stack:
-        stack.enter_context(native_output_to(log_path))
+        if not cache.is_local(log_path):
+            stack.callback(lambda: cache.write_bytes(log_path, open(local_log, "rb").read()))
+        stack.enter_context(native_output_to(local_log))
         # Tune's tables and MLflow's links print to stdout: into the log (raywsl's lines go to stderr)
-        stack.enter_context(redirect_stdout(stack.enter_context(open(log_path, "a", buffering=1))))
+        stack.enter_context(redirect_stdout(stack.enter_context(open(local_log, "a", buffering=1))))
         uri, store = _tracking_store(stack, base, folder)
         parent = _parent_run(sweep, uri, store, previous.get("mlflow", {}).get("parent_run_id"), base.mlflow.enabled)
         meta = _describe(sweep, folder, specs, {"tracking_uri": store, "experiment": sweep.name,
@@ -136,6 +140,10 @@ def _tracking_store(stack: ExitStack, base: Config, folder: str) -> tuple[str, s
         return "", ""
     if given.startswith(("http://", "https://", "databricks")):
         return given, given
+    if not cache.is_local(folder):
+        raise ConfigError(f"the sweep folder is {folder}, a URL: set mlflow.tracking_uri in the base config to "
+                          f"a tracking server every trial reaches (on a cluster, http://<head>:5000), or set "
+                          f"mlflow.enabled=false")
     store = C.join(folder, C.SWEEP_MLFLOW)
     uri = stack.enter_context(tracking.tracking_server(store))
     return uri, f"sqlite:///{os.path.join(store, 'mlflow.db')}"
@@ -184,21 +192,22 @@ def _log_parent(parent: str, report, counts: dict[str, int], seconds: float) -> 
 def _tune(sweep: Sweep, folder: str, specs: dict, uri: str, parent: str | None, base: Config, restart: bool):
     """Run the trials on Ray Tune (restoring an interrupted experiment of the same trials); returns the
     ResultGrid."""
-    from raywsl.runtime import ray_session
+    from raywsl.runtime import ray_session, train_storage
 
-    storage = C.join(folder, C.SWEEP_TUNE)
+    storage = train_storage(C.join(folder, C.SWEEP_TUNE))  # the sweep folder's file system, also at a URL
     # One Tune experiment per list of trials: the same sweep resumes it, a changed one starts another.
     experiment = "trials-" + hashlib.sha256(json.dumps(sorted(specs.items())).encode()).hexdigest()[:12]
-    path = C.join(storage, experiment)
+    path = C.join(storage["storage_path"], experiment)
+    fs = storage.get("storage_filesystem")
     trainable = tune.with_resources(
         tune.with_parameters(_trial, specs=specs, cwd=os.getcwd(), tracking_uri=uri, parent=parent or ""),
         {"cpu": sweep.trial_resources["cpu"], "gpu": sweep.trial_resources["gpu"]})
     with ray_session(base.ray.address, base.ray.num_cpus or None):
         if restart:
-            cache.remove(path)
-        if tune.Tuner.can_restore(path):
+            cache.remove(C.join(folder, C.SWEEP_TUNE, experiment))
+        if tune.Tuner.can_restore(path, storage_filesystem=fs):
             console.info("resuming %s (finished trials are not run again)", path)
-            tuner = tune.Tuner.restore(path, trainable=trainable, restart_errored=True)
+            tuner = tune.Tuner.restore(path, trainable=trainable, restart_errored=True, storage_filesystem=fs)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -206,7 +215,7 @@ def _tune(sweep: Sweep, folder: str, specs: dict, uri: str, parent: str | None, 
                 tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials,
                                             scheduler=_scheduler(sweep), trial_name_creator=_trial_name,
                                             trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=0,
+                run_config=tune.RunConfig(name=experiment, **storage, verbose=0,
                                           callbacks=[_Progress(len(sweep.trials))],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         return tuner.fit()
@@ -253,8 +262,7 @@ def _end_child_run(id_file: str) -> None:
     import mlflow
 
     try:
-        with open(id_file) as f:
-            run_id = f.read().strip()
+        run_id = cache.read_bytes(id_file).decode().strip()
     except OSError:
         return
     if run_id:

@@ -43,7 +43,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from raywsl.config import Config, ConfigError, load_config, read_yaml_mapping
 from raywsl.models.registry import check_config
@@ -103,10 +103,14 @@ class Sweep:
     trials: tuple[Trial, ...]
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, check and expand the sweep config at `path` (SweepError naming what is wrong)."""
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+    """Read, check and expand the sweep config at `path` (SweepError naming what is wrong); `overrides`
+    (`key=value`, as on the command line) come after the config's own `overrides:`, for every trial
+    (a cluster's cache.dir and mlflow.tracking_uri)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "sweep config", SweepError)
+    if overrides:
+        raw = {**raw, "overrides": [*(raw.get("overrides") or []), *overrides]}
     return parse_sweep(raw, where=str(path), folder=path.parent)
 
 
