@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -117,6 +118,22 @@ def get_folder(url: str, local: str) -> None:
         target = os.path.join(local, *path[len(src) + 1:].split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(path, target)
+
+
+@contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """A local path to write `path` through (a log file that grows while a command runs): `path`
+    itself when it is local, else a temporary file uploaded to `path` when the block ends."""
+    if is_local(path):
+        yield local_path(path)
+        return
+    local = os.path.join(tempfile.mkdtemp(prefix="raywsl-"), path.rstrip("/").rsplit("/", 1)[-1])
+    try:
+        yield local
+    finally:
+        if os.path.exists(local):
+            with open(local, "rb") as f:
+                write_bytes(path, f.read())
 
 
 def jsonable(value: Any) -> Any:

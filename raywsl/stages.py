@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -419,20 +417,14 @@ def open_run(cfg: Config, plan: C.Plan, verb: str, restart: bool = False) -> Ite
     """What a command writes into its run folder once its checks passed: config.yaml, its log file
     (with what was logged so far), and the run folder's MLflow run (ended FAILED on an error)."""
     cache.write_text(plan.run.config, dump_yaml(cfg))
-    log_file = plan.run.log_file(verb)
     # A run folder at a URL gets its log when the command ends (written locally until then).
-    local_log = cache.local_path(log_file) if cache.is_local(log_file) else \
-        os.path.join(tempfile.mkdtemp(prefix="raywsl-"), f"{verb}.log")
-    open_log_file(local_log)
-    if stale := _stale_stages(plan):
-        log.info("the run folder's stages.json named other artifacts for %s (the config changed)", ", ".join(stale))
-    try:
+    with cache.local_file(plan.run.log_file(verb)) as local_log:
+        open_log_file(local_log)
+        if stale := _stale_stages(plan):
+            log.info("the run folder's stages.json named other artifacts for %s (the config changed)",
+                     ", ".join(stale))
         with native_output_to(local_log), tracking.run_context(cfg, verb, plan, restart=restart):
             yield
-    finally:
-        if not cache.is_local(log_file):
-            with open(local_log, "rb") as f:
-                cache.write_bytes(log_file, f.read())
 
 
 def _stale_stages(plan: C.Plan) -> list[str]:

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from contextlib import ExitStack, contextmanager, redirect_stdout
 from dataclasses import dataclass
@@ -94,14 +93,11 @@ def run_sweep(sweep: Sweep, folder: str | None = None, restart: bool = False) ->
     meta_path = C.join(folder, C.SWEEP_JSON)
     previous = cache.read_json(meta_path, {})
     log_path = C.join(folder, C.LOGS, "sweep.log")
-    # A sweep folder at a URL gets its log when the sweep ends (written locally until then).
-    local_log = cache.local_path(log_path) if cache.is_local(log_path) else \
-        os.path.join(tempfile.mkdtemp(prefix="raywsl-"), "sweep.log")
-    open_log_file(local_log)
-    console.info("raywsl sweep %s: %d trials -> %s", sweep.name, len(sweep.trials), folder)
     with ExitStack() as stack:
-        if not cache.is_local(log_path):
-            stack.callback(lambda: cache.write_bytes(log_path, open(local_log, "rb").read()))
+        # A sweep folder at a URL gets its log when the sweep ends (written locally until then).
+        local_log = stack.enter_context(cache.local_file(log_path))
+        open_log_file(local_log)
+        console.info("raywsl sweep %s: %d trials -> %s", sweep.name, len(sweep.trials), folder)
         stack.enter_context(native_output_to(local_log))
         # Tune's tables and MLflow's links print to stdout: into the log (raywsl's lines go to stderr)
         stack.enter_context(redirect_stdout(stack.enter_context(open(local_log, "a", buffering=1))))
