@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,6 +158,10 @@ class FitConfig:
     precision: str = opt("fp32", "fp32; tf32 (fp32 weights, TF32 matmuls) or bf16 autocast on a GPU (fp32 on CPU)",
                          choices=["fp32", "tf32", "bf16"])
     cpus_per_actor: int = opt(1, "CPUs (and torch threads) of each fitting actor", min=1, fp=False)
+    kernel: str = opt("torch", "the batched step's gradient: torch (autograd over batched matmuls, any field type) "
+                               "or triton (raywsl/kernels/mlp.py, one fused forward-backward kernel; mlp fields "
+                               "without asym, on a GPU). The same step to float rounding, so not fingerprinted",
+                      choices=["torch", "triton"], fp=False)
     compile: bool = opt(False, "torch.compile the training step (one graph; costs ~10-60 s of compiling "
                                "per actor, pays off on long fits and on GPUs)", fp=False)
     recon_count: int = opt(8, "fitted shapes decoded to meshes in recon/ and compared with the truth", min=0,
@@ -344,6 +349,13 @@ class Config:
                 raise ConfigError(f"config key '{key}' is {device!r} but scaling.use_gpu is false, so no GPU is asked "
                                   f"of Ray: set scaling.use_gpu=true (GPUs for the fitting actors, the Ray Train "
                                   f"workers and the sample / recon / eval task), or {key}=auto")
+        _require("fit.kernel", self.fit.kernel != "triton" or (self.field.type == "mlp" and not self.field.asym),
+                 self.fit.kernel, f"torch for field.type {self.field.type}{' with field.asym' * self.field.asym} "
+                 "(the fused kernel computes mlp fields without asymmetric masks)")
+        # The fused kernel runs on a GPU; on a CPU only in Triton's interpreter (the tests' correctness checks).
+        _require("fit.kernel", self.fit.kernel != "triton" or self.scaling.use_gpu
+                 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), self.fit.kernel,
+                 "torch without a GPU: set scaling.use_gpu=true for the fused kernel")
         source = self.data.source
         if source.startswith(CORPUS_SCHEME):
             n = source[len(CORPUS_SCHEME):]

@@ -10,6 +10,12 @@ import time
 from typing import Callable, Sequence
 
 import pytest
+import torch
+
+# The fused Triton kernels (raywsl/kernels) run in Triton's interpreter where there is no GPU: it has
+# to be on before triton is first imported. With a GPU the same tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

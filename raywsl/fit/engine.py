@@ -10,6 +10,10 @@ rates. Nothing mixes rows (the loss is a sum of per-shape means, so each row's g
 shape's), so fitting a shape in a batch gives the result of fitting it alone, and a shape that
 diverges (NaN) poisons only its own row.
 
+The gradient comes from autograd over the field's batched forward (`fit.kernel=torch`, every field
+type) or from one fused Triton forward-backward (`fit.kernel=triton`, raywsl/kernels/mlp.py: mlp fields
+on a GPU); the Adam update is the same torch code for both.
+
 Every `check_every` steps the per-shape losses come to the host (the one sync) and each slot is
 judged: finished (steps done, target loss reached, or plateaued), diverged (non-finite loss, non-finite
 weights, or `BLOWUP` x its best loss, the initial loss included: restarted from its init at lr x
@@ -36,6 +40,7 @@ import torch
 from torch import Tensor
 
 from raywsl.config import FitConfig
+from raywsl.kernels import check
 from raywsl.models.fields import Field
 from raywsl.models.losses import LOSSES
 from raywsl.geometry.sampling import shape_rng
@@ -159,9 +164,14 @@ class BatchedFitter:
         self.loss_fn = LOSSES[cfg.loss]
         self.schedule = SCHEDULES[cfg.schedule]
         self.end = cfg.lr_end / cfg.lr if cfg.lr > 0 else 1.0
+        self._loss_and_grad = self._torch_loss_and_grad if cfg.kernel == "torch" else self._fused(field)
         # One graph (gather, forward, torch.func.grad, Adam); the batch dimension turns dynamic
-        # after its first change (the tail's shrinking batch), so that costs one recompile.
-        self._step_fn = torch.compile(self._step, fullgraph=True) if cfg.compile else self._step
+        # after its first change (the tail's shrinking batch), so that costs one recompile. The fused
+        # kernel is its own compiled program: nothing left worth a graph.
+        if cfg.compile and cfg.kernel != "torch":
+            log.info("fit.compile: not applied with fit.kernel=%s (the step is the fused kernel)", cfg.kernel)
+        self._step_fn = torch.compile(self._step, fullgraph=True) if cfg.compile and cfg.kernel == "torch" \
+            else self._step
 
     # ---------------------------------------------------------------- public
 
@@ -210,14 +220,31 @@ class BatchedFitter:
         idx = (self.t.unsqueeze(1) * k + self.window) % self.n_samples  # (B, K): each slot's own window
         x = torch.gather(self.points, 1, idx.unsqueeze(2).expand(-1, -1, 3))
         y = torch.gather(self.sdf, 1, idx)
-        # torch.func.grad rather than autograd.grad on a detached leaf: one graph for torch.compile.
-        grad, per_shape = torch.func.grad(self._loss, has_aux=True)(self.rows, x, y)
+        grad, per_shape = self._loss_and_grad(self.rows, x, y)
         # The loss of the initial weights: the yardstick of divergence until the first check.
         self.start_loss = torch.where(self.t == 0, per_shape, self.start_loss)
         live = (self.active & (self.t < self.cfg.steps)).to(per_shape.dtype)  # stop at exactly `steps`
         self._adam(grad, live)
         self.loss_sum += per_shape * live
         self.loss_count += live
+
+    def _torch_loss_and_grad(self, rows: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(gradient of the rows, per-shape losses) by autograd over the field's batched forward."""
+        # torch.func.grad rather than autograd.grad on a detached leaf: one graph for torch.compile.
+        return torch.func.grad(self._loss, has_aux=True)(rows, x, y)
+
+    def _fused(self, field: Field) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The same function as `_torch_loss_and_grad`, one fused Triton forward-backward (mlp fields)."""
+        check(self.device, "fit.kernel=triton")
+        from raywsl.kernels.mlp import MLPSpec, loss_and_grad  # imports triton: only once it can run
+
+        if field.type_name != "mlp" or field.masks:
+            raise ValueError(f"fit.kernel=triton computes mlp fields without asymmetric masks, not "
+                             f"{field.type_name}{' with field.asym' * bool(field.masks)}: use fit.kernel=torch")
+        c = field.config
+        spec = MLPSpec(c["bands"], c["hidden"], c["layers"], self.cfg.loss, self.cfg.clamp, half=self.autocast)
+        spec.validate()
+        return lambda rows, x, y: loss_and_grad(rows, x, y, spec)
 
     def _loss(self, rows: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Sum over shapes of each shape's mean loss (so each row's gradient is its own shape's),
