@@ -14,7 +14,8 @@ Two kernels, the tiny-cuda-nn split:
 1. `_forward_backward`, one program per (shape, block of BM points): positional encoding, every
    layer's matmul + ReLU, the output, the loss and its derivative, then back through the layers to
    each layer's pre-activation gradient dZ_i, all in one pass with the weights read once per block
-   and nothing but the layer outputs H_i and gradients dZ_i written out (bf16 when `half`). The output
+   and nothing but what the weight gradients need written out: the encoding, the hidden outputs H_i
+   but the last, and the dZ_i (bf16 when `half`). The output
    layer's gradient and the per-block loss sums are reduced inside the program.
 2. `_weight_grad`, one program per (shape, layer, output tile): dW_i = dZ_i^T H_{i-1} and
    db_i = sum dZ_i, reduced over the K points with fp32 accumulation and written straight into the
@@ -100,7 +101,7 @@ def _dot(a, b, HALF: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _forward_backward(
     rows_ptr, x_ptr, y_ptr,  # (B, P) fp32, (B, K, 3) fp32, (B, K) fp32
-    pe_ptr, act_ptr, dz_ptr,  # scratch: (B, K, D0P), (N, B, K, H), (N, B, K, H)
+    pe_ptr, act_ptr, dz_ptr,  # scratch: (B, K, D0P), (N - 1, B, K, H), (N, B, K, H)
     last_ptr, loss_ptr,  # per block: (B, NB, H + 1) output-layer gradient, (B, NB) loss sums
     B, K, P, NB, clamp,
     BANDS: tl.constexpr, D0: tl.constexpr, D0P: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
@@ -130,12 +131,15 @@ def _forward_backward(
     # the weight gradients. Layer 0 reads D0 of its D0P padded inputs.
     w0t = tl.load(row + hcol[None, :] * D0 + j[:, None], mask=(j < D0)[:, None], other=0.0)  # (D0P, H) = W0^T
     h = tl.maximum(_dot(h, w0t, HALF, IEEE) + tl.load(row + H * D0 + hcol)[None, :], 0.0)
-    tl.store(act_ptr + b * K * H + m[:, None] * H + hcol[None, :], h.to(act_t), mask=live[:, None])
+    if N > 1:
+        tl.store(act_ptr + b * K * H + m[:, None] * H + hcol[None, :], h.to(act_t), mask=live[:, None])
     for i in tl.static_range(1, N):
         w = row + H * D0 + H + (i - 1) * (H * H + H)
         wt = tl.load(w + hcol[None, :] * H + hcol[:, None])  # (H, H) = W_i^T
         h = tl.maximum(_dot(h, wt, HALF, IEEE) + tl.load(w + H * H + hcol)[None, :], 0.0)
-        tl.store(act_ptr + (i * B + b) * K * H + m[:, None] * H + hcol[None, :], h.to(act_t), mask=live[:, None])
+        if i < N - 1:  # the last hidden output stays in registers: only the output layer reads it
+            tl.store(act_ptr + (i * B + b) * K * H + m[:, None] * H + hcol[None, :], h.to(act_t),
+                     mask=live[:, None])
     out_w = row + H * D0 + H + (N - 1) * (H * H + H)
     w_out = tl.load(out_w + hcol)
     pred = tl.sum(h * w_out[None, :], axis=1) + tl.load(out_w + H)
@@ -174,7 +178,9 @@ def _forward_backward(
     dh = dpred[:, None] * w_out[None, :]
     for r in tl.static_range(N):
         i = N - 1 - r
-        h = tl.load(act_ptr + (i * B + b) * K * H + m[:, None] * H + hcol[None, :], mask=live[:, None], other=0.0)
+        if i < N - 1:
+            h = tl.load(act_ptr + (i * B + b) * K * H + m[:, None] * H + hcol[None, :], mask=live[:, None],
+                        other=0.0)
         dz = tl.where(h > 0, dh, 0.0)
         tl.store(dz_ptr + (i * B + b) * K * H + m[:, None] * H + hcol[None, :], dz.to(act_t), mask=live[:, None])
         if i > 0:
@@ -238,7 +244,7 @@ def loss_and_grad(rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, spec: ML
     nb = math.ceil(k / bm)
 
     pe = torch.empty(b, k, d0p, device=dev, dtype=act_dtype)
-    act = torch.empty(n, b, k, h, device=dev, dtype=act_dtype)
+    act = torch.empty(max(n - 1, 1), b, k, h, device=dev, dtype=act_dtype)  # H_0 .. H_{N-2}
     dz = torch.empty(n, b, k, h, device=dev, dtype=act_dtype)
     last = torch.empty(b, nb, h + 1, device=dev, dtype=torch.float32)
     losses = torch.empty(b, nb, device=dev, dtype=torch.float32)
