@@ -4,6 +4,7 @@ and the manifest written in-process and by Ray Data."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from raywsl.data.corpus import CATEGORIES, generate_shape, write_corpus
+from raywsl.data.corpus import CATEGORIES, DEFAULT_CATEGORIES, generate_shape, write_corpus
+from raywsl.geometry.topology import topology
 
-NAMES = list(CATEGORIES)
+NAMES = list(DEFAULT_CATEGORIES)  # the default selection; opt-in categories are tested on their own
 K = len(NAMES)
 
 
@@ -30,8 +32,58 @@ def _read_manifest(path):
 
 def test_registry_covers_topologies():
     assert K >= 8
-    assert {c.genus for c in CATEGORIES.values()} >= {0, 1, 2}
-    assert any(c.components > 1 for c in CATEGORIES.values())
+    assert {CATEGORIES[c].genus for c in NAMES} >= {0, 1, 2}
+    assert any(CATEGORIES[c].components > 1 for c in NAMES)
+    assert [c for c in CATEGORIES if c not in NAMES] == ["bracket"]
+    assert CATEGORIES["bracket"].opt_in and CATEGORIES["bracket"].genus is None
+    assert CATEGORIES["torus"].genus_of({}) == 1 and CATEGORIES["bracket"].genus_of({"genus": 3}) == 3
+
+
+def test_default_selection_is_unchanged():
+    """Adding a category must not change existing corpora (nor the cached artifacts built on them):
+    the default round-robin and the shapes themselves are pinned (hash taken before bracket existed)."""
+    assert [generate_shape(i).category for i in range(22)] == 2 * [
+        "blob", "torus", "double_torus", "capsule", "rounded_box", "mug", "chair", "table", "airplane", "lamp",
+        "pebbles",
+    ]
+    digest = hashlib.sha256()
+    for i in range(11):
+        shape = generate_shape(i)
+        digest.update(np.round(shape.mesh.vertices, 5).astype(np.float64).tobytes())
+        digest.update(shape.mesh.faces.astype(np.int64).tobytes())
+        digest.update(json.dumps(shape.params, sort_keys=True).encode())
+    assert digest.hexdigest() == "4e4a7cad6835eabf849b250eaf7ff23a5e06ae22298022a42c30f60a191ac47d"
+    assert generate_shape(3, categories=None).shape_id == generate_shape(3, categories=NAMES).shape_id
+
+
+def test_bracket_is_watertight_with_its_per_shape_genus():
+    shapes = [generate_shape(i, categories=["bracket"]) for i in range(6)]
+    for shape in shapes:
+        topo = topology(shape.mesh)
+        assert shape.category == "bracket" and shape.shape_id.startswith("bracket-")
+        assert topo["watertight"] and topo["components"] == 1 and shape.mesh.volume > 0
+        assert topo["genus"] == CATEGORIES["bracket"].genus_of(shape.params)
+        assert shape.params["genus"] == len(shape.params["base_holes"]) + len(shape.params["flange_holes"])
+        assert len(shape.mesh.faces) > 1000
+        assert np.linalg.norm(shape.mesh.vertices, axis=1).max() <= 1.0
+    # Instances vary: parameters, hole counts (the genus), flat plates and L-brackets, rib counts.
+    assert len({json.dumps(s.params) for s in shapes}) == len(shapes)
+    assert [s.params["genus"] for s in shapes] == [3, 1, 4, 1, 2, 0]
+    assert {s.params["flanged"] for s in shapes} == {0, 1}
+    assert {s.params["ribs"] for s in shapes} == {0, 1, 2}
+
+
+def test_bracket_alongside_other_categories_and_in_the_manifest(tmp_path):
+    # Round-robin in registry order, not listing order: the default categories come first.
+    mixed = [generate_shape(i, categories=["bracket", "torus"]) for i in range(4)]
+    assert [s.category for s in mixed] == ["torus", "bracket", "torus", "bracket"]
+    assert topology(mixed[1].mesh)["genus"] == mixed[1].params["genus"]
+    manifest = Path(write_corpus(tmp_path, n=2, categories=["bracket"], progress=False))
+    for i, row in enumerate(_read_manifest(manifest)):
+        params = json.loads(row["params"])
+        assert row["category"] == "bracket" and params == generate_shape(i, categories=["bracket"]).params
+        mesh = trimesh.load(manifest.parent / row["path"], process=False)
+        assert topology(mesh)["genus"] == CATEGORIES[row["category"]].genus_of(params)
 
 
 def test_shape_is_a_function_of_seed_and_index():

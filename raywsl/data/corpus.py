@@ -20,6 +20,14 @@ outward-facing, with the genus and number of connected components below.
 | airplane     | 0     | 1          | fuselage, swept wings, tail fin and stabiliser             |
 | lamp         | 0     | 1          | base disk, pole, hollow shade open at the bottom           |
 | pebbles      | 0     | 3          | three separate ellipsoids around the Y axis                |
+| bracket ¹    | 0-4 ² | 1          | plate with bolt holes; most an L-bracket: upright flange,  |
+|              |       |            | concave fillet, 0-2 triangular gussets; rounded edges      |
+
+¹ opt-in: the default selection (categories=None, DEFAULT_CATEGORIES) is the first eleven, so
+default corpora stay as they were; a bracket is generated only when named, e.g.
+`write_corpus(out, n, categories=["bracket"])` or `raywsl corpus OUT --n N --categories bracket`.
+² per shape: the number of through-holes, recorded as "genus" in the shape's params (the
+manifest's params column); `CATEGORIES[name].genus_of(params)` reads any category's genus.
 
 Conventions: +Y is up (as in ShapeNet); shapes lie roughly in the unit sphere; the only random pose
 change is a yaw about +Y of at most ±30°, so category identity and the up axis survive. Shape i is a
@@ -122,6 +130,12 @@ def _smin(a, b, k):
     return b + h * (a - b) - k * h * (1.0 - h)
 
 
+def _smax(a, b, k):
+    """Polynomial smooth intersection (max(a, b) with edges rounded by ~k); smooth cuts are
+    _smax(body, -tool, k)."""
+    return -_smin(-a, -b, k)
+
+
 def _smin_all(parts, k):
     out = parts[0]
     for p in parts[1:]:
@@ -142,15 +156,23 @@ class ShapeDef:
 
 @dataclass(frozen=True)
 class Category:
-    """A registry entry: call it with a Generator to draw a shape; genus and components are the
-    topology every shape of the category has (per the module table)."""
+    """A registry entry: call it with a Generator to draw a shape. `genus` and `components` are the
+    topology every shape of the category has (per the module table); genus None means it varies per
+    shape and the shape's params record it as "genus" (read either way with `genus_of`). An `opt_in`
+    category is generated only when named: it is not in the default selection."""
 
     generate: Callable[[np.random.Generator], ShapeDef]
-    genus: int
+    genus: int | None
     components: int = 1
+    opt_in: bool = False
 
     def __call__(self, rng: np.random.Generator) -> ShapeDef:
         return self.generate(rng)
+
+    def genus_of(self, params: dict) -> int:
+        """The documented genus of the shape drawn with `params` (a CorpusShape's or a manifest
+        row's json-decoded params)."""
+        return self.genus if self.genus is not None else int(params["genus"])
 
 
 def _blob(rng):
@@ -363,6 +385,117 @@ def _pebbles(rng):
     return ShapeDef(dict(centres=centres, radii=radii), sdf)
 
 
+# Bracket layout margins: every ligament (hole to plate edge, hole to rib or fillet) is at least
+# GAP = 2.6 default cells wide and every hole at least 3.5 cells across, so the holes (the genus)
+# survive meshing at the default resolution.
+_GAP = 0.08
+
+
+def _pair_x(rng, r, inner, outer):
+    """x > 0 of a hole pair at ±x of radius r, clear of |x| < inner (a centre rib or the other hole:
+    inner = 0 keeps the holes 2·_GAP apart) and of |x| > outer (the plate's end or an end rib)."""
+    lo, hi = inner + r + _GAP, outer - r - _GAP
+    assert lo <= hi, f"no room for a hole pair: x in [{lo}, {hi}]"  # _bracket's ranges guarantee room
+    return rng.uniform(lo, hi)
+
+
+def _bracket(rng):
+    """A plate with bolt holes; for most shapes an L-bracket: an upright flange at the plate's back
+    edge, a concave fillet in the inner corner and 0-2 triangular gussets. The base plate spans
+    x ∈ [-W, W], z ∈ [-D, D]; the flange stands on its back edge z ∈ [-D, -D + t_f]. Every hole is
+    a through-hole clear of the edges, the other holes, the ribs and the fillet, so the genus is
+    the number of holes (params["genus"])."""
+    half_w, half_d = rng.uniform(0.5, 0.7), rng.uniform(0.32, 0.45)
+    base_t, rounding = rng.uniform(0.07, 0.1), rng.uniform(0.015, 0.03)
+    r_base, r_flange = rng.uniform(0.055, 0.08, 2)  # hole diameters ≥ 3.5 default cells
+    flanged = bool(rng.uniform() < 0.7)
+    if flanged:
+        height, flange_t = rng.uniform(0.5, 0.7), rng.uniform(0.07, 0.1)
+        fillet = rng.uniform(0.03, 0.08)
+        n_ribs = int(rng.integers(0, 3))
+        rib_t, rib_inset = rng.uniform(0.07, 0.09), rng.uniform(0.0, 0.06)
+        # Rib legs along the plate (z) and up the flange (y); the plate leg leaves room for a row
+        # of base holes behind it, so base holes never meet a rib.
+        rib_z = rng.uniform(0.12, min(0.3, 2 * half_d - flange_t - 2 * _GAP - 2 * r_base))
+        rib_y = rng.uniform(0.12, 0.8 * (height - base_t))
+        n_base, n_flange = (int(n) for n in rng.integers(0, 3, 2))
+    else:
+        # A flat mounting plate: up to four holes, nothing upright.
+        height, flange_t, fillet, n_ribs, rib_t, rib_inset, rib_z, rib_y = base_t, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0
+        n_base, n_flange = int(rng.integers(0, 5)), 0
+    y0 = -0.5 * height  # the bounding box is centred on the origin
+    zc, yc = -half_d + flange_t, y0 + base_t  # the inner corner between plate and flange
+
+    # Ribs: one in the middle, or two near the ends.
+    end = half_w - 0.5 * rib_t - rib_inset
+    rib_x = [[], [0.0], [-end, end]][n_ribs]
+
+    # Base holes (x, z, r): a row behind the fillet and ribs on an L-bracket, a centred pattern of up
+    # to four on a flat plate.
+    base_holes = []
+    if flanged:
+        z_row = rng.uniform(zc + max(fillet, rib_z if n_ribs else 0.0) + _GAP + r_base, half_d - _GAP - r_base)
+        if n_base == 1:
+            base_holes = [(0.0, z_row, r_base)]
+        elif n_base == 2:
+            x = _pair_x(rng, r_base, 0.0, half_w)
+            base_holes = [(-x, z_row, r_base), (x, z_row, r_base)]
+    elif n_base:
+        xh = _pair_x(rng, r_base, 0.0, half_w)
+        zh = _pair_x(rng, r_base, 0.0, half_d)
+        base_holes = {
+            1: [(0.0, 0.0)], 2: [(-xh, 0.0), (xh, 0.0)], 3: [(-xh, -zh), (xh, -zh), (0.0, zh)],
+            4: [(-xh, -zh), (xh, -zh), (-xh, zh), (xh, zh)],
+        }[n_base]
+        base_holes = [(x, z, r_base) for x, z in base_holes]
+
+    # Flange holes (x, y, r): a row above the fillet, beside the ribs.
+    flange_holes = []
+    if n_flange:
+        y_row = rng.uniform(yc + fillet + _GAP + r_flange, y0 + height - _GAP - r_flange)
+        if n_ribs == 1:  # beside the centre rib: one side or both
+            x = _pair_x(rng, r_flange, 0.5 * rib_t, half_w)
+            xs = [x, -x] if n_flange == 2 else [x * (1 if rng.uniform() < 0.5 else -1)]
+        else:  # between the end ribs (or the plate's ends)
+            outer = half_w - rib_t - rib_inset if n_ribs == 2 else half_w
+            x = _pair_x(rng, r_flange, 0.0, outer) if n_flange == 2 else 0.0
+            xs = [-x, x] if n_flange == 2 else [0.0]
+        flange_holes = [(x, y_row, r_flange) for x in xs]
+
+    def sdf(x, y, z):
+        body = _box(x, y, z, (0, y0 + 0.5 * base_t, 0), (half_w, 0.5 * base_t, half_d), rounding)
+        if flanged:
+            flange = _box(x, y, z, (0, 0, -half_d + 0.5 * flange_t), (half_w, 0.5 * height, 0.5 * flange_t), rounding)
+            # Concave fillet: the corner square [0, f]² (reaching into both plates) less the disc of
+            # radius f tangent to both inner faces, along the plate's width.
+            u, v = z - zc, y - yc
+            h = 0.5 * (fillet + 0.5 * min(base_t, flange_t))  # half side of the square
+            square = _combine2(np.abs(u - fillet + h) - h, np.abs(v - fillet + h) - h)
+            corner = np.maximum(square, fillet - _length(u - fillet, v - fillet))
+            body = np.minimum(np.minimum(body, flange), np.maximum(corner, np.abs(x) - half_w + rounding))
+            # Gussets: right triangles with legs rib_z along the plate and rib_y up the flange
+            # (reaching into both), fused with a small fillet.
+            hyp = (u / rib_z + v / rib_y - 1) / math.hypot(1 / rib_z, 1 / rib_y)
+            triangle = np.maximum(np.maximum(-u - 0.5 * flange_t, -v - 0.5 * base_t), hyp)
+            for xr in rib_x:
+                body = _smin(body, np.maximum(triangle, np.abs(x - xr) - 0.5 * rib_t), 0.02)
+        for hx, hz, r in base_holes:
+            body = _smax(body, r - _length(x - hx, z - hz), 0.015)
+        for hx, hy, r in flange_holes:
+            body = _smax(body, r - _length(x - hx, y - hy), 0.015)
+        return body
+
+    return ShapeDef(
+        dict(
+            genus=len(base_holes) + len(flange_holes), flanged=int(flanged), half_width=half_w, half_depth=half_d,
+            base_thickness=base_t, height=height, flange_thickness=flange_t, rounding=rounding, fillet=fillet,
+            ribs=n_ribs, rib_thickness=rib_t, rib_x=rib_x, rib_z=rib_z, rib_y=rib_y,
+            base_holes=base_holes, flange_holes=flange_holes,
+        ),
+        sdf,
+    )
+
+
 CATEGORIES: dict[str, Category] = {
     "blob": Category(_blob, genus=0),
     "torus": Category(_torus_cat, genus=1),
@@ -375,7 +508,12 @@ CATEGORIES: dict[str, Category] = {
     "airplane": Category(_airplane, genus=0),
     "lamp": Category(_lamp, genus=0),
     "pebbles": Category(_pebbles, genus=0, components=3),
+    # Opt-in: adding a category to the default selection would change every default corpus (shape
+    # i's category is round-robin over the selection), so later categories are generated only when named.
+    "bracket": Category(_bracket, genus=None, opt_in=True),
 }
+# The selection when none is given: every category but the opt-in ones.
+DEFAULT_CATEGORIES: tuple[str, ...] = tuple(name for name, c in CATEGORIES.items() if not c.opt_in)
 
 
 # --- meshing -------------------------------------------------------------------------------------
@@ -435,9 +573,10 @@ class CorpusShape:
 
 
 def _select(categories: Sequence[str] | None) -> list[str]:
-    """The selected categories in registry order (so the listing order never changes the corpus)."""
+    """The selected categories in registry order (so the listing order never changes the corpus);
+    None selects DEFAULT_CATEGORIES."""
     if categories is None:
-        return list(CATEGORIES)
+        return list(DEFAULT_CATEGORIES)
     if isinstance(categories, str):
         categories = [categories]
     unknown = [c for c in categories if c not in CATEGORIES]
@@ -461,7 +600,7 @@ def _jsonable(value, digits: int = 4):
 def generate_shape(
     index: int, seed: int = 0, categories: Sequence[str] | None = None, resolution: int = DEFAULT_RESOLUTION
 ) -> CorpusShape:
-    """Shape `index` of the corpus `seed` over `categories` (all by default)."""
+    """Shape `index` of the corpus `seed` over `categories` (DEFAULT_CATEGORIES by default)."""
     selected = _select(categories)
     category = selected[index % len(selected)]
     rng = np.random.default_rng([seed, index])
