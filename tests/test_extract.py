@@ -126,8 +126,12 @@ def test_topology_conventions_on_plain_meshes():
     opened = topology(trimesh.Trimesh(sphere_mesh.vertices, sphere_mesh.faces[:-1]))
     assert (opened["watertight"], opened["genus"], opened["volume"], opened["euler"]) == (False, None, None, 1)
     assert topology(trimesh.Trimesh(sphere_mesh.vertices, sphere_mesh.faces[:, ::-1]))["volume"] < 0
+    # a speck beside the sphere is a component, not a major one (under 1 % of the area)
+    speck = trimesh.creation.icosphere(subdivisions=1, radius=0.05).apply_translation([3, 0, 0])
+    specked = topology(trimesh.util.concatenate([sphere_mesh, speck]))
+    assert (specked["components"], specked["major_components"], both["major_components"]) == (2, 1, 2)
     assert topology(None) == topology(trimesh.Trimesh()) == {
-        "vertices": 0, "faces": 0, "components": 0, "euler": 0, "genus": None, "genera": None,
+        "vertices": 0, "faces": 0, "components": 0, "major_components": 0, "euler": 0, "genus": None, "genera": None,
         "watertight": False, "volume": None}
 
 
