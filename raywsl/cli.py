@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import fsspec
 
@@ -50,19 +50,21 @@ def load(args: argparse.Namespace) -> Config:
     return check_config(load_config(args.config, args.overrides))
 
 
-def _stages(args: argparse.Namespace, verb: str, stages: list[str], then: Callable | None = None):
+def _stages(args: argparse.Namespace, verb: str, stages: list[str], then: Callable | None = None,
+            inputs: tuple[str, ...] = ()):
     """Run `stages` for the command's config: refused (nothing written) when the first one's inputs are
     missing; else the run folder records them (config.yaml, logs/<verb>.log, stages.json, MLflow).
-    `then(cfg, outcomes)` names more stages to run after them, given what they did."""
+    `then(cfg, outcomes)` names more stages to run after them, given what they did. `inputs`: stages
+    run first to make what `stages` consume when it is missing (reused otherwise, even with --restart)."""
     from raywsl.stages import check, open_run, plan_for, run_stages
 
     cfg = load(args)
-    plan = plan_for(cfg, base=stages == ["train-base"])
-    stages = [s for s in stages if s in plan]
+    plan = plan_for(cfg, base=stages == ["train-base"], encoder="train-encoder" in stages)
+    stages = [s for s in (*inputs, *stages) if s in plan]
     check(cfg, plan, stages[0])
     console.info("raywsl %s: %s (cache %s)", verb, plan.run.root, plan.cache)
     with open_run(cfg, plan, verb, args.restart):
-        outcomes = {o.stage: o for o in run_stages(cfg, plan, stages, args.restart)}
+        outcomes = {o.stage: o for o in run_stages(cfg, plan, stages, args.restart, keep=inputs)}
         if then and (more := then(cfg, outcomes)):
             outcomes.update({o.stage: o for o in run_stages(cfg, plan, more, args.restart)})
     return cfg, plan, outcomes
@@ -102,6 +104,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_train_base(args: argparse.Namespace) -> int:
     _, plan, _ = _stages(args, "train-base", ["train-base"])
     console.info("checkpoint: %s", plan["train-base"].path)
+    return 0
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    _, plan, out = _stages(args, "train-encoder", ["train-encoder"], inputs=("corpus", "ingest", "train-base", "fit"))
+    f = {k: v for k, v in out["train-encoder"].facts.items() if isinstance(v, (int, float))}
+    nan = float("nan")
+    console.info("held-out shapes encoded and decoded: Chamfer median %.4g over %d (the mean training row: %.4g); "
+                 "training shapes: encoded %.4g, their fitted rows %.4g; weight-space R^2 on training rows %.3f",
+                 f.get("encoder_heldout_cd_median", nan), f.get("encoder_heldout_count", 0),
+                 f.get("encoder_mean_row_cd_median", nan), f.get("encoder_train_cd_median", nan),
+                 f.get("encoder_fitted_cd_median", nan), f.get("encoder_r2_train", nan))
+    console.info("encoder: %s", plan["train-encoder"].path)
     return 0
 
 
@@ -199,6 +214,59 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology_probe(args: argparse.Namespace, verb: str, encoder: bool, probe: Callable, settings) -> Any:
+    """Run a topology probe (raywsl/probes) on the config's fitted store, in the run folder's MLflow run;
+    `encoder`: it reads the point-cloud encoder (`train-encoder`, trained first when missing)."""
+    from raywsl.stages import check, open_run, plan_for, run_stages
+
+    cfg = load(args)
+    settings.check()  # bad options refused before anything is written
+    plan = plan_for(cfg, encoder=encoder)
+    if encoder:
+        check(cfg, plan, "train-encoder")  # the fitted store it needs
+    with open_run(cfg, plan, verb):
+        if encoder:
+            run_stages(cfg, plan, ["train-encoder"])
+        summary = probe(cfg, plan, settings)
+    return plan, summary
+
+
+def cmd_probe_phase(args: argparse.Namespace) -> int:
+    from raywsl.probes.phase import PhaseSettings, run_phase
+
+    s = PhaseSettings(space=args.space, start=args.start, end=args.end, steps=args.steps, seeds=args.seeds,
+                      points=args.points, radius=args.radius, sigma=args.sigma, resolution=args.resolution)
+    plan, summary = _topology_probe(args, "probe-phase", s.space == "cloud", run_phase, s)
+    star, width = summary["alpha_star"], summary["width"]
+    console.info("%s: components %s -> %s; α* %.3f [%.3f, %.3f] (%d of %d seeds with a transition), width %.3f",
+                 summary["path"], summary["start_components"]["mean"], summary["end_components"]["mean"],
+                 star["mean"], star["lo"], star["hi"], star["n"], s.seeds, width["mean"])
+    console.info("wrote %s/", C.join(plan.run.probe, C.PHASE))
+    return 0
+
+
+def cmd_probe_subspace(args: argparse.Namespace) -> int:
+    from raywsl.probes.subspace import SubspaceSettings, run_subspace
+
+    s = SubspaceSettings(category=args.category, space=args.space, dims=_numbers(args.dims, int, "--dims"),
+                         radii=_numbers(args.radii, float, "--radii"), samples=args.samples, paths=args.paths,
+                         path_steps=args.path_steps, resolution=args.resolution, points=args.points, tau=args.tau)
+    plan, summary = _topology_probe(args, "probe-subspace", s.space == "condition", run_subspace, s)
+    for t in summary["table"]:
+        console.info("%-8s m=%-3s r=%-4s valid %.2f, topology kept %.2f, nearest CD %.4g, displaced %.2f", t["kind"],
+                     t["m"] or "-", f"{t['radius']:g}" if t["kind"] == "sample" else "-", t["valid_share"],
+                     t["kept_share"], t["nearest_cd_median"], t["displaced_share"])
+    console.info("wrote %s/", C.join(plan.run.probe, C.SUBSPACE))
+    return 0
+
+
+def _numbers(text: str, kind: type, option: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: a comma-separated list of {kind.__name__} values") from None
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from raywsl.sweep.run import run_sweep
     from raywsl.sweep.space import load_sweep
@@ -272,6 +340,35 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of each category held out per repeat")
 
 
+def _phase_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, restart=False)
+    p.add_argument("--space", default="cloud", help="cloud (point clouds through the encoder, the study's) or weights "
+                                                    "(linear between two fitted rows)")
+    p.add_argument("--from", dest="start", default="", help="start: a shape id or category (cloud: default the "
+                                                            "Fibonacci sphere; seed s takes a category's s-th shape)")
+    p.add_argument("--to", dest="end", default="", help="end: a shape id or category (cloud: default the noisy sphere)")
+    p.add_argument("--steps", type=int, default=101, help="α grid points in [0, 1] (the study: 500)")
+    p.add_argument("--seeds", type=int, default=5, help="repeats: noise draws, clouds' points, or shape pairs")
+    p.add_argument("--points", type=int, default=1000, help="points of each cloud (the study: 1,000)")
+    p.add_argument("--radius", type=float, default=0.0, help="the sphere's radius (0: 1 / (1 + ingest.margin))")
+    p.add_argument("--sigma", type=float, default=0.3, help="std of the noise that makes the uneven sphere")
+    p.add_argument("--resolution", type=int, default=64, help="marching-cubes cells per axis of every decode")
+
+
+def _subspace_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, restart=False)
+    p.add_argument("--category", default="bracket", help="the set: fitted training shapes of this category ('': all)")
+    p.add_argument("--space", default="weights", help="weights (the store's rows) or condition (encoder conditions)")
+    p.add_argument("--dims", default="2,8,32", help="subspace sizes m, comma-separated (capped at k - 1)")
+    p.add_argument("--radii", default="0.5,1,2", help="radii in units of the set's std per direction")
+    p.add_argument("--samples", type=int, default=16, help="samples per (m, radius)")
+    p.add_argument("--paths", type=int, default=4, help="interpolation paths between pairs of the set")
+    p.add_argument("--path-steps", type=int, default=5, help="points per path")
+    p.add_argument("--resolution", type=int, default=64, help="marching-cubes cells per axis of every decode")
+    p.add_argument("--points", type=int, default=2048, help="surface points per shape for the Chamfer distances")
+    p.add_argument("--tau", type=float, default=0.02, help="displacement above which a surface point counts as moved")
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="sweep config (configs/sweeps/NAME.yaml)")
     p.add_argument("--dir", default="", help="sweep folder (default: runs/sweeps/<name> beside the base config's runs)")
@@ -306,6 +403,10 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "train-base": ("SDF samples -> the base network field.type needs (modulated base field, DeepSDF decoder) "
                    "+ one latent per shape (Ray Train, resumable)",
                    _add_config_args, cmd_train_base, True),
+    "train-encoder": ("surface point clouds -> a condition c -> the fitted weight row: a PointNet encoder trained on "
+                      "the fitted training shapes (Ray Train, resumable; ingests and fits first if needed), with its "
+                      "reconstruction quality on held-out shapes (the topology probes' conditioned field)",
+                      _add_config_args, cmd_train_encoder, True),
     "train": ("weights.zarr -> a diffusion denoiser over weight rows (Ray Train, resumable)",
               _add_config_args, cmd_train, True),
     "sample": ("the trained denoiser -> new weight rows and their meshes in generated/", _add_config_args,
@@ -318,7 +419,15 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
                   "barrier per field variant (papers/004, Figure 3)", _stability_args, cmd_stability, True),
     "probe": (("the weight store's training rows: 1-NN (cosine), logistic regression and k-means ARI over "
                "categories, mean ± std over seeded splits (papers/004, Table 4), and weight statistics "
-               "(papers/002, Table 2) -> probe/probe.md, probe.json, MLflow"), _probe_args, cmd_probe, True),
+               "(papers/002, Table 2) -> probe/probe.md, probe.json, MLflow; the topology probes: `probe phase`, "
+               "`probe subspace`"), _probe_args, cmd_probe, True),
+    "probe phase": ("the connectivity phase transition (papers/000): decode along a path of point clouds (the "
+                    "encoder's conditions; Fibonacci sphere -> noisy sphere) or weight rows, count components, Euler "
+                    "characteristic and genus; α* and its width over seeds -> probe/phase/, MLflow",
+                    _phase_args, cmd_probe_phase, True),
+    "probe subspace": ("sample inside the top-m PCA subspace of one category's rows or conditions: topology kept, "
+                       "validity, novelty (Chamfer to the nearest training shape) and local variation vs m and "
+                       "radius -> probe/subspace/, MLflow", _subspace_args, cmd_probe_subspace, True),
     "sweep": ("every trial of a sweep config as a run on Ray Tune (shared artifacts, resumable), one MLflow parent run "
               "with a child run per trial, and the phase diagram: report/report.html with the onset N* per "
               "parameterisation", _sweep_args, cmd_sweep, False),
@@ -342,11 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SUBVERBS = {"probe": ("phase", "subspace")}  # `raywsl probe phase ...` is the verb "probe phase"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[1] in SUBVERBS.get(argv[0], ()):
+        argv[:2] = [f"{argv[0]} {argv[1]}"]
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose)
     logging.getLogger("raywsl").setLevel(logging.DEBUG)  # the log file gets raywsl's debug lines
     from raywsl.data.sources import SourceError
+    from raywsl.encoder import EncoderError
     from raywsl.eval.probe import ProbeError
     from raywsl.eval.run import EvalError
     from raywsl.fit.stability import StabilityError
@@ -358,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, SourceError, StoreError, LayoutError, BaseError, EvalError, StabilityError,
-            ProbeError, ShardsUnfinished) as e:
+            ProbeError, ShardsUnfinished, EncoderError) as e:
         print(f"raywsl {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

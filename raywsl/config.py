@@ -64,7 +64,9 @@ class RunConfig:
 class DataConfig:
     source: str = opt("", "meshes to ingest: a folder, a glob, or a manifest (.csv/.jsonl with a "
                           "'path' column and optional 'id', 'category'); local path or fsspec URL; "
-                          "corpus:N for N shapes of the built-in procedural generator")
+                          "corpus:N for N shapes of the built-in procedural generator, corpus:N:cat1,cat2 for "
+                          "N shapes of the named categories only (e.g. corpus:40:bracket; the opt-in bracket "
+                          "category is generated only when named)")
     shapes: int = opt(0, "training shapes this run uses: the first N of the source's fixed training order "
                          "(nested: N=20 is part of N=50; store/split.py); 0: all of them. The held-out "
                          "reference shapes do not depend on it", min=0)
@@ -203,6 +205,35 @@ class BaseConfig:
 
 
 @dataclass
+class EncoderConfig:
+    # `raywsl train-encoder` (raywsl/encoder/): surface point cloud -> condition c -> the fitted row. Defaults train
+    # in about a minute on the quickstart's 32 shapes on a laptop CPU.
+    arch: str = opt("pointnet", "point-cloud encoder (raywsl/models/pointnet.py ENCODERS): pointnet (a shared "
+                                "per-point MLP 3 -> 64 -> 128 -> width, max over the points)", choices=["pointnet"])
+    width: int = opt(256, "size C of the condition c the encoder maps a cloud to (the head maps c to a row)", min=1)
+    points: int = opt(512, "surface points per shape per step, a fresh random subset each step (and the size of "
+                           "the clouds the reconstruction figures encode)", min=1)
+    uneven: float = opt(0.5, "share of the shapes of each step whose subset is drawn unevenly (denser towards a "
+                             "random direction), so the encoder sees uneven samplings too", min=0.0, max=1.0)
+    steps: int = opt(800, "optimiser steps", min=1)
+    batch_size: int = opt(16, "shapes per step (over all workers)", min=1)
+    lr: float = opt(1e-3, "Adam learning rate (cosine decay to 0 over the steps)", min=0.0)
+    grad_clip: float = opt(1.0, "clip the gradient to this global L2 norm before each update (0: no clipping)",
+                           min=0.0)
+    seed: int = opt(0, "seed of the encoder's init, subsets and batches, with `seed` (0: `seed` alone)", min=0)
+    eval_count: int = opt(8, "held-out shapes (and as many training shapes) encoded, decoded and compared with "
+                             "their surface points in the artifact's figures", min=1)
+    resolution: int = opt(64, "marching-cubes grid of those decodes", min=8)
+    workers: int = opt(1, "Ray Train workers of train-encoder (DDP; gloo on CPU; nccl and one GPU each with "
+                          "scaling.use_gpu), each with scaling.cpus_per_worker CPUs", min=1, fp=False)
+    max_bad_steps: int = opt(10, "a step whose loss or gradient is NaN / inf is skipped (no update, counted in "
+                                 "skipped_steps); this many in a row abort train-encoder with an error", min=1,
+                             fp=False)
+    checkpoint_every: int = opt(200, "steps between checkpoints (reported to Ray Train)", min=1, fp=False)
+    log_every: int = opt(20, "steps between logged losses", min=1, fp=False)
+
+
+@dataclass
 class DiffusionConfig:
     tokenizer: str = opt("layer", "weight row -> tokens: layer (one token per layer, long layers chunked; "
                                   "HyperDiffusion), chunk (equal chunks), lora_hier (the LoRA paper's "
@@ -251,8 +282,8 @@ class SampleConfig:
 class ScalingConfig:
     num_workers: int = opt(1, "Ray Train workers of `raywsl train` (DDP; gloo on CPU; nccl and one GPU each with "
                               "scaling.use_gpu)", min=1, fp=False)
-    cpus_per_worker: int = opt(1, "CPUs (and torch threads) of each Ray Train worker of `raywsl train`", min=1,
-                               fp=False)
+    cpus_per_worker: int = opt(1, "CPUs (and torch threads) of each Ray Train worker of `raywsl train` and "
+                                  "`raywsl train-encoder`", min=1, fp=False)
     use_gpu: bool = opt(False, "the run's GPU switch, asked of Ray from the config (never from the cluster's state, "
                                "so an autoscaler can add GPU nodes): each fitting actor fit.gpus_per_actor GPUs, each "
                                "Ray Train worker (train-base, train) one, and sample / recon / eval run as one Ray "
@@ -312,6 +343,7 @@ class Config:
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     base: BaseConfig = dataclasses.field(default_factory=BaseConfig)
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
@@ -358,9 +390,11 @@ class Config:
                  "torch without a GPU: set scaling.use_gpu=true for the fused kernel")
         source = self.data.source
         if source.startswith(CORPUS_SCHEME):
-            n = source[len(CORPUS_SCHEME):]
-            _require("data.source", n.isdigit() and int(n) >= 1, source,
-                     "corpus:N (N a positive number of shapes) for the built-in generator, or meshes")
+            n, sep, categories = source[len(CORPUS_SCHEME):].partition(":")
+            names = categories.split(",")
+            _require("data.source", n.isdigit() and int(n) >= 1 and (not sep or all(c.strip() for c in names)),
+                     source, "corpus:N (N a positive number of shapes) or corpus:N:cat1,cat2 (only those corpus "
+                     "categories) for the built-in generator, or meshes")
         return self
 
     @property
@@ -380,9 +414,19 @@ class Config:
 
     @property
     def corpus_size(self) -> int | None:
-        """N of data.source "corpus:N" (the built-in generator), else None."""
+        """N of data.source "corpus:N" or "corpus:N:cat1,cat2" (the built-in generator), else None."""
         source = self.data.source
-        return int(source[len(CORPUS_SCHEME):]) if source.startswith(CORPUS_SCHEME) else None
+        return int(source[len(CORPUS_SCHEME):].split(":")[0]) if source.startswith(CORPUS_SCHEME) else None
+
+    @property
+    def corpus_categories(self) -> list[str] | None:
+        """The categories of data.source "corpus:N:cat1,cat2"; None for "corpus:N" (the generator's default
+        selection) and for meshes. Names are checked against the generator's when the run is planned."""
+        source = self.data.source
+        if not source.startswith(CORPUS_SCHEME):
+            return None
+        _, sep, categories = source[len(CORPUS_SCHEME):].partition(":")
+        return [c.strip() for c in categories.split(",")] if sep else None
 
     @property
     def ingest_shapes(self) -> int:

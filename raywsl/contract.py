@@ -3,16 +3,20 @@
 A stage is a function of the config keys it reads and of the artifacts it consumes; its output is
 one artifact, keyed by a fingerprint of exactly those things plus the stage's format version:
 
-    stage       reads (config keys)                              consumes          produces
-    corpus      seed, data.source (corpus:N)                     -                 corpus/ (meshes, manifest)
-    ingest      seed, ingest.*                                   the source        samples.zarr
-    train-base  seed, base.*, base.shapes, fit.clamp             ingest            checkpoints/base_final
-    fit         seed, field.*, fit.*                             ingest, [base]    weights.zarr
-    recon       seed, fit.recon_*, data.shapes                   fit               recon/
-    train       seed, diffusion.*, train.*, data.shapes          fit               checkpoints/diffusion_final
-    sample      seed, sample.*                                   train             generated/
-    eval        seed, eval.*, data.shapes, ingest.max_faces/...  sample            eval/
-    report      -                                                all of the above  report.html (the run's own)
+    stage          reads (config keys)                              consumes          produces
+    corpus         seed, data.source (corpus:N[:categories])        -                 corpus/ (meshes, manifest)
+    ingest         seed, ingest.*                                   the source        samples.zarr
+    train-base     seed, base.*, base.shapes, fit.clamp             ingest            checkpoints/base_final
+    fit            seed, field.*, fit.*                             ingest, [base]    weights.zarr
+    recon          seed, fit.recon_*, data.shapes                   fit               recon/
+    train-encoder  seed, encoder.*, data.shapes                     ingest, fit       checkpoints/encoder_final
+    train          seed, diffusion.*, train.*, data.shapes          fit               checkpoints/diffusion_final
+    sample         seed, sample.*                                   train             generated/
+    eval           seed, eval.*, data.shapes, ingest.max_faces/...  sample            eval/
+    report         -                                                all of the above  report.html (the run's own)
+
+train-encoder (the point-cloud encoder of the topology probes) is planned only when asked for
+(`plan_for(cfg, encoder=True)`: `raywsl train-encoder`, the probes), never by `raywsl run`.
 
 A section ("fit") stands for its fingerprinted keys (config fields marked fp=False, such as where to
 run, are left out); a leaf ("fit.clamp") is read as it is. Artifacts live in the cache (cache.dir;
@@ -31,9 +35,11 @@ A run folder is a view: its own files plus links to the artifacts it used.
       logs/            one log file per command (Ray's own output included)
       mlflow_run_id    the run folder's MLflow run (runs/mlflow.db by default)
       stability/       the weight-space stability experiment (`raywsl stability`)
-      probe/           the weight-space probes of the weight store (`raywsl probe`): probe.json, probe.md
+      probe/           the weight-space probes of the weight store (`raywsl probe`): probe.json, probe.md;
+                       phase/ and subspace/ (`raywsl probe phase | subspace`: the topology probes)
       corpus, samples.zarr, weights.zarr, recon, generated, eval,
       checkpoints/base_final, checkpoints/diffusion_final      links into the cache
+      checkpoints/encoder_final                                (after `raywsl train-encoder`)
 
 A sweep folder (`raywsl sweep`) holds one run folder per trial and what ties them together:
 
@@ -66,6 +72,17 @@ STABILITY = "stability"
 PROBE = "probe"  # `raywsl probe`: the folder, and its files
 PROBE_JSON = "probe.json"
 PROBE_TABLE = "probe.md"
+# The topology probes (`raywsl probe phase | subspace`, raywsl/probes): probe/<name>/ with summary.json and
+PROBE_SUMMARY = "summary.json"
+PHASE = "phase"  # path.csv (every α of every seed), transitions.csv (per seed), phase.png
+PHASE_PATH = "path.csv"
+PHASE_TRANSITIONS = "transitions.csv"
+PHASE_FIGURE = "phase.png"
+SUBSPACE = "subspace"  # samples.csv (every decoded shape), summary.csv (per kind, m, radius), two figures
+SUBSPACE_SAMPLES = "samples.csv"
+SUBSPACE_TABLE = "summary.csv"
+SUBSPACE_FIGURE = "subspace.png"
+SUBSPACE_RENDERS = "renders.png"
 CACHE = "cache"  # the default cache folder, beside the run folders (runs/cache)
 
 SWEEPS = "sweeps"  # sweep folders, beside the run folders (runs/sweeps/<name>)
@@ -99,6 +116,8 @@ FIT_CURVE = "fit_loss_curve.png"  # in the fit artifact: the mean loss of the sh
 RECON_GRID = "recon.png"
 RECON_LOSSES = "fit_loss.png"
 DIFFUSION_LOSS = "diffusion_loss.png"
+ENCODER_LOSS = "encoder_loss.png"  # in the train-encoder artifact: the training loss
+ENCODER_RECON = "encoder_recon.png"  # in the train-encoder artifact: decoded encodings of held-out / training shapes
 ROWS = "rows.npy"  # in generated/: the sampled weight rows
 SAMPLES_SUMMARY = "summary.json"  # in generated/: every sampled row, with or without a surface
 GENERATED_GRID = "generated.png"
@@ -106,7 +125,7 @@ REFERENCE_SET = "reference.csv"  # in eval/: manifests of the held-out and train
 TRAINING_SET = "training.csv"
 WEIGHTS_PCA = "weights_pca.png"
 WEIGHTS_SPECTRUM = "weights_spectrum.png"
-STAGE_METRICS = "metrics.json"  # in recon/ and eval/: the stage's figures (merged into the run's metrics.json)
+STAGE_METRICS = "metrics.json"  # in recon/, eval/ and the encoder: the stage's figures (merged into metrics.json)
 
 # ------------------------------------------------------------------------------------ row stores
 
@@ -189,6 +208,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train-base", ("seed", "base", "base_shapes", "fit.clamp"), ("ingest",), "checkpoints/base_final", 2),
     Stage("fit", ("seed", "field", "fit"), ("ingest", "train-base"), WEIGHTS, 4, store=WEIGHTS),
     Stage("recon", ("seed", "fit.recon_count", "fit.recon_resolution", "data.shapes"), ("fit",), "recon", 3),
+    Stage("train-encoder", ("seed", "encoder", "data.shapes"), ("ingest", "fit"), "checkpoints/encoder_final", 1),
     Stage("train", ("seed", "diffusion", "train", "data.shapes"), ("fit",), "checkpoints/diffusion_final", 2),
     Stage("sample", ("seed", "sample"), ("train",), "generated", 2),
     Stage("eval", ("seed", "eval", "data.shapes", "ingest.max_faces", "ingest.max_file_mb", "ingest.margin"),
@@ -281,7 +301,8 @@ class Artifact:
 @dataclass(frozen=True)
 class Plan:
     """The artifacts one config asks for, stage by stage (only the stages it uses: train-base only
-    for field types on a trained base, corpus only for data.source corpus:N)."""
+    for field types on a trained base, corpus only for data.source corpus:N, train-encoder only when
+    asked for)."""
 
     run: RunLayout
     cache: str
@@ -316,10 +337,11 @@ class Plan:
 
 
 def make_plan(cfg: Any, *, cache: str, source: str, corpus: bool, base_model: str | None,
-              base: tuple[str, str] | None = None) -> Plan:
+              base: tuple[str, str] | None = None, encoder: bool = False) -> Plan:
     """Every stage's artifact for `cfg`. `source`: the fingerprint of the meshes (ignored when
     `corpus`: then the corpus stage's); `base_model`: the trained base the field type needs;
-    `base`: (fingerprint, folder) of a given base (field.base) instead of the train-base stage's."""
+    `base`: (fingerprint, folder) of a given base (field.base) instead of the train-base stage's;
+    `encoder`: plan the train-encoder stage too."""
     fps: dict[str, str] = {}
     paths: dict[str, str] = {}
     if corpus:
@@ -332,6 +354,8 @@ def make_plan(cfg: Any, *, cache: str, source: str, corpus: bool, base_model: st
         fps["train-base"] = stage_fingerprint("train-base", cfg, fps, base_model=base_model)
     for stage in ("fit", "recon", "train", "sample", "eval"):
         fps[stage] = stage_fingerprint(stage, cfg, fps)
+    if encoder:
+        fps["train-encoder"] = stage_fingerprint("train-encoder", cfg, fps)
     artifacts = {stage: Artifact(stage, fp, paths.get(stage, join(cache, stage, fp)))
                  for stage, fp in fps.items() if stage != SOURCE_INPUT}
     run = RunLayout(cfg.run_dir)

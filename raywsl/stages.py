@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 from raywsl import cache
 from raywsl import contract as C
 from raywsl import tracking
-from raywsl.config import Config, dump_yaml
+from raywsl.config import Config, ConfigError, dump_yaml
 from raywsl.progress import console, native_output_to, open_log_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _corpus(cfg: Config, plan: C.Plan, out: str, restart: bool) -> dict[str, Any
     from raywsl.runtime import ray_session
 
     with ray_session(cfg.ray.address, cfg.ray.num_cpus or None):
-        write_corpus(out, cfg.corpus_size, seed=cfg.seed, use_ray=True)
+        write_corpus(out, cfg.corpus_size, seed=cfg.seed, categories=cfg.corpus_categories, use_ray=True)
     return {}
 
 
@@ -105,6 +105,24 @@ def _recon_record(cfg: Config, plan: C.Plan) -> dict[str, Any]:
     from raywsl.fit.recon import log_recon
 
     return log_recon(plan["recon"].path)
+
+
+def _train_encoder(cfg: Config, plan: C.Plan, out: str, restart: bool) -> dict[str, Any]:
+    from raywsl.encoder.train import train_encoder
+
+    return train_encoder(cfg, plan, out, restart)
+
+
+def _check_encoder(cfg: Config, plan: C.Plan) -> None:
+    from raywsl.encoder.train import training_set
+
+    training_set(cfg, plan)
+
+
+def _encoder_record(cfg: Config, plan: C.Plan) -> dict[str, Any]:
+    from raywsl.encoder.train import log_encoder
+
+    return log_encoder(plan["train-encoder"].path)
 
 
 def _train(cfg: Config, plan: C.Plan, out: str, restart: bool) -> dict[str, Any]:
@@ -189,6 +207,9 @@ STAGES: dict[str, StageDef] = {
     "fit": StageDef(_fit, check=_check_fit, record=_fit_record, summary=_counts),
     "recon": StageDef(_recon, check=_check_fit, record=_recon_record,
                       summary=lambda f: _fmt(f, "recon_cd_median", "recon_iou_mean")),
+    "train-encoder": StageDef(_train_encoder, check=_check_encoder, record=_encoder_record,
+                              summary=lambda f: _fmt(f, "encoder_heldout_cd_median", "encoder_train_cd_median",
+                                                     "encoder_fitted_cd_median", "encoder_r2_train")),
     "train": StageDef(_train, check=_check_train, record=_train_record,
                       summary=lambda f: _fmt(f, "train_step", "train_loss")),
     "sample": StageDef(_sample, check=_check_sample, record=_sample_record,
@@ -228,8 +249,9 @@ def gpu_demand(cfg: Config, stage: str) -> tuple[float, str]:
 
     if stage == "fit" and cfg.fit_gpus:
         return cfg.fit_gpus, count(cfg.fit.actors, "fitting actor", cfg.fit_gpus)
-    if stage in ("train-base", "train") and cfg.scaling.use_gpu:
-        workers = cfg.base.workers if stage == "train-base" else cfg.scaling.num_workers
+    if stage in ("train-base", "train-encoder", "train") and cfg.scaling.use_gpu:
+        workers = {"train-base": cfg.base.workers, "train-encoder": cfg.encoder.workers}.get(
+            stage, cfg.scaling.num_workers)
         return float(workers), count(workers, "Ray Train worker", 1)
     if gpus := stage_resources(cfg, stage).get("num_gpus", 0):
         return float(gpus), count(1, f"{stage} task", gpus)
@@ -254,19 +276,27 @@ def call_stage(cfg: Config, stage: str, fn: Callable[..., Any], *args: Any) -> A
 
 # ------------------------------------------------------------------------------------ plans
 
-def plan_for(cfg: Config, base: bool = False) -> C.Plan:
+def plan_for(cfg: Config, base: bool = False, encoder: bool = False) -> C.Plan:
     """Every stage's artifact for `cfg` (resolving data.source to fingerprint its meshes). `base`: plan
-    a train-base stage even when the field type needs none (`raywsl train-base`: the modulated base)."""
+    a train-base stage even when the field type needs none (`raywsl train-base`: the modulated base);
+    `encoder`: plan the train-encoder stage (`raywsl train-encoder`, the topology probes), which no
+    other command runs. ConfigError for corpus categories the generator does not have."""
+    from raywsl.data.corpus import CATEGORIES
     from raywsl.data.sources import resolve_source
     from raywsl.ingest.pipeline import source_fingerprint
     from raywsl.models.registry import base_model
 
+    unknown = [c for c in cfg.corpus_categories or [] if c not in CATEGORIES]
+    if unknown:
+        raise ConfigError(f"config key 'data.source': bad value {cfg.data.source!r}: unknown corpus categories "
+                          f"{unknown}; allowed: {', '.join(CATEGORIES)}")
     corpus = cfg.corpus_size is not None
     source = "" if corpus or not cfg.data.source else source_fingerprint(resolve_source(cfg.data.source))
     model = base_model(cfg) or ("modulated" if base else None)
     given = (file_fingerprint(C.join(cfg.field.base, C.CHECKPOINT_STATE)), cfg.field.base) \
         if model and cfg.field.base else None
-    return C.make_plan(cfg, cache=cfg.cache_dir, source=source, corpus=corpus, base_model=model, base=given)
+    return C.make_plan(cfg, cache=cfg.cache_dir, source=source, corpus=corpus, base_model=model, base=given,
+                       encoder=encoder)
 
 
 def file_fingerprint(path: str) -> str:
@@ -310,7 +340,7 @@ def produce(cfg: Config, plan: C.Plan, stage: str, restart: bool = False) -> Out
     facts: dict[str, Any] = {}
 
     def waiting() -> None:
-        console.info("  %-11s waiting for another process that is producing %s", stage, art.path)
+        console.info("  %-13s waiting for another process that is producing %s", stage, art.path)
 
     if not spec.cached:
         facts = d.compute(cfg, plan)
@@ -350,12 +380,15 @@ def _ray_for_locks(cfg: Config, art: C.Artifact):
                                                                                  cfg.ray.num_cpus or None)
 
 
-def run_stages(cfg: Config, plan: C.Plan, stages: list[str], restart: bool = False) -> list[Outcome]:
+def run_stages(cfg: Config, plan: C.Plan, stages: list[str], restart: bool = False,
+               keep: tuple[str, ...] = ()) -> list[Outcome]:
+    """Produce `stages` in order; `restart` computes them anew, except those in `keep` (a command's
+    inputs, made when missing: `raywsl train-encoder --restart` trains the encoder again, not the fit)."""
     from raywsl.runtime import held_session
 
     show_inputs(plan, stages)
     with held_session():  # Ray starts with the first stage that computes, once for all of them
-        return [produce(cfg, plan, stage, restart) for stage in stages if stage in plan]
+        return [produce(cfg, plan, stage, restart and stage not in keep) for stage in stages if stage in plan]
 
 
 def inputs_of(plan: C.Plan, stages: list[str]) -> list[str]:
@@ -383,7 +416,7 @@ def show_inputs(plan: C.Plan, stages: list[str]) -> None:
 
 def _show(o: Outcome, summary: str) -> None:
     how = "reused" if o.reused else "computed"
-    console.info("  %-11s %-8s %7.1f s  %s", o.stage, how, o.seconds, summary)
+    console.info("  %-13s %-8s %7.1f s  %s", o.stage, how, o.seconds, summary)
 
 
 def _write_stage(plan: C.Plan, stage: str, entry: dict[str, Any]) -> None:

@@ -300,3 +300,64 @@ def test_streaming_memory_does_not_grow_with_the_rows(tmp_path):
     print(f"peak {peak_small / 1e6:.2f} MB at 400 rows, {peak_big / 1e6:.2f} MB at 4000 ({W.nbytes / 1e6:.1f} MB)")
     assert peak_big < W.nbytes / 4
     assert peak_big - peak_small < 0.1 * W.nbytes  # loading the rows would add 0.9 * W.nbytes
+
+
+# ---------------------------------------------------------------- the topology probes (raywsl/probes)
+
+def test_probe_phase_in_weight_space_writes_the_path_and_its_transitions(fitted):
+    run, args = fitted
+    assert main(["probe", "phase", f"run.dir={run}", *args, "--space", "weights", "--from", "blob",
+                 "--to", "torus", "--steps", "5", "--seeds", "2", "--resolution", "24"]) == 0
+    out = run / C.PROBE / "phase"
+    with open(out / "path.csv", newline="") as f:
+        path = list(csv.DictReader(f))
+    assert len(path) == 2 * 5 and [float(r["alpha"]) for r in path[:5]] == [0, 0.25, 0.5, 0.75, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["space"] == "weights" and summary["field_type"] == "mlp"
+    for seed in (0, 1):  # each seed's figures are those of its own path's counts
+        rows = [r for r in path if int(r["seed"]) == seed]
+        counts = [int(r["major_components"]) if r["ok"] == "True" else 0 for r in rows]
+        t = summary["seeds"][seed]
+        assert (t["start"], t["end"], t["max"]) == (counts[0], counts[-1], max(counts))
+        first = next((k for k, c in enumerate(counts) if c != counts[0]), None)
+        assert (first is None and t["alpha_star"] != t["alpha_star"]) or t["alpha_star"] == pytest.approx(first / 4)
+    # seed 0's path starts at the first blob's own row: its decode is that shape's
+    cfg, plan = plan_of(f"run.dir={run}", *args)
+    from raywsl.probes.common import Training, decode
+    training = Training.load(cfg, plan, 2, "test")
+    (start,), _ = decode(training.field, training.weights([training.find("blob")]), 24, "cpu")
+    assert int(path[0]["major_components"]) == start["major_components"] and path[0]["euler"] == str(start["euler"])
+    assert (out / "phase.png").stat().st_size > 10_000 and (out / "transitions.csv").exists()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run.parent / 'mlflow.db'}")
+    record = client.get_run((run / C.MLFLOW_RUN).read_text())
+    assert record.data.tags["raywsl.probe-phase"] == "finished"
+    assert record.data.metrics["phase.transition_share"] == summary["transition_share"]
+    assert "probe/phase/phase.png" in {a.path for a in client.list_artifacts(record.info.run_id, "probe/phase")}
+
+
+def test_probe_subspace_of_one_category(fitted):
+    run, args = fitted
+    assert main(["probe", "subspace", f"run.dir={run}", *args, "--category", "torus", "--dims", "1,2",
+                 "--radii", "0.5,1", "--samples", "2", "--paths", "1", "--path-steps", "2", "--resolution", "24",
+                 "--points", "256"]) == 0
+    out = run / C.PROBE / "subspace"
+    with open(out / "samples.csv", newline="") as f:
+        samples = list(csv.DictReader(f))
+    kinds = [r["kind"] for r in samples]
+    assert kinds.count("training") == 3 and kinds.count("sample") == 2 * 2 * 2 and kinds.count("path") == 2
+    assert {r["nearest_id"].split("/")[0] for r in samples if r["valid"] == "1.0"} <= {"torus"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shapes"] == 3 and summary["dims"] == [1, 2] and len(summary["explained_variance"]) == 2
+    table = {(t["kind"], t["m"], t["radius"]): t for t in summary["table"]}
+    group = [r for r in samples if r["kind"] == "sample" and int(r["m"]) == 2 and float(r["radius"]) == 1]
+    assert len(group) == 2
+    assert table[("sample", 2, 1.0)]["kept_share"] == pytest.approx(np.mean([float(r["kept"]) for r in group]))
+    assert (out / "subspace.png").exists() and (out / "renders.png").exists()
+
+
+def test_topology_probes_refuse_bad_requests(fitted, capsys):
+    run, args = fitted
+    assert main(["probe", "subspace", f"run.dir={run}", *args, "--category", "bracket"]) == 2
+    assert "no fitted training shape of category 'bracket'" in capsys.readouterr().err
+    assert main(["probe", "phase", f"run.dir={run}", *args, "--space", "weights"]) == 2
+    assert "--space weights needs --from and --to" in capsys.readouterr().err

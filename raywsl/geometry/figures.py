@@ -271,3 +271,43 @@ def save_figure(fig: Figure, path: PathLike) -> PathLike:
     fig.savefig(png, dpi=DPI, format="png")
     cache.write_bytes(os.fspath(path), png.getvalue())
     return path
+
+
+def plot_with_renders(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                      meshes: Sequence[trimesh.Trimesh | None], titles: Sequence[str], path, xlabel: str,
+                      ylabel: str, marks: Sequence[float] = (), title: str | None = None,
+                      size: int = 200) -> PathLike:
+    """A step plot of name -> (x, y) above a row of mesh renders (e.g. the number of components along an
+    interpolation, with the shapes at the `marks`, drawn as dashed lines on the plot)."""
+    n = max(len(meshes), 1)
+    width = max(6.4 * DPI, n * size)
+    plot_px, title_px = 320, 22
+    height = plot_px + size + title_px
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    ax = fig.add_axes((0.08, (size + title_px + 40) / height, 0.88, (plot_px - 70) / height))
+    for name, (x, y) in curves.items():
+        ax.step(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), where="mid", lw=1.2,
+                label=name, alpha=0.85)
+    for m in marks:
+        ax.axvline(m, color="0.4", ls="--", lw=0.8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(curves) > 1:
+        ax.legend(fontsize=7, ncol=min(len(curves), 5))
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    cell = size / width
+    left = (1 - n * cell) / 2
+    for i, mesh in enumerate(meshes):
+        rax = fig.add_axes((left + i * cell, 0, cell, size / height))
+        rax.set_axis_off()
+        if mesh is None or len(mesh.faces) == 0:
+            rax.imshow(np.full((size, size, 3), 0.93), vmin=0, vmax=1)
+            rax.text(0.5, 0.5, "no surface", ha="center", va="center", color="0.35", transform=rax.transAxes)
+        else:
+            rax.imshow(render_mesh(mesh, size), vmin=0, vmax=1, interpolation="nearest")
+        fig.text(left + (i + 0.5) * cell, (size + title_px / 2) / height, str(titles[i]), ha="center",
+                 va="center", fontsize=8)
+    return save_figure(fig, path)
