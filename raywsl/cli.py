@@ -241,7 +241,7 @@ def cmd_probe_phase(args: argparse.Namespace) -> int:
     console.info("%s: components %s -> %s; α* %.3f [%.3f, %.3f] (%d of %d seeds with a transition), width %.3f",
                  summary["path"], summary["start_components"]["mean"], summary["end_components"]["mean"],
                  star["mean"], star["lo"], star["hi"], star["n"], s.seeds, width["mean"])
-    console.info("wrote %s/", C.join(plan.run.probe, C.PHASE))
+    console.info("wrote %s/", plan.run.probe_folder(C.PHASE, s.space))
     return 0
 
 
@@ -256,7 +256,7 @@ def cmd_probe_subspace(args: argparse.Namespace) -> int:
         console.info("%-8s m=%-3s r=%-4s valid %.2f, topology kept %.2f, nearest CD %.4g, displaced %.2f", t["kind"],
                      t["m"] or "-", f"{t['radius']:g}" if t["kind"] == "sample" else "-", t["valid_share"],
                      t["kept_share"], t["nearest_cd_median"], t["displaced_share"])
-    console.info("wrote %s/", C.join(plan.run.probe, C.SUBSPACE))
+    console.info("wrote %s/", plan.run.probe_folder(C.SUBSPACE, s.space))
     return 0
 
 
@@ -423,11 +423,11 @@ VERBS: dict[str, tuple[str, Callable, Callable, bool]] = {
                "`probe subspace`"), _probe_args, cmd_probe, True),
     "probe phase": ("the connectivity phase transition (papers/000): decode along a path of point clouds (the "
                     "encoder's conditions; Fibonacci sphere -> noisy sphere) or weight rows, count components, Euler "
-                    "characteristic and genus; α* and its width over seeds -> probe/phase/, MLflow",
+                    "characteristic and genus; α* and its width over seeds -> probe/phase-<space>/, MLflow",
                     _phase_args, cmd_probe_phase, True),
     "probe subspace": ("sample inside the top-m PCA subspace of one category's rows or conditions: topology kept, "
                        "validity, novelty (Chamfer to the nearest training shape) and local variation vs m and "
-                       "radius -> probe/subspace/, MLflow", _subspace_args, cmd_probe_subspace, True),
+                       "radius -> probe/subspace-<space>/, MLflow", _subspace_args, cmd_probe_subspace, True),
     "sweep": ("every trial of a sweep config as a run on Ray Tune (shared artifacts, resumable), one MLflow parent run "
               "with a child run per trial, and the phase diagram: report/report.html with the onset N* per "
               "parameterisation", _sweep_args, cmd_sweep, False),

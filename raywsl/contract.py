@@ -36,7 +36,7 @@ A run folder is a view: its own files plus links to the artifacts it used.
       mlflow_run_id    the run folder's MLflow run (runs/mlflow.db by default)
       stability/       the weight-space stability experiment (`raywsl stability`)
       probe/           the weight-space probes of the weight store (`raywsl probe`): probe.json, probe.md;
-                       phase/ and subspace/ (`raywsl probe phase | subspace`: the topology probes)
+                       phase-<space>/, subspace-<space>/ (`raywsl probe phase | subspace`: topology probes)
       corpus, samples.zarr, weights.zarr, recon, generated, eval,
       checkpoints/base_final, checkpoints/diffusion_final      links into the cache
       checkpoints/encoder_final                                (after `raywsl train-encoder`)
@@ -72,7 +72,8 @@ STABILITY = "stability"
 PROBE = "probe"  # `raywsl probe`: the folder, and its files
 PROBE_JSON = "probe.json"
 PROBE_TABLE = "probe.md"
-# The topology probes (`raywsl probe phase | subspace`, raywsl/probes): probe/<name>/ with summary.json and
+# The topology probes (`raywsl probe phase | subspace`, raywsl/probes): probe/<probe>-<space>/ (`probe_folder`)
+# with summary.json and
 PROBE_SUMMARY = "summary.json"
 PHASE = "phase"  # path.csv (every α of every seed), transitions.csv (per seed), phase.png
 PHASE_PATH = "path.csv"
@@ -273,6 +274,10 @@ class RunLayout:
     mlflow_run = property(lambda self: join(self.root, MLFLOW_RUN))
     stability = property(lambda self: join(self.root, STABILITY))
     probe = property(lambda self: join(self.root, PROBE))
+
+    def probe_folder(self, probe: str, space: str) -> str:
+        """A topology probe's folder, one per probe and space (probe/phase-cloud/, probe/subspace-weights/)."""
+        return join(self.root, PROBE, f"{probe}-{space}")
 
     def link(self, stage: str) -> str:
         """Where a stage's artifact appears in the run folder."""

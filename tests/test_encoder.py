@@ -126,11 +126,11 @@ def test_the_topology_probes_read_the_encoder(trained):
     run, args = trained
     assert main(["probe", "phase", *args, "--steps", "3", "--seeds", "2", "--points", "200", "--resolution", "24"]) == 0
     assert json.loads((run / C.STAGES_FILE).read_text())["stages"]["train-encoder"]["reused"]
-    summary = json.loads((run / C.PROBE / C.PHASE / C.PROBE_SUMMARY).read_text())
+    summary = json.loads((run / C.PROBE / "phase-cloud" / C.PROBE_SUMMARY).read_text())
     radius = 1 / (1 + load_config(None, args).ingest.margin)  # the study's unit sphere: the normalisation sphere
     assert summary["space"] == "cloud" and summary["settings"]["radius"] == pytest.approx(radius)
     assert "Fibonacci sphere (200 points" in summary["path"] and len(summary["seeds"]) == 2
-    with open(run / C.PROBE / C.PHASE / C.PHASE_PATH, newline="") as f:
+    with open(run / C.PROBE / "phase-cloud" / C.PHASE_PATH, newline="") as f:
         first = next(csv.DictReader(f))
     cfg, plan = _plan(*args)
     enc = load_encoder(cfg, plan)
@@ -139,7 +139,7 @@ def test_the_topology_probes_read_the_encoder(trained):
 
     assert main(["probe", "subspace", *args, "--space", "condition", "--category", "", "--dims", "2", "--radii", "1",
                  "--samples", "2", "--paths", "0", "--resolution", "24", "--points", "128"]) == 0
-    summary = json.loads((run / C.PROBE / C.SUBSPACE / C.PROBE_SUMMARY).read_text())
+    summary = json.loads((run / C.PROBE / "subspace-condition" / C.PROBE_SUMMARY).read_text())
     assert summary["space"] == "condition" and summary["shapes"] == 9 and summary["dims"] == [2]
     assert [(t["kind"], t["n"]) for t in summary["table"]] == [("training", 9), ("sample", 2)]
 

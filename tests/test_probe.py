@@ -308,7 +308,7 @@ def test_probe_phase_in_weight_space_writes_the_path_and_its_transitions(fitted)
     run, args = fitted
     assert main(["probe", "phase", f"run.dir={run}", *args, "--space", "weights", "--from", "blob",
                  "--to", "torus", "--steps", "5", "--seeds", "2", "--resolution", "24"]) == 0
-    out = run / C.PROBE / "phase"
+    out = run / C.PROBE / "phase-weights"
     with open(out / "path.csv", newline="") as f:
         path = list(csv.DictReader(f))
     assert len(path) == 2 * 5 and [float(r["alpha"]) for r in path[:5]] == [0, 0.25, 0.5, 0.75, 1]
@@ -331,8 +331,9 @@ def test_probe_phase_in_weight_space_writes_the_path_and_its_transitions(fitted)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{run.parent / 'mlflow.db'}")
     record = client.get_run((run / C.MLFLOW_RUN).read_text())
     assert record.data.tags["raywsl.probe-phase"] == "finished"
-    assert record.data.metrics["phase.transition_share"] == summary["transition_share"]
-    assert "probe/phase/phase.png" in {a.path for a in client.list_artifacts(record.info.run_id, "probe/phase")}
+    assert record.data.metrics["phase_weights.transition_share"] == summary["transition_share"]
+    listed = {a.path for a in client.list_artifacts(record.info.run_id, "probe/phase-weights")}
+    assert {"probe/phase-weights/phase.png", "probe/phase-weights/summary.json"} <= listed
 
 
 def test_probe_subspace_of_one_category(fitted):
@@ -340,7 +341,7 @@ def test_probe_subspace_of_one_category(fitted):
     assert main(["probe", "subspace", f"run.dir={run}", *args, "--category", "torus", "--dims", "1,2",
                  "--radii", "0.5,1", "--samples", "2", "--paths", "1", "--path-steps", "2", "--resolution", "24",
                  "--points", "256"]) == 0
-    out = run / C.PROBE / "subspace"
+    out = run / C.PROBE / "subspace-weights"
     with open(out / "samples.csv", newline="") as f:
         samples = list(csv.DictReader(f))
     kinds = [r["kind"] for r in samples]

@@ -42,27 +42,12 @@ from raywsl.geometry import figures
 from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, report_progress
 from raywsl.store.rows import RowStore
 from raywsl.store.standardize import Standardizer
-from raywsl.store.weights import fitted_training_rows
+from raywsl.store.weights import fitted_training_rows, standardizer_of
 
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 2 << 30  # a worker keeps its shard of rows in memory up to this size, else streams it
 BUCKETS = 10  # timestep buckets of the logged loss
-
-
-def fit_standardizer(store: RowStore, keep: np.ndarray, enabled: bool) -> Standardizer:
-    """Per-parameter mean / std over the rows where `keep` (N,) holds, read shard by shard (never the
-    whole store at once)."""
-    if not enabled:
-        return Standardizer.identity(store.group[C.ROW_WEIGHTS].shape[1])
-
-    def shards():
-        for k in range(store.n_shards):
-            span = store.shard_rows(k)
-            if keep[span].any():
-                yield store.group[C.ROW_WEIGHTS][span][keep[span]]
-
-    return Standardizer.fit(shards())
 
 
 def training_set(cfg: Config, plan: C.Plan) -> tuple[RowStore, np.ndarray]:
@@ -83,7 +68,8 @@ def train(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[st
         cache.remove(work)
     keep = np.zeros(store.n_rows, bool)
     keep[rows] = True
-    std = fit_standardizer(store, keep, cfg.diffusion.standardize)
+    std = standardizer_of(store, rows) if cfg.diffusion.standardize else Standardizer.identity(
+        store.group[C.ROW_WEIGHTS].shape[1])
     log.info("train: %d training rows of %d parameters (%s field), tokenizer %s, DiT %s, %d steps of %d rows, "
              "%d workers", len(rows), store.group[C.ROW_WEIGHTS].shape[1], store.attrs[C.Attr.FIELD_TYPE],
              cfg.diffusion.tokenizer, cfg.diffusion.model, cfg.train.steps, cfg.train.batch_size,

@@ -42,7 +42,7 @@ from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, repo
 from raywsl.store.rows import DONE, PENDING, RowStore, StoreError
 from raywsl.store.split import shards_of
 from raywsl.store.standardize import Standardizer
-from raywsl.store.weights import fitted_training_rows
+from raywsl.store.weights import fitted_training_rows, standardizer_of
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,6 @@ def training_set(cfg: Config, plan: C.Plan) -> tuple[RowStore, RowStore, np.ndar
     return samples, weights, rows
 
 
-def fit_standardizer(store: RowStore, rows: np.ndarray) -> Standardizer:
-    """Per-parameter mean / std over `rows` of a weight store, read shard by shard."""
-    def shards():
-        for k in range(store.n_shards):
-            span = store.shard_rows(k)
-            mine = rows[(rows >= span.start) & (rows < span.stop)]
-            if len(mine):
-                yield store.group[C.ROW_WEIGHTS].get_orthogonal_selection((mine, slice(None)))
-
-    return Standardizer.fit(shards())
-
-
 def train_encoder(cfg: Config, plan: C.Plan, out: str, restart: bool = False) -> dict[str, Any]:
     """Train (or resume training) the encoder of `plan`, write its final state and its reconstruction
     figures into `out`; returns the figures and the final training metrics."""
@@ -98,7 +86,7 @@ def train_encoder(cfg: Config, plan: C.Plan, out: str, restart: bool = False) ->
         cache.remove(work)
     keep = np.zeros(samples.n_rows, bool)
     keep[rows] = True
-    std = fit_standardizer(weights, rows)
+    std = standardizer_of(weights, rows)
     layout = weights.attrs[C.Attr.LAYOUT]
     log.info("train-encoder: %s encoder (width %d) to %d fitted rows of %d parameters (%s field), %d steps of %d "
              "shapes x %d points, %d workers", ec.arch, ec.width, len(rows), std.size,

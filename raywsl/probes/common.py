@@ -138,13 +138,14 @@ def _cell(value: Any) -> Any:
 def publish(out: str, name: str, summary: dict[str, Any], tables: dict[str, Sequence[dict[str, Any]]],
             figures: Sequence[str], scalars: dict[str, float]) -> None:
     """Write a probe's summary.json and CSV tables into `out`, log its scalars (as <name>.<key>), its
-    figures and its summary to the active MLflow run."""
+    figures and its summary (under probe/<folder>/) to the active MLflow run."""
+    folder = out.rstrip("/").rsplit("/", 1)[-1]
     for file, rows in tables.items():
         cache.write_text(C.join(out, file), csv_text(rows))
     cache.write_json(C.join(out, C.PROBE_SUMMARY), summary)
     tracking.log_metrics({name: scalars})
     for path in figures:
-        tracking.log_figure(path, f"{C.PROBE}/{name}")
-    tracking.log_json(summary, f"{C.PROBE}/{name}/{C.PROBE_SUMMARY}")
+        tracking.log_figure(path, f"{C.PROBE}/{folder}")
+    tracking.log_json(summary, f"{C.PROBE}/{folder}/{C.PROBE_SUMMARY}")
     log.info("probe %s: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()
                                              if isinstance(v, (int, float)) and math.isfinite(v)))

@@ -31,10 +31,10 @@ field's specks do not decide it), 0 where there is no surface. Per seed:
 
 and over seeds the mean with a 95 % t interval, and the share of seeds with a transition.
 
-Writes <run.dir>/probe/phase/: path.csv (seed, α, topology per point), transitions.csv (one row per
+Writes <run.dir>/probe/phase-<space>/: path.csv (seed, α, topology per point), transitions.csv (one row per
 seed), summary.json, phase.png (counts vs α, every seed, with the shapes of the first seed at α = 0,
-around α* and at 1); MLflow: phase.alpha_star, phase.alpha_star_lo / _hi, phase.width,
-phase.transition_share, the figure.
+around α* and at 1); MLflow: phase_<space>.alpha_star, .alpha_star_lo / _hi, .width, .transition_share,
+.genus_alpha_star, the figure.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings) -> dict[str, Any]:
     rows_of, what = _paths(cfg, training, s)
     device = probe_device(cfg)
     alphas = np.linspace(0.0, 1.0, s.steps)
-    out = C.join(plan.run.probe, C.PHASE)
+    out = plan.run.probe_folder(C.PHASE, s.space)
     path_rows, per_seed, curves, first_meshes = [], [], {}, []
     for seed in range(s.seeds):
         topo, meshes = decode(training.field, rows_of(seed, alphas), s.resolution, device)
@@ -228,5 +228,6 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings) -> dict[str, Any]:
                "alpha_star_hi": summary["alpha_star"]["hi"], "width": summary["width"]["mean"],
                "transition_share": summary["transition_share"], "genus_alpha_star": summary["genus_alpha_star"]["mean"],
                "genus_transition_share": summary["genus_transition_share"]}
-    publish(out, C.PHASE, summary, {C.PHASE_PATH: path_rows, C.PHASE_TRANSITIONS: per_seed}, [figure], scalars)
+    tables = {C.PHASE_PATH: path_rows, C.PHASE_TRANSITIONS: per_seed}
+    publish(out, f"{C.PHASE}_{s.space}", summary, tables, [figure], scalars)
     return summary

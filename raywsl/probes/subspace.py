@@ -28,10 +28,10 @@ category (k of them):
     displaced    the share of those points farther than --tau: local variation is a small displaced
                  share with a visible displacement; a global change displaces most of the surface.
 
-Writes <run.dir>/probe/subspace/: samples.csv (one row per decoded shape), summary.csv (per kind, m
+Writes <run.dir>/probe/subspace-<space>/: samples.csv (one row per decoded shape), summary.csv (per kind, m
 and radius: means and shares), summary.json, subspace.png (kept share, nearest CD and displaced share
 against the radius, a line per m), renders.png (training shapes, then samples at each radius of the
-largest m); MLflow: subspace.kept_m<m>_r<r>, subspace.valid_m<m>_r<r>, subspace.kept_share, ...
+largest m); MLflow: subspace_<space>.kept_m<m>_r<r>, .valid_m<m>_r<r>, .kept_share, ...
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings) -> dict[str, An
         add("path", m, math.nan, np.concatenate([pca.path(x[i], x[j], m, s.path_steps) for i, j in pairs]), "path")
 
     table = [{"kind": kind, "m": m, "radius": r, **_summary(g)} for (kind, m, r), g in groups.items()]
-    out = C.join(plan.run.probe, C.SUBSPACE)
+    out = plan.run.probe_folder(C.SUBSPACE, s.space)
     samples = [t for t in table if t["kind"] == "sample"]
     panels = {label: {f"m={m}": ([t["radius"] for t in samples if t["m"] == m],
                                   [t[key] for t in samples if t["m"] == m], [0.0] * len(s.radii)) for m in dims}
@@ -248,5 +248,6 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings) -> dict[str, An
         scalars[f"kept_m{t['m']}_r{t['radius']:g}"] = t["kept_share"]
         scalars[f"valid_m{t['m']}_r{t['radius']:g}"] = t["valid_share"]
         scalars[f"nearest_cd_m{t['m']}_r{t['radius']:g}"] = t["nearest_cd_median"]
-    publish(out, C.SUBSPACE, summary, {C.SUBSPACE_SAMPLES: rows, C.SUBSPACE_TABLE: table}, [fig, renders_png], scalars)
+    tables = {C.SUBSPACE_SAMPLES: rows, C.SUBSPACE_TABLE: table}
+    publish(out, f"{C.SUBSPACE}_{s.space}", summary, tables, [fig, renders_png], scalars)
     return summary

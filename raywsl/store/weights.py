@@ -16,6 +16,7 @@ import torch
 from raywsl import contract as C
 from raywsl.store.rows import DONE, RowStore, StoreError
 from raywsl.store.split import training_rows
+from raywsl.store.standardize import Standardizer
 
 
 def open_weights(path: str) -> RowStore:
@@ -61,3 +62,18 @@ def weights_summary(store: RowStore) -> dict[str, Any]:
             "loss_median": float(np.median(loss)) if len(loss) else None,
             "loss_p95": float(np.quantile(loss, 0.95)) if len(loss) else None,
             "steps_mean": float(steps.mean()) if len(steps) else None}
+
+
+def standardizer_of(store: RowStore, rows: np.ndarray) -> Standardizer:
+    """Per-parameter mean / std over `rows` (row indices) of a weight store, read a shard at a time (never
+    the whole store at once): what diffusion and the point-cloud encoder standardise their rows with."""
+    rows = np.asarray(rows, dtype=np.int64)
+
+    def shards():
+        for k in range(store.n_shards):
+            span = store.shard_rows(k)
+            mine = rows[(rows >= span.start) & (rows < span.stop)]
+            if len(mine):
+                yield store.group[C.ROW_WEIGHTS].get_orthogonal_selection((np.sort(mine), slice(None)))
+
+    return Standardizer.fit(shards())
