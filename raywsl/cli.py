@@ -214,20 +214,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _topology_probe(args: argparse.Namespace, verb: str, encoder: bool, probe: Callable, settings) -> Any:
-    """Run a topology probe (raywsl/probes) on the config's fitted store, in the run folder's MLflow run;
-    `encoder`: it reads the point-cloud encoder (`train-encoder`, trained first when missing)."""
+def _topology_probe(args: argparse.Namespace, verb: str, encoders: int, probe: Callable, settings) -> Any:
+    """Run a topology probe (raywsl/probes) on the config's fitted store, in the run folder's MLflow run.
+    `encoders`: how many point-cloud encoders it reads (`train-encoder` with encoder.seed, +1, ...; each
+    trained first when missing; the run folder's link ends on the config's own)."""
+    import dataclasses
+
     from raywsl.stages import check, open_run, plan_for, run_stages
 
     cfg = load(args)
     settings.check()  # bad options refused before anything is written
-    plan = plan_for(cfg, encoder=encoder)
-    if encoder:
-        check(cfg, plan, "train-encoder")  # the fitted store it needs
+    plan = plan_for(cfg)
+    configs = [dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, seed=cfg.encoder.seed + j))
+               for j in range(encoders)]
+    encoder_plans = [(c, plan_for(c, encoder=True)) for c in configs]
+    for c, p in encoder_plans:
+        check(c, p, "train-encoder")  # the fitted store it needs
     with open_run(cfg, plan, verb):
-        if encoder:
-            run_stages(cfg, plan, ["train-encoder"])
-        summary = probe(cfg, plan, settings)
+        for c, p in reversed(encoder_plans):
+            run_stages(c, p, ["train-encoder"])
+        summary = probe(cfg, plan, settings, encoder_plans)
     return plan, summary
 
 
@@ -235,12 +241,13 @@ def cmd_probe_phase(args: argparse.Namespace) -> int:
     from raywsl.probes.phase import PhaseSettings, run_phase
 
     s = PhaseSettings(space=args.space, start=args.start, end=args.end, steps=args.steps, seeds=args.seeds,
-                      points=args.points, radius=args.radius, sigma=args.sigma, resolution=args.resolution)
-    plan, summary = _topology_probe(args, "probe-phase", s.space == "cloud", run_phase, s)
+                      points=args.points, radius=args.radius, sigma=args.sigma, resolution=args.resolution,
+                      encoders=args.encoders)
+    plan, summary = _topology_probe(args, "probe-phase", s.encoders if s.space == "cloud" else 0, run_phase, s)
     star, width = summary["alpha_star"], summary["width"]
-    console.info("%s: components %s -> %s; α* %.3f [%.3f, %.3f] (%d of %d seeds with a transition), width %.3f",
+    console.info("%s: components %s -> %s; α* %.3f [%.3f, %.3f] (%d of %d repeats with a transition), width %.3f",
                  summary["path"], summary["start_components"]["mean"], summary["end_components"]["mean"],
-                 star["mean"], star["lo"], star["hi"], star["n"], s.seeds, width["mean"])
+                 star["mean"], star["lo"], star["hi"], star["n"], s.seeds * s.encoders, width["mean"])
     console.info("wrote %s/", plan.run.probe_folder(C.PHASE, s.space))
     return 0
 
@@ -251,7 +258,7 @@ def cmd_probe_subspace(args: argparse.Namespace) -> int:
     s = SubspaceSettings(category=args.category, space=args.space, dims=_numbers(args.dims, int, "--dims"),
                          radii=_numbers(args.radii, float, "--radii"), samples=args.samples, paths=args.paths,
                          path_steps=args.path_steps, resolution=args.resolution, points=args.points, tau=args.tau)
-    plan, summary = _topology_probe(args, "probe-subspace", s.space == "condition", run_subspace, s)
+    plan, summary = _topology_probe(args, "probe-subspace", int(s.space == "condition"), run_subspace, s)
     for t in summary["table"]:
         console.info("%-8s m=%-3s r=%-4s valid %.2f, topology kept %.2f, nearest CD %.4g, displaced %.2f", t["kind"],
                      t["m"] or "-", f"{t['radius']:g}" if t["kind"] == "sample" else "-", t["valid_share"],
@@ -353,6 +360,8 @@ def _phase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--radius", type=float, default=0.0, help="the sphere's radius (0: 1 / (1 + ingest.margin))")
     p.add_argument("--sigma", type=float, default=0.3, help="std of the noise that makes the uneven sphere")
     p.add_argument("--resolution", type=int, default=64, help="marching-cubes cells per axis of every decode")
+    p.add_argument("--encoders", type=int, default=1, help="space cloud: repeat through this many encoders "
+                                                            "(encoder.seed, +1, ...; trained when missing)")
 
 
 def _subspace_args(p: argparse.ArgumentParser) -> None:

@@ -136,6 +136,14 @@ def test_the_topology_probes_read_the_encoder(trained):
     enc = load_encoder(cfg, plan)
     (t,), _ = decode(enc.field, enc.encode(fibonacci_sphere(200, radius)[None]).numpy(), 24, "cpu")
     assert (int(first["major_components"]), int(first["euler"])) == (t["major_components"], t["euler"])
+    # --encoders K repeats each seed's path through each encoder: here twice the same one, so equal figures
+    from raywsl.probes.phase import PhaseSettings, run_phase
+    twice = run_phase(cfg, plan, PhaseSettings(steps=3, seeds=1, points=200, resolution=24, encoders=2),
+                      [(cfg, plan), (cfg, plan)])
+    assert [t["encoder"] for t in twice["seeds"]] == [0, 1]
+    same = [json.dumps({k: v for k, v in t.items() if k != "encoder"}, sort_keys=True)  # NaN-safe
+            for t in (twice["seeds"][0], twice["seeds"][1], summary["seeds"][0])]
+    assert same[0] == same[1] == same[2]
 
     assert main(["probe", "subspace", *args, "--space", "condition", "--category", "", "--dims", "2", "--radii", "1",
                  "--samples", "2", "--paths", "0", "--resolution", "24", "--points", "128"]) == 0

@@ -82,6 +82,8 @@ def test_bad_settings_are_refused_by_name():
         PhaseSettings(space="weights").check()
     with pytest.raises(ProbeError, match="--from and --to go together"):
         PhaseSettings(start="blob").check()
+    with pytest.raises(ProbeError, match="--encoders 2: at least 1, and more only with --space cloud"):
+        PhaseSettings(space="weights", start="a", end="b", encoders=2).check()
     with pytest.raises(ProbeError, match="--radius in"):
         PhaseSettings(radius=1.2).check()
     with pytest.raises(ProbeError, match="--space 'latent'"):

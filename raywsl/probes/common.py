@@ -137,13 +137,15 @@ def _cell(value: Any) -> Any:
 
 def publish(out: str, name: str, summary: dict[str, Any], tables: dict[str, Sequence[dict[str, Any]]],
             figures: Sequence[str], scalars: dict[str, float]) -> None:
-    """Write a probe's summary.json and CSV tables into `out`, log its scalars (as <name>.<key>), its
+    """Write a probe's summary.json and CSV tables into `out`, log its finite scalars (as <name>.<key>), its
     figures and its summary (under probe/<folder>/) to the active MLflow run."""
     folder = out.rstrip("/").rsplit("/", 1)[-1]
     for file, rows in tables.items():
         cache.write_text(C.join(out, file), csv_text(rows))
     cache.write_json(C.join(out, C.PROBE_SUMMARY), summary)
-    tracking.log_metrics({name: scalars})
+    # NaN here means "none" (no transition, no valid sample), not a diverged value: summary.json keeps it,
+    # MLflow gets the defined figures only (tracking would raise its non-finite alarm).
+    tracking.log_metrics({name: {k: v for k, v in scalars.items() if math.isfinite(v)}})
     for path in figures:
         tracking.log_figure(path, f"{C.PROBE}/{folder}")
     tracking.log_json(summary, f"{C.PROBE}/{folder}/{C.PROBE_SUMMARY}")

@@ -12,7 +12,8 @@ one connected component to many at a critical α*. Here:
   Fibonacci sphere and its noisy copy, on the sphere the shapes are normalised into, radius
   1 / (1 + ingest.margin), unless --radius; with --from / --to, linear per point between two training
   shapes' surface clouds, paired by index), encoded by the run's point-cloud encoder
-  (`raywsl train-encoder`) into a row of the run's field. Seeds draw the noise (or the clouds' points).
+  (`raywsl train-encoder`) into a row of the run's field. Seeds draw the noise (or the clouds' points);
+  --encoders K repeats every path through K encoders (encoder.seed, +1, ...: trained when missing).
 - space weights: the path is linear in weight space between two fitted rows (--from / --to: shape ids
   or categories; seed s takes the s-th shape of a category), decoded directly: no encoder.
 
@@ -43,7 +44,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -68,10 +69,13 @@ class PhaseSettings:
     radius: float = 0.0  # the sphere's radius in the normalised frame; 0: the normalisation sphere, 1/(1 + margin)
     sigma: float = 0.3
     resolution: int = 64
+    encoders: int = 1  # space cloud: encoders of seeds encoder.seed, +1, ... (each path through each)
 
     def check(self) -> None:
         if self.space not in SPACES:
             raise ProbeError(f"--space {self.space!r}: one of {', '.join(SPACES)}")
+        if self.encoders < 1 or (self.encoders > 1 and self.space != "cloud"):
+            raise ProbeError(f"--encoders {self.encoders}: at least 1, and more only with --space cloud")
         if self.steps < 2 or self.seeds < 1 or self.points < 8 or self.resolution < 8:
             raise ProbeError(f"--steps >= 2, --seeds >= 1, --points >= 8 and --resolution >= 8; got {self.steps}, "
                              f"{self.seeds}, {self.points}, {self.resolution}")
@@ -133,23 +137,24 @@ def transition(alphas: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ the probe
 
-def _paths(cfg: Config, training: Training, s: PhaseSettings
-           ) -> tuple[Callable[[int, np.ndarray], np.ndarray], str]:
-    """(rows_of(seed, alphas) -> (len(alphas), P) rows along seed's path, what the path is)."""
+def _paths(cfg: Config, training: Training, s: PhaseSettings, encoder_plans: Sequence[tuple[Config, C.Plan]]
+           ) -> tuple[Callable[[int, int, np.ndarray], np.ndarray], str]:
+    """(rows_of(encoder, seed, alphas) -> (len(alphas), P) rows along the path of that seed through that
+    encoder, what the path is)."""
     if s.space == "weights":
         def ends(seed: int) -> tuple[int, int]:
             pick = [_nth(training, key, seed) for key in (s.start, s.end)]
             return pick[0], pick[1]
 
-        def rows_of(seed: int, alphas: np.ndarray) -> np.ndarray:
+        def rows_of(_: int, seed: int, alphas: np.ndarray) -> np.ndarray:
             a, b = training.weights(list(ends(seed)))
             return np.stack([lerp(a, b, float(t)) for t in alphas])
         return rows_of, f"weights: {s.start} -> {s.end}, linear"
 
     from raywsl.encoder import load_encoder  # the point-cloud encoder's artifact (raywsl train-encoder)
 
-    encoder = load_encoder(cfg, training.plan, probe_device(cfg))
-    if encoder.field.layout != training.field.layout:
+    encoders = [load_encoder(c, p, probe_device(cfg)) for c, p in encoder_plans or [(cfg, training.plan)]]
+    if any(e.field.layout != training.field.layout for e in encoders):
         raise ProbeError("the encoder's field is not the run's field: retrain it (`raywsl train-encoder`)")
 
     def clouds(seed: int) -> tuple[np.ndarray, np.ndarray, Callable]:
@@ -161,10 +166,10 @@ def _paths(cfg: Config, training: Training, s: PhaseSettings
         pick = [rng.choice(len(c), s.points, replace=len(c) < s.points) for c in surfaces]
         return surfaces[0][pick[0]], surfaces[1][pick[1]], lerp
 
-    def rows_of(seed: int, alphas: np.ndarray) -> np.ndarray:
+    def rows_of(j: int, seed: int, alphas: np.ndarray) -> np.ndarray:
         a, b, path = clouds(seed)
         batch = np.stack([path(a, b, float(t)) for t in alphas])
-        return encoder.rows(encoder.conditions(batch)).detach().cpu().numpy()
+        return encoders[j].rows(encoders[j].conditions(batch)).detach().cpu().numpy()
 
     what = (f"cloud: Fibonacci sphere ({s.points} points, radius {s.radius}) -> noisy (sigma {s.sigma}), slerp"
             if not s.start else f"cloud: {s.start} -> {s.end} surfaces ({s.points} points), linear per point")
@@ -179,27 +184,30 @@ def _nth(training: Training, key: str, n: int) -> int:
     return int(picked[n % len(picked)])
 
 
-def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings) -> dict[str, Any]:
-    """Run the probe (module docstring); returns the summary it writes."""
+def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings,
+              encoder_plans: Sequence[tuple[Config, C.Plan]] = ()) -> dict[str, Any]:
+    """Run the probe (module docstring); returns the summary it writes. `encoder_plans`: (config, plan)
+    of each of the s.encoders encoders (space cloud; default: the run's own)."""
     s.check()
     s = dataclasses.replace(s, radius=s.radius or 1 / (1 + cfg.ingest.margin))  # the study's unit sphere
     training = Training.load(cfg, plan, 2 if s.space == "weights" else 1, "the phase probe")
-    rows_of, what = _paths(cfg, training, s)
+    rows_of, what = _paths(cfg, training, s, encoder_plans)
     device = probe_device(cfg)
     alphas = np.linspace(0.0, 1.0, s.steps)
     out = plan.run.probe_folder(C.PHASE, s.space)
     path_rows, per_seed, curves, first_meshes = [], [], {}, []
-    for seed in range(s.seeds):
-        topo, meshes = decode(training.field, rows_of(seed, alphas), s.resolution, device)
-        counts = np.array([t["major_components"] if t["ok"] else 0 for t in topo])
-        genus = np.array([-1 if t["genus"] is None else t["genus"] for t in topo])  # -1: open, or no surface
-        path_rows += [{"seed": seed, "alpha": float(a), **t} for a, t in zip(alphas, topo)]
-        per_seed.append({"seed": seed, **transition(alphas, counts),
-                         **{f"genus_{k}": v for k, v in transition(alphas, genus).items()}})
-        curves[f"seed {seed}"] = (alphas, counts)
-        if seed == 0:
-            first_meshes = meshes
-        log.info("phase: seed %d: %s", seed, per_seed[-1])
+    for j in range(s.encoders):
+        for seed in range(s.seeds):
+            topo, meshes = decode(training.field, rows_of(j, seed, alphas), s.resolution, device)
+            counts = np.array([t["major_components"] if t["ok"] else 0 for t in topo])
+            genus = np.array([-1 if t["genus"] is None else t["genus"] for t in topo])  # -1: open, or no surface
+            path_rows += [{"encoder": j, "seed": seed, "alpha": float(a), **t} for a, t in zip(alphas, topo)]
+            per_seed.append({"encoder": j, "seed": seed, **transition(alphas, counts),
+                             **{f"genus_{k}": v for k, v in transition(alphas, genus).items()}})
+            curves[f"seed {seed}" if s.encoders == 1 else f"encoder {j} seed {seed}"] = (alphas, counts)
+            if not first_meshes:
+                first_meshes = meshes
+            log.info("phase: encoder %d seed %d: %s", j, seed, per_seed[-1])
 
     stars = [t["alpha_star"] for t in per_seed]
     summary = {
@@ -219,7 +227,7 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings) -> dict[str, Any]:
         j = int(np.searchsorted(alphas, first["alpha_star"]))
         marks = sorted({0.0, float(alphas[max(j - 1, 0)]), float(alphas[j]), 1.0})
     picks = [int(np.argmin(np.abs(alphas - m))) for m in marks]
-    counts0 = curves["seed 0"][1]
+    counts0 = next(iter(curves.values()))[1]
     figure = figures.plot_with_renders(
         curves, [first_meshes[i] for i in picks], [f"α={alphas[i]:.3f}: {counts0[i]} part(s)" for i in picks],
         C.join(out, C.PHASE_FIGURE), xlabel="α", ylabel="major components", marks=[alphas[i] for i in picks[1:-1]],

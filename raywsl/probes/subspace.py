@@ -41,7 +41,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -84,14 +84,15 @@ class SubspaceSettings:
             raise ProbeError(f"--tau must be positive, got {self.tau}")
 
 
-def _representation(cfg: Config, training: Training, positions: np.ndarray, space: str
+def _representation(cfg: Config, training: Training, positions: np.ndarray, space: str,
+                    encoder_plan: tuple[Config, C.Plan] | None
                     ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """(X (k, D) of the set, to_rows: (n, D) -> (n, P) rows of the run's field)."""
     if space == "weights":
         return training.weights(positions), lambda x: x
     from raywsl.encoder import load_encoder  # the point-cloud encoder's artifact (raywsl train-encoder)
 
-    encoder = load_encoder(cfg, training.plan, probe_device(cfg))
+    encoder = load_encoder(*(encoder_plan or (cfg, training.plan)), probe_device(cfg))
     if encoder.field.layout != training.field.layout:
         raise ProbeError("the encoder's field is not the run's field: retrain it (`raywsl train-encoder`)")
     import torch
@@ -169,15 +170,17 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "displacement_mean": mean("displacement"), "displaced_share": mean("displaced")}
 
 
-def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings) -> dict[str, Any]:
-    """Run the probe (module docstring); returns the summary it writes."""
+def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings,
+                 encoder_plans: Sequence[tuple[Config, C.Plan]] = ()) -> dict[str, Any]:
+    """Run the probe (module docstring); returns the summary it writes. `encoder_plans`: the encoder's
+    (config, plan) (space condition; default: the run's own)."""
     s.check()
     training = Training.load(cfg, plan, 3, "the subspace probe")
     positions = training.select(s.category or None)
     k = len(positions)
     if k < 3:
         raise ProbeError(f"category {s.category!r} has {k} fitted training shapes; the subspace probe needs 3 or more")
-    x, to_rows = _representation(cfg, training, positions, s.space)
+    x, to_rows = _representation(cfg, training, positions, s.space, encoder_plans[0] if encoder_plans else None)
     pca = Subspace.of(x)
     dims = sorted({min(m, k - 1) for m in s.dims})
     device = probe_device(cfg)
