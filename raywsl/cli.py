@@ -357,7 +357,7 @@ def _phase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=101, help="α grid points in [0, 1] (the study: 500)")
     p.add_argument("--seeds", type=int, default=5, help="repeats: noise draws, clouds' points, or shape pairs")
     p.add_argument("--points", type=int, default=1000, help="points of each cloud (the study: 1,000)")
-    p.add_argument("--radius", type=float, default=0.0, help="the sphere's radius (0: 1 / (1 + ingest.margin))")
+    p.add_argument("--radius", type=float, default=0.6, help="the spheres' radius (the corpus's blobs: 0.55-0.7)")
     p.add_argument("--sigma", type=float, default=0.3, help="std of the noise that makes the uneven sphere")
     p.add_argument("--resolution", type=int, default=64, help="marching-cubes cells per axis of every decode")
     p.add_argument("--encoders", type=int, default=1, help="space cloud: repeat through this many encoders "

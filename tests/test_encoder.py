@@ -127,8 +127,8 @@ def test_the_topology_probes_read_the_encoder(trained):
     assert main(["probe", "phase", *args, "--steps", "3", "--seeds", "2", "--points", "200", "--resolution", "24"]) == 0
     assert json.loads((run / C.STAGES_FILE).read_text())["stages"]["train-encoder"]["reused"]
     summary = json.loads((run / C.PROBE / "phase-cloud" / C.PROBE_SUMMARY).read_text())
-    radius = 1 / (1 + load_config(None, args).ingest.margin)  # the study's unit sphere: the normalisation sphere
-    assert summary["space"] == "cloud" and summary["settings"]["radius"] == pytest.approx(radius)
+    radius = 0.6  # the default: the size of the corpus's blobs
+    assert summary["space"] == "cloud" and summary["settings"]["radius"] == radius
     assert "Fibonacci sphere (200 points" in summary["path"] and len(summary["seeds"]) == 2
     with open(run / C.PROBE / "phase-cloud" / C.PHASE_PATH, newline="") as f:
         first = next(csv.DictReader(f))

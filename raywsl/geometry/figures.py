@@ -290,6 +290,9 @@ def plot_with_renders(curves: Mapping[str, tuple[Sequence[float], Sequence[float
                 label=name, alpha=0.85)
     for m in marks:
         ax.axvline(m, color="0.4", ls="--", lw=0.8)
+    ys = np.concatenate([np.asarray(y, dtype=np.float64) for _, y in curves.values()]) if curves else np.zeros(1)
+    ys = ys[np.isfinite(ys)] if np.isfinite(ys).any() else np.zeros(1)
+    ax.set_ylim(ys.min() - 0.5, ys.max() + 0.5)  # a constant count is a line in the middle, not a zoom on it
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -297,7 +300,7 @@ def plot_with_renders(curves: Mapping[str, tuple[Sequence[float], Sequence[float
         ax.legend(fontsize=7, ncol=min(len(curves), 5))
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9, wrap=True)
     cell = size / width
     left = (1 - n * cell) / 2
     for i, mesh in enumerate(meshes):

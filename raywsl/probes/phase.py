@@ -1,7 +1,7 @@
 """`raywsl probe phase`: the connectivity phase transition along a path, measured.
 
     raywsl probe phase -c CONFIG [--space cloud|weights] [--from A --to B] [--steps 101] [--seeds 5]
-                       [--points 1000] [--radius R] [--sigma 0.3] [--resolution 64]
+                       [--points 1000] [--radius 0.6] [--sigma 0.3] [--resolution 64] [--encoders 1]
 
 The study (papers/000, §3.1, appendix A.1) interpolates the point-cloud condition of a shape model
 from an evenly sampled sphere (Fibonacci, 1,000 points) to an unevenly sampled one (each point moved
@@ -9,9 +9,9 @@ by N(0, sigma^2 I) and put back on the sphere), slerp per point, and sees the de
 one connected component to many at a critical α*. Here:
 
 - space cloud (the study's protocol): the path is a point cloud P_α (slerp per point between the
-  Fibonacci sphere and its noisy copy, on the sphere the shapes are normalised into, radius
-  1 / (1 + ingest.margin), unless --radius; with --from / --to, linear per point between two training
-  shapes' surface clouds, paired by index), encoded by the run's point-cloud encoder
+  Fibonacci sphere and its noisy copy, of radius --radius, RADIUS below by default; with --from / --to,
+  linear per point between two training shapes' surface clouds, paired by index), encoded by the run's
+  point-cloud encoder
   (`raywsl train-encoder`) into a row of the run's field. Seeds draw the noise (or the clouds' points);
   --encoders K repeats every path through K encoders (encoder.seed, +1, ...: trained when missing).
 - space weights: the path is linear in weight space between two fitted rows (--from / --to: shape ids
@@ -56,6 +56,10 @@ from raywsl.probes.common import ProbeError, Training, decode, interval, probe_d
 log = logging.getLogger(__name__)
 
 SPACES = ("cloud", "weights")
+# The spheres' radius: the size of the corpus's blobs (0.55-0.7). The study's unit sphere is the
+# normalisation sphere (1 / (1 + ingest.margin) here), but a field decoded from a cloud that large reaches
+# past the decoding cube and is cut open there: --radius 0.97 reproduces it.
+RADIUS = 0.6
 
 
 @dataclass
@@ -66,7 +70,7 @@ class PhaseSettings:
     steps: int = 101
     seeds: int = 5
     points: int = 1000
-    radius: float = 0.0  # the sphere's radius in the normalised frame; 0: the normalisation sphere, 1/(1 + margin)
+    radius: float = RADIUS  # the spheres' radius in the normalised frame
     sigma: float = 0.3
     resolution: int = 64
     encoders: int = 1  # space cloud: encoders of seeds encoder.seed, +1, ... (each path through each)
@@ -79,8 +83,8 @@ class PhaseSettings:
         if self.steps < 2 or self.seeds < 1 or self.points < 8 or self.resolution < 8:
             raise ProbeError(f"--steps >= 2, --seeds >= 1, --points >= 8 and --resolution >= 8; got {self.steps}, "
                              f"{self.seeds}, {self.points}, {self.resolution}")
-        if not (0 <= self.radius < 1) or self.sigma <= 0:
-            raise ProbeError(f"--radius in [0, 1) (the decoding cube is [-1, 1]^3) and --sigma > 0; got "
+        if not (0 < self.radius < 1) or self.sigma <= 0:
+            raise ProbeError(f"--radius in (0, 1) (the decoding cube is [-1, 1]^3) and --sigma > 0; got "
                              f"{self.radius}, {self.sigma}")
         if self.space == "weights" and not (self.start and self.end):
             raise ProbeError("--space weights needs --from and --to (shape ids or categories of fitted shapes)")
@@ -171,7 +175,7 @@ def _paths(cfg: Config, training: Training, s: PhaseSettings, encoder_plans: Seq
         batch = np.stack([path(a, b, float(t)) for t in alphas])
         return encoders[j].rows(encoders[j].conditions(batch)).detach().cpu().numpy()
 
-    what = (f"cloud: Fibonacci sphere ({s.points} points, radius {s.radius}) -> noisy (sigma {s.sigma}), slerp"
+    what = (f"cloud: Fibonacci sphere ({s.points} points, radius {s.radius:.3g}) -> noisy (sigma {s.sigma:g}), slerp"
             if not s.start else f"cloud: {s.start} -> {s.end} surfaces ({s.points} points), linear per point")
     return rows_of, what
 
@@ -189,7 +193,6 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings,
     """Run the probe (module docstring); returns the summary it writes. `encoder_plans`: (config, plan)
     of each of the s.encoders encoders (space cloud; default: the run's own)."""
     s.check()
-    s = dataclasses.replace(s, radius=s.radius or 1 / (1 + cfg.ingest.margin))  # the study's unit sphere
     training = Training.load(cfg, plan, 2 if s.space == "weights" else 1, "the phase probe")
     rows_of, what = _paths(cfg, training, s, encoder_plans)
     device = probe_device(cfg)
