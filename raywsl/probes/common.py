@@ -47,6 +47,11 @@ class Training:
     ids: np.ndarray  # (n,) shape ids
     categories: np.ndarray  # (n,) categories
 
+    @property
+    def label(self) -> str:
+        """The parameterisation, for titles: the field type, "-asym" with asymmetric masks."""
+        return self.field.type_name + ("-asym" if self.field.asym else "")
+
     @classmethod
     def load(cls, cfg: Config, plan: C.Plan, need: int, purpose: str) -> "Training":
         store, rows = fitted_training_rows(plan.weights, cfg.data.shapes, need, purpose)

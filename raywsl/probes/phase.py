@@ -214,7 +214,8 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings,
 
     stars = [t["alpha_star"] for t in per_seed]
     summary = {
-        "path": what, "space": s.space, "settings": dataclasses.asdict(s), "field_type": training.field.type_name,
+        "path": what, "space": s.space, "settings": dataclasses.asdict(s),
+        "field_type": training.field.type_name, "parameterisation": training.label,
         "alpha_star": interval(stars), "width": interval([t["width"] for t in per_seed]),
         "transition_share": float(np.mean([math.isfinite(a) for a in stars])),
         "genus_alpha_star": interval([t["genus_alpha_star"] for t in per_seed]),
@@ -234,7 +235,7 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings,
     figure = figures.plot_with_renders(
         curves, [first_meshes[i] for i in picks], [f"α={alphas[i]:.3f}: {counts0[i]} part(s)" for i in picks],
         C.join(out, C.PHASE_FIGURE), xlabel="α", ylabel="major components", marks=[alphas[i] for i in picks[1:-1]],
-        title=f"{training.field.type_name}: {what}")
+        title=f"{training.label}: {what}")
     scalars = {"alpha_star": summary["alpha_star"]["mean"], "alpha_star_lo": summary["alpha_star"]["lo"],
                "alpha_star_hi": summary["alpha_star"]["hi"], "width": summary["width"]["mean"],
                "transition_share": summary["transition_share"], "genus_alpha_star": summary["genus_alpha_star"]["mean"],

@@ -234,13 +234,14 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings,
                                  "nearest_cd_median"), (f"displaced share (> {s.tau:g})", "displaced_share"))}
     base = next(t for t in table if t["kind"] == "training")
     fig = figures.plot_bands(panels, C.join(out, C.SUBSPACE_FIGURE), xlabel="radius (x the set's std per direction)",
-                             title=f"{training.field.type_name}, {s.category or 'all'} ({k} shapes), {s.space}: "
+                             title=f"{training.label}, {s.category or 'all'} ({k} shapes), {s.space}: "
                                    f"the set keeps its modal topology {base['kept_share']:.0%}")
     grid = [mesh for meshes in renders.values() for mesh in meshes]
     titles = [f"{name} #{i}" for name, meshes in renders.items() for i in range(len(meshes))]
     renders_png = figures.render_meshes(grid, C.join(out, C.SUBSPACE_RENDERS), titles=titles, ncols=4, size=192)
 
-    summary = {"category": s.category, "space": s.space, "shapes": k, "field_type": training.field.type_name,
+    summary = {"category": s.category, "space": s.space, "shapes": k,
+               "field_type": training.field.type_name, "parameterisation": training.label,
                "modal_topology": {"major_components": modal[0], "genus": modal[1]}, "dims": dims,
                "explained_variance": (pca.std[:dims[-1]] ** 2 / max((pca.std ** 2).sum(), 1e-30)).tolist(),
                "settings": dataclasses.asdict(s), "table": table}
