@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -303,12 +304,12 @@ def test_another_config_is_another_artifact(fitted, ingested, tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit", f"run.dir={run}", *fit_args()]) == 0  # the first config again: nothing to fit
     err = capsys.readouterr().err
-    assert "fit         reused" in err and (run / C.WEIGHTS).resolve() == first
+    assert re.search(r"^  fit +reused ", err, re.M) and (run / C.WEIGHTS).resolve() == first
     stages = json.loads((run / C.STAGES_FILE).read_text())["stages"]
     assert stages["fit"]["reused"] and stages["fit"]["artifact"] == str(first.parent)
 
     assert main(["fit", f"run.dir={run}", *fit_args(), "--restart"]) == 0
-    assert "fit         computed" in capsys.readouterr().err
+    assert re.search(r"^  fit +computed ", capsys.readouterr().err, re.M)
     _assert_stores_equal(before, _arrays(run))  # refitted from scratch: the same weights
 
 
