@@ -42,10 +42,11 @@ def main() -> None:
     print("| parameterisation | path | components | α* | width | seeds with a transition | changes | genus α* |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for name in NAMES:
-        for space in ("cloud", "cloud-sigma1", "weights"):
+        for space in ("cloud", "cloud-sigma1", "cloud-even-encoder", "cloud-even-encoder-sigma1", "weights"):
             s = load(root / name / "probe" / f"phase-{space}" / "summary.json")
             if not s:
                 continue
+            s["path"] += ", encoder trained on even samplings" if "even-encoder" in space else ""
             changes = sum(t["changes"] for t in s["seeds"]) / len(s["seeds"])
             print(f"| {name} | {s['space']}: {s['path'].split(': ', 1)[1]} | {s['start_components']['mean']:.1f} -> "
                   f"{s['end_components']['mean']:.1f} | {ci(s['alpha_star'])} | {ci(s['width'])} | "

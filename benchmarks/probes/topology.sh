@@ -4,6 +4,7 @@
 # One corpus of 48 blobs, brackets and pebbles (6 held out; shared ingest in <dir>/cache); for mlp, mlora, mlora-asym and
 # deepsdf_latent: fit (train-base first where needed), train-encoder, then
 #   probe phase                      the study's protocol: Fibonacci sphere -> noisy sphere through the encoder
+#                                    (also through an encoder trained on even samplings only; EVEN_ONLY=1: just that)
 #   probe phase --space weights      linear in weight space from a blob to pebbles (1 -> 3 components)
 #   probe subspace (weights, condition) on the brackets.
 # Each run's figures land in <dir>/<name>/probe/{phase,subspace}-<space>/ and its MLflow run.
@@ -25,6 +26,15 @@ for name in ${NAMES:-mlp mlora mlora-asym deepsdf_latent}; do
   read -r config extra <<<"${CONFIGS[$name]}"
   args=(-c "$config" ${extra:-} "run.dir=$DIR/$name" "${COMMON[@]}")
   echo "=== $name: $(date +%T)"
+  # The study's path again through an encoder trained on even samplings only (encoder.uneven=0; the
+  # default trains half its steps on uneven subsets, which teaches it to ignore unevenness).
+  "$RAYWSL" probe phase "${args[@]}" encoder.uneven=0 "${PHASE[@]}" --sigma 1.0
+  rm -rf "$DIR/$name/probe/phase-cloud-even-encoder-sigma1"
+  mv "$DIR/$name/probe/phase-cloud" "$DIR/$name/probe/phase-cloud-even-encoder-sigma1"
+  "$RAYWSL" probe phase "${args[@]}" encoder.uneven=0 "${PHASE[@]}"
+  rm -rf "$DIR/$name/probe/phase-cloud-even-encoder"
+  mv "$DIR/$name/probe/phase-cloud" "$DIR/$name/probe/phase-cloud-even-encoder"
+  [ -n "${EVEN_ONLY:-}" ] && continue
   "$RAYWSL" train-encoder "${args[@]}"
   "$RAYWSL" probe phase "${args[@]}" "${PHASE[@]}" --sigma 1.0     # much more uneven: kept as phase-cloud-sigma1/
   rm -rf "$DIR/$name/probe/phase-cloud-sigma1" && mv "$DIR/$name/probe/phase-cloud" "$DIR/$name/probe/phase-cloud-sigma1"
