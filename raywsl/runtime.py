@@ -10,12 +10,14 @@ state").
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
 from raywsl import cache
+from raywsl import contract as C
 from raywsl.progress import is_verbose, route_library_logs
 
 log = logging.getLogger(__name__)
@@ -264,8 +266,6 @@ def fit_torch_trainer(loop, config: dict, *, dataset, storage: str, workers: int
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raywsl import contract as C
-
     trainer = TorchTrainer(
         loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -341,6 +341,31 @@ def _watch_progress(path: str, name: str, total: int, stop) -> None:
     if progress is not None:
         progress.set(step() or progress.count)
         progress.close()
+
+
+def save_checkpoint(folder: str, state: dict, info: dict) -> None:
+    """A checkpoint folder (local): state.pt (tensors and numbers, torch.save; written to a temporary name
+    first, so a kill mid-write keeps the old one) and info.json. What Ray Train's workers report."""
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, C.CHECKPOINT_STATE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(folder, C.CHECKPOINT_STATE))
+    cache.write_json(os.path.join(folder, C.CHECKPOINT_INFO),
+                     {**info, "format": "torch.save of tensors and numbers; load with weights_only=True"})
+
+
+def load_checkpoint(folder: str, missing: str = "") -> tuple[dict, dict]:
+    """(state, info) of a checkpoint or artifact folder (local or a URL); no pickled code is ever loaded.
+    FileNotFoundError, followed by `missing` (what to run), when it has no state."""
+    import torch
+
+    path = C.join(folder, C.CHECKPOINT_STATE)
+    if not cache.exists(path):
+        raise FileNotFoundError(f"no {C.CHECKPOINT_STATE} at {folder}" + (f": {missing}" if missing else ""))
+    info = cache.read_json(C.join(folder, C.CHECKPOINT_INFO))
+    return torch.load(io.BytesIO(cache.read_bytes(path)), weights_only=True), info
 
 
 def copy_checkpoint(result, folder: str) -> None:

@@ -23,9 +23,7 @@ pickled code), with a JSON file beside them saying what they hold.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
@@ -33,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE
 from raywsl.models.losses import LOSSES
+from raywsl.runtime import load_checkpoint, save_checkpoint
 from raywsl.tracking import StepGuard
 
 
@@ -142,21 +140,16 @@ class AutoDecoder:
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
         state = {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "latents": self.latents.detach(),
                  "opt": self.opt.state_dict(), "step": self.step_count, "sampler": self.sampler.get_state(),
                  "skipped_steps": self.guard.skipped}
-        tmp = os.path.join(folder, CHECKPOINT_STATE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(folder, CHECKPOINT_STATE))  # a kill mid-write leaves the old one
-        with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
-            json.dump({"step": self.step_count, "settings": asdict(self.s), "latents": list(self.latents.shape),
-                       "model": getattr(self.net, "model_name", None),
-                       "net": getattr(self.net, "config", None),
-                       "format": "torch.save of tensors and numbers; load with weights_only=True"}, f, indent=2)
+        save_checkpoint(folder, state, {"step": self.step_count, "settings": asdict(self.s),
+                                        "latents": list(self.latents.shape),
+                                        "model": getattr(self.net, "model_name", None),
+                                        "net": getattr(self.net, "config", None)})
 
     def load_state(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, CHECKPOINT_STATE), weights_only=True)
+        state, _ = load_checkpoint(folder)
         self.net.load_state_dict(state["net"])
         self.ema.load_state_dict(state["ema"])
         with torch.no_grad():

@@ -179,7 +179,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from raywsl.models.dit import EMA
     from raywsl.models.gaussian import bucket_losses
-    from raywsl.models.denoiser import build_denoiser, diffusion_seed, load_checkpoint, make_diffusion, save_checkpoint
+    from raywsl.models.denoiser import build_denoiser, diffusion_seed, make_diffusion
+    from raywsl.runtime import load_checkpoint, save_checkpoint
     from raywsl.store.layout import Layout
     from raywsl.store.datasource import cache_shard, stream_shard
 

@@ -20,9 +20,7 @@ defined for any count, but clouds of about `enc.points` points are what it knows
 from __future__ import annotations
 
 import hashlib
-import io
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +36,7 @@ from raywsl.models.pointnet import make_encoder
 from raywsl.store.layout import Layout
 from raywsl.store.standardize import Standardizer
 from raywsl.store.weights import open_weights
+from raywsl.runtime import load_checkpoint
 
 UNEVEN_BETA = 3.0  # an uneven subset's density grows up to e^(2 x 3) ~ 400-fold across the shape
 BATCH = 64  # clouds encoded at once
@@ -123,30 +122,12 @@ class PointCloudEncoder:
         return self.rows(self.conditions(clouds))
 
 
-def save_state(folder: str, state: dict[str, Any], info: dict[str, Any]) -> None:
-    """A checkpoint folder (local): state.pt (tensors and numbers, torch.save; written to a temporary
-    name first, so a kill mid-write keeps the old one) and info.json."""
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, C.CHECKPOINT_STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(folder, C.CHECKPOINT_STATE))
-    cache.write_json(os.path.join(folder, C.CHECKPOINT_INFO),
-                     {**info, "format": "torch.save of tensors and numbers; load with weights_only=True"})
-
-
-def load_state(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, info) of an encoder checkpoint or artifact folder; no pickled code is ever loaded."""
-    path = C.join(folder, C.CHECKPOINT_STATE)
-    if not cache.exists(path):
-        raise EncoderError(f"no trained encoder at {folder} (no {C.CHECKPOINT_STATE}): run `raywsl train-encoder` "
-                           f"with this config first")
-    info = cache.read_json(C.join(folder, C.CHECKPOINT_INFO))
-    return torch.load(io.BytesIO(cache.read_bytes(path)), weights_only=True), info
-
-
 def from_folder(folder: str, field: Field, device: str | torch.device = "cpu") -> PointCloudEncoder:
     """The encoder of a checkpoint or artifact folder, for rows of `field` (checked against its layout)."""
-    state, info = load_state(folder)
+    try:
+        state, info = load_checkpoint(folder, "run `raywsl train-encoder` with this config first")
+    except FileNotFoundError as e:
+        raise EncoderError(str(e)) from None
     if Layout.from_json(info["layout"]) != field.layout:
         raise EncoderError(f"{folder}: the encoder was trained for another row layout than the {field.type_name} "
                            f"field's ({field.layout.size} parameters)")

@@ -36,9 +36,10 @@ from raywsl import cache
 from raywsl import contract as C
 from raywsl import tracking
 from raywsl.config import Config, build, to_dict
-from raywsl.encoder.model import draw_subsets, encoder_seed, load_state, save_state
+from raywsl.encoder.model import draw_subsets, encoder_seed
 from raywsl.geometry import figures
-from raywsl.runtime import copy_checkpoint, fit_torch_trainer, ray_session, report_progress
+from raywsl.runtime import (copy_checkpoint, fit_torch_trainer, load_checkpoint, ray_session, report_progress,
+                            save_checkpoint)
 from raywsl.store.rows import DONE, PENDING, RowStore, StoreError
 from raywsl.store.split import shards_of
 from raywsl.store.standardize import Standardizer
@@ -168,7 +169,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state, info = load_state(folder)
+            state, info = load_checkpoint(folder)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, skipped, history = int(state["step"]), int(state["skipped_steps"]), info["history"]
@@ -226,7 +227,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                        "resumed_from": resumed_from, "skipped_steps": guard.skipped}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as folder:
-                    save_state(folder, {"model": net.state_dict(), "opt": opt.state_dict(), "step": step,
+                    save_checkpoint(folder, {"model": net.state_dict(), "opt": opt.state_dict(), "step": step,
                                              "standardizer": std.state(), "skipped_steps": guard.skipped},
                                     {"step": step, "fingerprint": config["fingerprint"], "arch": ec.arch,
                                      "width": ec.width, "points": ec.points, "params": layout.size,

@@ -10,16 +10,15 @@ trains that one: the train-base stage's artifact (checkpoints/base_final in a ru
 
 from __future__ import annotations
 
-import io
 
-import torch
 from torch import Tensor, nn
 
 from raywsl.models.deepsdf import DeepSDFDecoder
 from raywsl.models.modulated import ModulatedField
 from raywsl import cache
 from raywsl import contract as C
-from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE, SHAPE_IDS
+from raywsl.contract import SHAPE_IDS
+from raywsl.runtime import load_checkpoint
 
 BASES: dict[str, type[nn.Module]] = {cls.model_name: cls for cls in (ModulatedField, DeepSDFDecoder)}
 
@@ -40,15 +39,15 @@ def make_base(model: str, preset: str) -> nn.Module:
 def load_trained(folder: str, model: str) -> tuple[nn.Module, Tensor, list[str] | None]:
     """The EMA network of a `raywsl train-base` checkpoint folder, its trained latents (N, d_z) and
     the shape id of each latent (None when the checkpoint does not say)."""
-    if not cache.exists(C.join(folder, CHECKPOINT_STATE)):
+    try:
+        state, info = load_checkpoint(folder)
+    except FileNotFoundError:
         raise BaseError(f"no trained {model} base at {folder}: run `raywsl train-base` with this run.dir "
-                        f"and field.type first, or set field.base to a checkpoint folder")
-    info = cache.read_json(C.join(folder, CHECKPOINT_INFO))
+                        f"and field.type first, or set field.base to a checkpoint folder") from None
     found = info.get("model", "modulated")  # checkpoints before the registry were all modulated
     if found != model:
         raise BaseError(f"{folder} holds a {found} base; this field type needs a {model} base")
     net = BASES[model](**info["net"])
-    state = torch.load(io.BytesIO(cache.read_bytes(C.join(folder, CHECKPOINT_STATE))), weights_only=True)
     net.load_state_dict(state["ema"])
     ids = cache.read_json(C.join(folder, SHAPE_IDS))
     return net, state["latents"], ids

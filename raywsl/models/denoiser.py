@@ -9,14 +9,11 @@ sees them; the Standardizer is saved in the checkpoint beside the weights.
 
 A checkpoint folder holds `state.pt` (tensors and numbers only, loaded with weights_only=True: the
 denoiser, its EMA, the optimiser, the step, the standardiser) and `info.json` (the config sections
-that rebuild the model, the layout, the loss history).
+that rebuild the model, the layout, the loss history): runtime.save_checkpoint / load_checkpoint.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
 from typing import Any
 
 import numpy as np
@@ -29,9 +26,7 @@ from raywsl.models.gaussian import DiffusionSettings, GaussianDiffusion
 from raywsl.models.tokenizers import make_tokenizer
 from raywsl.store.standardize import Standardizer
 from raywsl.store.layout import Layout
-from raywsl import cache
-from raywsl import contract as C
-from raywsl.contract import CHECKPOINT_INFO, CHECKPOINT_STATE
+from raywsl.runtime import load_checkpoint
 
 
 class Denoiser(nn.Module):
@@ -74,27 +69,9 @@ def make_diffusion(cfg: Config) -> GaussianDiffusion:
     return GaussianDiffusion(DiffusionSettings(steps=d.timesteps, schedule=d.schedule, prediction=d.prediction))
 
 
-def save_checkpoint(folder: str, state: dict[str, Any], info: dict[str, Any]) -> None:
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, CHECKPOINT_STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(folder, CHECKPOINT_STATE))  # a kill mid-write keeps the old one
-    with open(os.path.join(folder, CHECKPOINT_INFO), "w") as f:
-        json.dump({**info, "format": "torch.save of tensors and numbers; load with weights_only=True"}, f, indent=2)
-
-
-def load_checkpoint(folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, info) of a checkpoint folder; no pickled code is ever loaded."""
-    path = C.join(folder, CHECKPOINT_STATE)
-    if not cache.exists(path):
-        raise FileNotFoundError(f"no diffusion checkpoint at {folder}: run `raywsl train` first")
-    info = cache.read_json(C.join(folder, CHECKPOINT_INFO))
-    return torch.load(io.BytesIO(cache.read_bytes(path)), weights_only=True), info
-
-
 def load_for_sampling(cfg: Config, folder: str, ema: bool = True) -> tuple[Denoiser, Standardizer, dict[str, Any]]:
     """The trained denoiser (its EMA weights unless ema=False), the standardiser and the info."""
-    state, info = load_checkpoint(folder)
+    state, info = load_checkpoint(folder, "run `raywsl train` first")
     denoiser = build_denoiser(cfg, Layout.from_json(info["layout"]))
     denoiser.load_state_dict(state["ema"] if ema else state["model"])
     return denoiser.eval().requires_grad_(False), Standardizer.from_state(state["standardizer"]), info
