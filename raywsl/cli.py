@@ -8,6 +8,7 @@ config key with its default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -218,8 +219,6 @@ def _topology_probe(args: argparse.Namespace, verb: str, encoders: int, probe: C
     """Run a topology probe (raywsl/probes) on the config's fitted store, in the run folder's MLflow run.
     `encoders`: how many point-cloud encoders it reads (`train-encoder` with encoder.seed, +1, ...; each
     trained first when missing; the run folder's link ends on the config's own)."""
-    import dataclasses
-
     from raywsl.stages import check, open_run, plan_for, run_stages
 
     cfg = load(args)

@@ -28,7 +28,7 @@ from raywsl import contract as C
 from raywsl.config import Config
 from raywsl.encoder.model import eval_cloud, from_folder, r_squared
 from raywsl.geometry import figures
-from raywsl.geometry.extract import decode_rows
+from raywsl.geometry.extract import decode_device, decode_rows
 from raywsl.geometry.shape import RECON_POINTS, surface_chamfer, thin_surface
 from raywsl.models.fields import field_of
 from raywsl.store.rows import DONE, RowStore
@@ -55,7 +55,7 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str, samples: RowStore, weights:
     """The figures of the encoder in `out` (trained on `rows`), also written to out/metrics.json and drawn
     in out/encoder_recon.png."""
     ec = cfg.encoder
-    device = "cuda" if cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = decode_device(cfg.fit.device)
     enc = from_folder(out, field_of(weights), device)
     held = held_out_range(samples)
     held = (np.flatnonzero(samples.status(held) == DONE) + held.start)[:ec.eval_count]
@@ -63,17 +63,9 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str, samples: RowStore, weights:
     if not len(held):
         log.warning("train-encoder: no ingested held-out shape (ingest.test_fraction 0?): no held-out figures")
 
-    def clouds(idx: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(shape ids, the clouds the encoder sees, the truth reconstructions are compared with)."""
-        if not len(idx):
-            return [], np.zeros((0, 1, 3), np.float32), np.zeros((0, 1, 3), np.float32)
-        ids = [str(i) for i in samples.read(C.SHAPE_ID, idx)]
-        surface = samples.group[C.SURFACE].get_orthogonal_selection((idx, slice(None), slice(None)))
-        return ids, np.stack([eval_cloud(s, ec.points, cfg.seed, i) for s, i in zip(surface, ids)]), surface
-
-    held_ids, held_seen, held_truth = clouds(held)
-    train_ids, train_seen, train_truth = clouds(train)
-    fitted = torch.from_numpy(weights.group[C.ROW_WEIGHTS].get_orthogonal_selection((train, slice(None))))
+    held_ids, held_seen, held_truth = _clouds(samples, held, ec.points, cfg.seed)
+    train_ids, train_seen, train_truth = _clouds(samples, train, ec.points, cfg.seed)
+    fitted = torch.from_numpy(weights.read(C.ROW_WEIGHTS, train))
     decoded = decode_rows(enc.field.bind, torch.cat([enc.encode(held_seen), enc.encode(train_seen), fitted,
                                                      enc.standardizer.mean[None]]), ec.resolution, device)
     held_ex, train_ex = decoded[:len(held)], decoded[len(held):len(held) + len(train)]
@@ -125,12 +117,18 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str, samples: RowStore, weights:
     return result
 
 
+def _clouds(samples: RowStore, idx: np.ndarray, points: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(shape ids, the clouds the encoder sees, the truth reconstructions are compared with) of rows `idx`."""
+    if not len(idx):
+        return [], np.zeros((0, 1, 3), np.float32), np.zeros((0, 1, 3), np.float32)
+    ids = [str(i) for i in samples.read(C.SHAPE_ID, idx)]
+    surface = samples.read(C.SURFACE, idx)
+    return ids, np.stack([eval_cloud(s, points, seed, i) for s, i in zip(surface, ids)]), surface
+
+
 def _r_squared(enc, samples: RowStore, weights: RowStore, rows: np.ndarray, seed: int,
                points: int) -> dict[str, Any]:
-    ids = [str(i) for i in samples.read(C.SHAPE_ID, rows)]
-    surface = samples.group[C.SURFACE].get_orthogonal_selection((rows, slice(None), slice(None)))
-    seen = np.stack([eval_cloud(s, points, seed, i) for s, i in zip(surface, ids)])
-    target = enc.standardizer.forward(torch.from_numpy(
-        weights.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None)))))
+    seen = _clouds(samples, rows, points, seed)[1]
+    target = enc.standardizer.forward(torch.from_numpy(weights.read(C.ROW_WEIGHTS, rows)))
     pred = enc.standardizer.forward(enc.encode(seen))
     return {"encoder_r2_train": r_squared(pred, target), "encoder_r2_rows": len(rows)}

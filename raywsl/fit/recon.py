@@ -25,7 +25,7 @@ from raywsl import tracking
 from raywsl.config import Config
 from raywsl.fit.inputs import INPUTS
 from raywsl.geometry import figures
-from raywsl.geometry.extract import decode_rows
+from raywsl.geometry.extract import decode_device, decode_rows
 from raywsl.geometry.shape import RECON_POINTS, iou_from_sdf, surface_chamfer, thin_surface
 from raywsl.models.fields import field_of
 from raywsl.store.rows import StoreError
@@ -62,7 +62,7 @@ def reconstruct(cfg: Config, plan: C.Plan, out: str) -> dict[str, Any]:
     rows = fitted[: cfg.fit.recon_count]
     first = int(rows[0]) if len(rows) else 0
     ids = store.row_meta(slice(first, int(rows[-1]) + 1 if len(rows) else 0))[C.SHAPE_ID]  # only these rows' ids
-    device = "cuda" if cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = decode_device(cfg.fit.device)
     weights = torch.from_numpy(store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows, slice(None))))
     extracted = decode_rows(field.bind, weights, cfg.fit.recon_resolution, device)
     truth = inp.truth(rows)

@@ -35,7 +35,7 @@ from raywsl import tracking
 from raywsl.config import Config, to_dict
 from raywsl.geometry import figures
 from raywsl.fit.engine import BatchedFitter, ShapeData
-from raywsl.geometry.extract import decode_rows
+from raywsl.geometry.extract import decode_device, decode_rows
 from raywsl.geometry.shape import RECON_POINTS, surface_chamfer, thin_surface
 from raywsl.models.fields import FIELDS, field_from_config
 from raywsl.runtime import gpu_wait_notice, ray_session, remote
@@ -139,7 +139,7 @@ def run_variant(cfg: Config, shapes: dict[str, Any], lambdas: Sequence[float], b
     todo = [(s, ("end", j), rows[s, j]) for s in range(n) for j in range(k) if (s, j) in rows]
     todo += [(s, ("mid", j), (rows[s, 0] + rows[s, j]) / 2) for s in range(n) for j in range(1, k)
              if (s, 0) in rows and (s, j) in rows]
-    device = "cuda" if cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = decode_device(cfg.fit.device)
     cd: dict[tuple[int, tuple[str, int]], tuple[float, str]] = {}
     if todo:
         batch = torch.from_numpy(np.stack([row for _, _, row in todo]).astype(np.float32))

@@ -156,6 +156,12 @@ def extract_meshes(
 DECODE_BATCH = 8  # fields decoded at once by decode_rows
 
 
+def decode_device(fit_device: str) -> str:
+    """Where a run decodes its fields (recon, stability, the encoder's figures, the probes): the GPU of
+    the process when there is one, unless fit.device is cpu."""
+    return "cuda" if fit_device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def decode_rows(bind: Callable[[torch.Tensor], Field], rows: torch.Tensor, resolution: int,
                 device: str | torch.device = "cpu", batch: int = DECODE_BATCH) -> list[Extraction]:
     """Meshes of weight rows (n, P): `bind(rows)` makes their batched field (a field type's `bind`),

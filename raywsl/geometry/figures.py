@@ -100,6 +100,16 @@ def render_mesh(mesh: trimesh.Trimesh, size: int = 256, elev: float = 25.0, azim
     return image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
 
 
+def _render_cell(ax, mesh: trimesh.Trimesh | None, size: int, elev: float = 25.0, azim: float = 35.0) -> None:
+    """One mesh's render in `ax`; a None or face-less mesh gets an empty cell saying "no surface"."""
+    ax.set_axis_off()
+    if mesh is None or len(mesh.faces) == 0:
+        ax.imshow(np.full((size, size, 3), 0.93), vmin=0, vmax=1)
+        ax.text(0.5, 0.5, "no surface", ha="center", va="center", color="0.35", transform=ax.transAxes)
+    else:
+        ax.imshow(render_mesh(mesh, size, elev, azim), vmin=0, vmax=1, interpolation="nearest")
+
+
 def render_meshes(meshes: Sequence[trimesh.Trimesh | None], path, titles: Sequence[str] | None = None,
                   ncols: int = 4, size: int = 256, elev: float = 25.0, azim: float = 35.0) -> PathLike:
     """A grid of renders, one cell of `size` x `size` pixels (plus a title line) per mesh; a None
@@ -112,13 +122,8 @@ def render_meshes(meshes: Sequence[trimesh.Trimesh | None], path, titles: Sequen
     fig = Figure(figsize=(ncols * size / DPI, height / DPI), dpi=DPI)
     for i, mesh in enumerate(meshes):
         row, col = divmod(i, ncols)
-        ax = fig.add_axes((col / ncols, 1 - (row + 1) / nrows, 1 / ncols, size / height))
-        ax.set_axis_off()
-        if mesh is None or len(mesh.faces) == 0:
-            ax.imshow(np.full((size, size, 3), 0.93), vmin=0, vmax=1)
-            ax.text(0.5, 0.5, "no surface", ha="center", va="center", color="0.35", transform=ax.transAxes)
-        else:
-            ax.imshow(render_mesh(mesh, size, elev, azim), vmin=0, vmax=1, interpolation="nearest")
+        _render_cell(fig.add_axes((col / ncols, 1 - (row + 1) / nrows, 1 / ncols, size / height)), mesh, size,
+                     elev, azim)
         if titles is not None:
             fig.text((col + 0.5) / ncols, 1 - row / nrows - 0.5 * title_px / height, str(titles[i]),
                      ha="center", va="center", fontsize=9)
@@ -304,13 +309,7 @@ def plot_with_renders(curves: Mapping[str, tuple[Sequence[float], Sequence[float
     cell = size / width
     left = (1 - n * cell) / 2
     for i, mesh in enumerate(meshes):
-        rax = fig.add_axes((left + i * cell, 0, cell, size / height))
-        rax.set_axis_off()
-        if mesh is None or len(mesh.faces) == 0:
-            rax.imshow(np.full((size, size, 3), 0.93), vmin=0, vmax=1)
-            rax.text(0.5, 0.5, "no surface", ha="center", va="center", color="0.35", transform=rax.transAxes)
-        else:
-            rax.imshow(render_mesh(mesh, size), vmin=0, vmax=1, interpolation="nearest")
+        _render_cell(fig.add_axes((left + i * cell, 0, cell, size / height)), mesh, size)
         fig.text(left + (i + 0.5) * cell, (size + title_px / 2) / height, str(titles[i]), ha="center",
                  va="center", fontsize=8)
     return save_figure(fig, path)

@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 TOPOLOGY_COLUMNS = ("ok", "components", "major_components", "euler", "genus", "watertight")
 
 
-def probe_device(cfg: Config) -> str:
-    """Where decoding runs: the GPU of a scaling.use_gpu run, else the CPU (as recon)."""
-    return "cuda" if cfg.scaling.use_gpu and cfg.fit.device != "cpu" and torch.cuda.is_available() else "cpu"
-
-
 @dataclass
 class Training:
     """The run's fitted training shapes: store rows, ids, categories and the field they belong to."""
@@ -55,9 +50,9 @@ class Training:
     @classmethod
     def load(cls, cfg: Config, plan: C.Plan, need: int, purpose: str) -> "Training":
         store, rows = fitted_training_rows(plan.weights, cfg.data.shapes, need, purpose)
-        meta = store.row_meta(slice(0, store.n_rows))
-        ids, categories = ([str(v) for v in np.asarray(meta[key])[rows]] for key in (C.SHAPE_ID, C.CATEGORY))
-        return cls(cfg, plan, store, field_of(store), rows, np.array(ids, dtype=str), np.array(categories, dtype=str))
+        ids, categories = (np.array([str(v) for v in store.read(key, rows)], dtype=str)
+                           for key in (C.SHAPE_ID, C.CATEGORY))  # these rows' only
+        return cls(cfg, plan, store, field_of(store), rows, ids, categories)
 
     def select(self, category: str | None) -> np.ndarray:
         """Positions (into rows) of the shapes of `category` (all for None); refused if there are none."""
@@ -76,22 +71,14 @@ class Training:
 
     def weights(self, positions: Sequence[int]) -> np.ndarray:
         """(k, P) float32 rows of the shapes at `positions`."""
-        rows = self.rows[np.asarray(positions, dtype=np.int64)]
-        order = np.argsort(rows)
-        out = np.empty((len(rows), self.field.layout.size), np.float32)
-        out[order] = self.store.group[C.ROW_WEIGHTS].get_orthogonal_selection((rows[order], slice(None)))
-        return out
+        return self.store.read(C.ROW_WEIGHTS, self.rows[np.asarray(positions, dtype=np.int64)])
 
     def surfaces(self, positions: Sequence[int]) -> np.ndarray:
         """(k, S, 3) float32 ingested surface points (normalised frame) of the shapes at `positions`."""
         rows = self.rows[np.asarray(positions, dtype=np.int64)]
         source = INPUTS[self.cfg.fit.samples](self.cfg, self.plan)
         if isinstance(source, StoreInput):  # the surface alone, not the SDF samples
-            order = np.argsort(rows)
-            array = source.samples.group[C.SURFACE]
-            out = np.empty((len(rows), *array.shape[1:]), np.float32)
-            out[order] = array.get_orthogonal_selection((rows[order], slice(None), slice(None)))
-            return out
+            return source.samples.read(C.SURFACE, rows)
         return source.truth(rows)[C.SURFACE].astype(np.float32)
 
 

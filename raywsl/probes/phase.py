@@ -51,7 +51,8 @@ import numpy as np
 from raywsl import contract as C
 from raywsl.config import Config
 from raywsl.geometry import figures
-from raywsl.probes.common import ProbeError, Training, decode, interval, probe_device, publish
+from raywsl.geometry.extract import decode_device
+from raywsl.probes.common import ProbeError, Training, decode, interval, publish
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _paths(cfg: Config, training: Training, s: PhaseSettings, encoder_plans: Seq
 
     from raywsl.encoder import load_encoder  # the point-cloud encoder's artifact (raywsl train-encoder)
 
-    encoders = [load_encoder(c, p, probe_device(cfg)) for c, p in encoder_plans or [(cfg, training.plan)]]
+    encoders = [load_encoder(c, p, decode_device(cfg.fit.device)) for c, p in encoder_plans or [(cfg, training.plan)]]
     if any(e.field.layout != training.field.layout for e in encoders):
         raise ProbeError("the encoder's field is not the run's field: retrain it (`raywsl train-encoder`)")
 
@@ -195,7 +196,7 @@ def run_phase(cfg: Config, plan: C.Plan, s: PhaseSettings,
     s.check()
     training = Training.load(cfg, plan, 2 if s.space == "weights" else 1, "the phase probe")
     rows_of, what = _paths(cfg, training, s, encoder_plans)
-    device = probe_device(cfg)
+    device = decode_device(cfg.fit.device)
     alphas = np.linspace(0.0, 1.0, s.steps)
     out = plan.run.probe_folder(C.PHASE, s.space)
     path_rows, per_seed, curves, first_meshes = [], [], {}, []

@@ -50,8 +50,9 @@ from raywsl import contract as C
 from raywsl.config import Config
 from raywsl.eval.generation import fastest_chamfer_matrix
 from raywsl.geometry import figures
+from raywsl.geometry.extract import decode_device
 from raywsl.geometry.sampling import sample_surface, shape_rng
-from raywsl.probes.common import ProbeError, Training, decode, probe_device, publish
+from raywsl.probes.common import ProbeError, Training, decode, publish
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _representation(cfg: Config, training: Training, positions: np.ndarray, spac
         return training.weights(positions), lambda x: x
     from raywsl.encoder import load_encoder  # the point-cloud encoder's artifact (raywsl train-encoder)
 
-    encoder = load_encoder(*(encoder_plan or (cfg, training.plan)), probe_device(cfg))
+    encoder = load_encoder(*(encoder_plan or (cfg, training.plan)), decode_device(cfg.fit.device))
     if encoder.field.layout != training.field.layout:
         raise ProbeError("the encoder's field is not the run's field: retrain it (`raywsl train-encoder`)")
     import torch
@@ -183,7 +184,7 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings,
     x, to_rows = _representation(cfg, training, positions, s.space, encoder_plans[0] if encoder_plans else None)
     pca = Subspace.of(x)
     dims = sorted({min(m, k - 1) for m in s.dims})
-    device = probe_device(cfg)
+    device = decode_device(cfg.fit.device)
     surfaces = training.surfaces(positions)
     rng = np.random.default_rng(cfg.seed)
     truth = np.stack([c[rng.choice(len(c), s.points, replace=len(c) < s.points)] for c in surfaces]).astype(np.float32)
@@ -195,8 +196,7 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings,
     groups: dict[tuple, list[dict]] = {}
     renders = {"training": meshes[:4]}
 
-    def add(kind: str, m: int, r: float, xs: np.ndarray, tag: str) -> list:
-        topo, meshes = decode(training.field, to_rows(xs), s.resolution, device)
+    def record(kind: str, m: int, r: float, topo: list[dict], meshes: list, tag: str) -> None:
         measured = _measure(meshes, topo, truth, s, cfg.seed, tag)
         for i, (t, e) in enumerate(zip(topo, measured)):
             kept_c, kept_g = t["major_components"] == modal[0], t["genus"] == modal[1]
@@ -208,11 +208,15 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings,
             row["valid"] = float(row["valid"])
             rows.append(row)
             groups.setdefault((kind, m, r), []).append(row)
+
+    def add(kind: str, m: int, r: float, xs: np.ndarray, tag: str) -> list:
+        topo, meshes = decode(training.field, to_rows(xs), s.resolution, device)
+        record(kind, m, r, topo, meshes, tag)
         return meshes
 
     log.info("subspace: %d %s shapes, space %s, modal topology (components, genus) %s, dims %s", k,
              s.category or "training", s.space, modal, dims)
-    add("training", 0, 0.0, x, "training")
+    record("training", 0, 0.0, topo, meshes, "training")
     for m in dims:
         for ri, r in enumerate(s.radii):
             xs = pca.sample(m, r, s.samples, np.random.default_rng([cfg.seed, m, ri]))
@@ -245,8 +249,8 @@ def run_subspace(cfg: Config, plan: C.Plan, s: SubspaceSettings,
                "modal_topology": {"major_components": modal[0], "genus": modal[1]}, "dims": dims,
                "explained_variance": (pca.std[:dims[-1]] ** 2 / max((pca.std ** 2).sum(), 1e-30)).tolist(),
                "settings": dataclasses.asdict(s), "table": table}
-    scalars = {"kept_share": _summary([r for r in rows if r["kind"] == "sample"])["kept_share"],
-               "valid_share": _summary([r for r in rows if r["kind"] == "sample"])["valid_share"],
+    sampled = _summary([r for r in rows if r["kind"] == "sample"])
+    scalars = {"kept_share": sampled["kept_share"], "valid_share": sampled["valid_share"],
                "training_kept_share": base["kept_share"]}
     for t in samples:
         scalars[f"kept_m{t['m']}_r{t['radius']:g}"] = t["kept_share"]
