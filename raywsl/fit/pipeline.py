@@ -38,17 +38,18 @@ from raywsl.geometry import figures
 from raywsl.geometry.sampling import shape_rng
 from raywsl.models.fields import Field, field_from_config
 from raywsl.progress import Progress
-from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, finish_shards, isolate_crashes, ray_remote_args,
-                            ray_session, remote, unfinished_message)
+from raywsl.runtime import (PROBE_ATTEMPTS, ShardsUnfinished, crash_verdict, finish_shards, isolate_crashes,
+                            ray_remote_args, ray_session, remote, unfinished_message)
 from raywsl.store.rows import DONE, FAILED, ArraySpec, RowStore, StoreError
 from raywsl.store.split import shards_of, training_range
 
 log = logging.getLogger(__name__)
 
-# Ray Data restarts a dead actor and retries its block forever by default (-1): one shape that
-# crashes the process would hang the job. Bound both.
-TASK_RETRIES = 2
-ACTOR_RESTARTS = 2
+# The fitting actors' fault tolerance (map_batches' ray_remote_args). Ray Data retries a block whose
+# actor died without limit by default: one shape that crashes the process would hang the job, so a
+# block's retries are bounded. The actors' restarts are not: Ray Data's pool never replaces an actor
+# that died for good, so with bounded restarts the blocks still to come would wait forever for it.
+FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 2}
 
 
 def weight_arrays(field: Field) -> list[ArraySpec]:
@@ -203,6 +204,9 @@ def _shared_start(store: RowStore, field: Field, cfg: Config, inp: Any, anchor_i
             if isinstance(e.cause, StoreError):
                 raise StoreError(f"fit.init=warm: {e.cause}; pick another anchor with fit.warm_shape") from None
             raise
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+            raise StoreError(f"fit.init=warm: the anchor shape {anchor_id}: {crash_verdict(e)}, every try; every "
+                             f"shape starts from it, so nothing was fitted: pick another with fit.warm_shape") from None
         if not result.ok:
             raise StoreError(f"fit.init=warm: the anchor shape {anchor_id} failed to fit ({result.reason}); "
                              f"pick another with fit.warm_shape")
@@ -261,7 +265,7 @@ def _shard_pass(store: RowStore, inp: Any, shards: list[int], cfg: Config, base:
             FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor,
             ray_remote_args_fn=(lambda: {"num_gpus": gpus}) if gpus else None,
             compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
-            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,  # no named parameters in Ray
+            **FAULT_TOLERANCE,  # no named parameters in Ray
             fn_constructor_kwargs={"path": store.path, "cfg": cfg, "base": base, "skip": skip})
     ds.context.max_errored_blocks = len(ranges)  # dead actors' blocks: probed by the caller (see ingest)
     errors = {}
