@@ -518,7 +518,7 @@ def test_a_failed_command_ends_its_mlflow_run_as_failed(ingested, tmp_path, monk
 
 @pytest.mark.timeout(120)
 def test_blocks_after_an_actor_killer_still_run(ray_local):
-    """The fitting actors' fault tolerance (pipeline.FAULT_TOLERANCE) on a one-actor pool: a block
+    """The fitting actors' fault tolerance (pipeline.ACTOR_RESTARTS, TASK_RETRIES) on a one-actor pool: a block
     that kills its actor every time errors out after its retries, and the blocks that reach the pool
     later still run on a restarted actor. (With bounded actor restarts the actor dies for good, Ray
     Data never replaces it, and those blocks wait forever: CI hung there once.)"""
@@ -541,7 +541,7 @@ def test_blocks_after_an_actor_killer_still_run(ray_local):
     ds = ray.data.range(4, override_num_blocks=4).map_batches(late, batch_size=None)
     with ray_remote_args():
         ds = ds.map_batches(DiesOnBlock0, batch_size=None, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1),
-                            **pipeline.FAULT_TOLERANCE)
+                            max_restarts=pipeline.ACTOR_RESTARTS, max_task_retries=pipeline.TASK_RETRIES)
     ds.context.max_errored_blocks = 4
     assert sorted(r["id"] for r in ds.iter_rows()) == [1, 2, 3]
 

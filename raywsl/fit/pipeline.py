@@ -45,11 +45,12 @@ from raywsl.store.split import shards_of, training_range
 
 log = logging.getLogger(__name__)
 
-# The fitting actors' fault tolerance (map_batches' ray_remote_args). Ray Data retries a block whose
-# actor died without limit by default: one shape that crashes the process would hang the job, so a
-# block's retries are bounded. The actors' restarts are not: Ray Data's pool never replaces an actor
-# that died for good, so with bounded restarts the blocks still to come would wait forever for it.
-FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 2}
+# The fitting actors' fault tolerance. Ray Data retries a block whose actor died without limit by
+# default: one shape that crashes the process would hang the job, so a block's retries are bounded.
+# The actors' restarts are not (-1): Ray Data's pool never replaces an actor that died for good, so
+# with bounded restarts the blocks still to come would wait forever for it.
+TASK_RETRIES = 2
+ACTOR_RESTARTS = -1
 
 
 def weight_arrays(field: Field) -> list[ArraySpec]:
@@ -265,7 +266,7 @@ def _shard_pass(store: RowStore, inp: Any, shards: list[int], cfg: Config, base:
             FitActor, batch_size=None, num_cpus=cfg.fit.cpus_per_actor,
             ray_remote_args_fn=(lambda: {"num_gpus": gpus}) if gpus else None,
             compute=ray.data.ActorPoolStrategy(size=cfg.fit.actors),
-            **FAULT_TOLERANCE,  # no named parameters in Ray
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,  # no named parameters in Ray
             fn_constructor_kwargs={"path": store.path, "cfg": cfg, "base": base, "skip": skip})
     ds.context.max_errored_blocks = len(ranges)  # dead actors' blocks: probed by the caller (see ingest)
     errors = {}
