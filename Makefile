@@ -1,6 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs first (idempotent).
 #   make quickstart   the main job on the embedded default (local Ray, local Zarr folder)
 #   make test         the test suite
+#   make test-long    the long fault-injection and cluster checks (CI runs both)
 PYTHON ?= python3
 # The Ray this machine runs: the newest tested, the one cluster.yaml's image has (a laptop submitting
 # jobs runs the cluster's Ray). pyproject's range admits the others a cluster image may ship; left to
@@ -9,7 +10,7 @@ RAY_VERSION := 2.60.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test test-long bench
 
 install: $(VENV)/.installed
 
@@ -28,6 +29,9 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-long: install
+	$(BIN)/python -m pytest -q -m long
 
 bench: install
 	$(BIN)/python benchmarks/ingest/bench_sdf.py

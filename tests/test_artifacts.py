@@ -172,6 +172,7 @@ def crash_while_publishing(args: list[str], plan) -> None:
     assert (tmp / C.ARTIFACT_INFO).exists() and (tmp / C.CHECKPOINT_STATE).exists()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(900)
 def test_run_killed_in_every_stage_finishes_as_if_never_killed(ray_local, tmp_path):
     """kill -9 `raywsl run` (its driver; it runs on the session's Ray) once inside every stage, at a seeded random moment

@@ -233,6 +233,7 @@ def _shard_files(run: Path, shards) -> dict[str, tuple[int, bytes]]:
     return out
 
 
+@pytest.mark.long
 def test_kill9_then_resume_equals_uninterrupted(ingested, tmp_path, caplog):
     """kill -9 the fit driver (and its Ray) once some weight shards are committed; the rerun
     refits only the others and the store equals an uninterrupted run's, bit for bit."""
@@ -546,6 +547,7 @@ def test_blocks_after_an_actor_killer_still_run(ray_local):
     assert sorted(r["id"] for r in ds.iter_rows()) == [1, 2, 3]
 
 
+@pytest.mark.long
 def test_a_killed_actor_is_restarted_and_loses_no_rows(fitted, ingested, tmp_path):
     """The fitting actor's process dies (os._exit, as a segfault or an OOM kill would) in the
     middle of shard 1: Ray restarts the actor and retries the block; the store ends complete and
@@ -561,6 +563,7 @@ def test_a_killed_actor_is_restarted_and_loses_no_rows(fitted, ingested, tmp_pat
     _assert_stores_equal(run, fitted())
 
 
+@pytest.mark.long
 @pytest.mark.timeout(480)
 def test_a_shape_that_crashes_its_actor_is_failed_alone(fitted, ingested, tmp_path):
     """A shape whose fitting kills the actor's process every time (as a segfault in a kernel would):

@@ -122,6 +122,7 @@ def _store_arrays(path):
     return {name: arr[:] for name, arr in g.arrays()}
 
 
+@pytest.mark.long
 def test_kill9_then_resume_equals_uninterrupted(ray_local, tmp_path):
     """kill -9 the ingest driver mid-run, rerun: no lost, duplicated or half-written rows, and the
     store equals an uninterrupted run's."""
@@ -183,6 +184,7 @@ def test_sdf_failure_is_one_rows_failure(tmp_path, monkeypatch):
     assert f["source"] in f["reason"]
 
 
+@pytest.mark.long
 def test_mesh_that_kills_its_worker_fails_alone(tmp_path):
     """A mesh whose sampling kills the worker process (as a segfault in a native library would) is
     found and recorded as failed; its shard-mates and every other shard are done, and the job ends."""
@@ -207,6 +209,7 @@ def _ingest_cmd(source, run_dir, **env):
                           timeout=240)
 
 
+@pytest.mark.long
 def test_an_environment_error_stops_the_job_with_rows_pending_and_a_rerun_finishes(tmp_path):
     """A shard whose task raises (here an injected 'No space left on device', every time) is not a
     mesh's fault: it is retried, then the job stops with a non-zero exit naming the error, its rows
@@ -226,6 +229,7 @@ def test_an_environment_error_stops_the_job_with_rows_pending_and_a_rerun_finish
     assert RowStore.open(str(run_dir / C.SAMPLES)).summary()["pending"] == 0
 
 
+@pytest.mark.long
 def test_a_crash_no_single_mesh_explains_blames_no_mesh(tmp_path):
     """The worker of shard 0 dies every time it runs the shard (as on a node that is lost), but each
     of its meshes sampled alone is fine: no mesh is marked failed, the job stops non-zero and the

@@ -31,7 +31,7 @@ ARGS = ["data.source=corpus:12", "ingest.points=4096", "ingest.surface_points=10
         "sample.count=6", "sample.steps=20", "sample.resolution=32", "eval.distances=[cd]"]
 JOB_TIMEOUT = 360
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.long]
 
 
 def free_port() -> int:

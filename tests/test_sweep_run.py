@@ -20,6 +20,7 @@ def trial_info(folder, name) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+@pytest.mark.long
 @pytest.mark.timeout(600)
 def test_a_killed_sweep_resumes_and_its_trials_share_artifacts_and_one_mlflow_parent(ray_local, tmp_path):
     cache = tmp_path / "cache"

@@ -59,6 +59,7 @@ def test_train_base_learns_and_checkpoints(ingested, tmp_path, capsys):
     assert err["trained"] < 0.7 * err["fresh"], err  # ~0.5 measured
 
 
+@pytest.mark.long
 def test_train_base_resumes_after_kill9(ingested, tmp_path):
     from pathlib import Path
 

@@ -72,6 +72,7 @@ def test_train_then_sample(fitted, tmp_path):
     assert json.loads((run / C.STAGES_FILE).read_text())["stages"]["train"]["reused"]
 
 
+@pytest.mark.long
 def test_train_resumes_after_kill9(fitted, tmp_path):
     run = tmp_path / "run"
     args = ["train", f"run.dir={run}", *fitted, *TRAIN, "train.steps=150"]
