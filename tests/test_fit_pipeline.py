@@ -577,7 +577,8 @@ def test_a_shape_that_crashes_its_actor_is_failed_alone(fitted, ingested, tmp_pa
     reference = fitted(*init)
     run = tmp_path / "stream"
     culprit_row = 3 if bad_row() != 3 else 4  # the first shape of shard 1: later shards arrive after it
-    culprit = str(RowStore.open(str(ingested / C.SAMPLES)).row_meta()[C.SHAPE_ID][culprit_row])
+    ids = [str(i) for i in RowStore.open(str(ingested / C.SAMPLES)).row_meta()[C.SHAPE_ID]]
+    culprit = ids[culprit_row]
     env = {**os.environ, "RAYWSL_CRASH_FIT_SHAPE": culprit}
     proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "fit", f"run.dir={run}", *fit_args(*init),
                            f"fit.samples={samples}", "fit.recon_count=0"], env=env, capture_output=True, text=True,
@@ -585,12 +586,14 @@ def test_a_shape_that_crashes_its_actor_is_failed_alone(fitted, ingested, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{N_GOOD - 1} done, 2 failed" in proc.stderr
     got, want = _arrays(run), _arrays(reference)
-    failures = {f["row"]: f["reason"] for f in RowStore.open(str(run / C.WEIGHTS)).summary()["failures"]}
+    weights = RowStore.open(str(run / C.WEIGHTS))
+    failures = {f["row"]: f["reason"] for f in weights.summary()["failures"]}
     assert sorted(failures) == sorted([culprit_row, bad_row()]) and got[C.STATUS][culprit_row] == FAILED
     assert "died" in failures[culprit_row] and "while fitting this shape, alone, 2 times" in failures[culprit_row]
     # The culprit's shard-mates were refitted in a smaller batch: equal to fitting alone up to float
     # rounding (a batch of one takes other matmul kernels); every other shard is bitwise unchanged.
-    mates = [i for i in range(*_shard_of(culprit_row)) if i != culprit_row]
+    shard = weights.shard_rows(culprit_row // weights.shard_size)
+    mates = [i for i in range(shard.start, shard.stop) if i != culprit_row]
     others = [i for i in range(N_ROWS) if i not in mates and i != culprit_row]
     for name in (C.ROW_WEIGHTS, C.FIT_LOSS, C.STATUS):
         assert got[name][others].tobytes() == want[name][others].tobytes(), name
@@ -598,7 +601,7 @@ def test_a_shape_that_crashes_its_actor_is_failed_alone(fitted, ingested, tmp_pa
 
     # The warm-start anchor itself kills its process: nothing can start, and the error says which
     # shape and what to do (not a bare WorkerCrashedError).
-    anchor = str(RowStore.open(str(ingested / C.SAMPLES)).row_meta()[C.SHAPE_ID][0 if bad_row() else 1])
+    anchor = ids[0 if bad_row() else 1]
     proc = subprocess.run([sys.executable, "-m", "raywsl.cli", "fit", f"run.dir={tmp_path / 'anchor'}",
                            f"cache.dir={tmp_path / 'anchor-cache'}", *fit_args(*init), f"fit.samples={samples}",
                            "fit.recon_count=0"], env={**env, "RAYWSL_CRASH_FIT_SHAPE": anchor},
@@ -606,12 +609,6 @@ def test_a_shape_that_crashes_its_actor_is_failed_alone(fitted, ingested, tmp_pa
     assert proc.returncode != 0
     assert f"fit.init=warm: the anchor shape {anchor}: its worker process died" in proc.stderr, proc.stderr[-3000:]
     assert "pick another with fit.warm_shape" in proc.stderr
-
-
-def _shard_of(row: int) -> tuple[int, int]:
-    """The rows [start, stop) of the weight shard holding `row` (fit.shard_size=3)."""
-    start = row // 3 * 3
-    return start, min(start + 3, N_ROWS)
 
 
 # ------------------------------------------------------------------------------------ reading the store back

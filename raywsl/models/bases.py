@@ -10,7 +10,6 @@ trains that one: the train-base stage's artifact (checkpoints/base_final in a ru
 
 from __future__ import annotations
 
-
 from torch import Tensor, nn
 
 from raywsl.models.deepsdf import DeepSDFDecoder
